@@ -1,0 +1,34 @@
+"""One exception family for everything rankshrink reports to users.
+
+Every message names the thing that is wrong (layer, file, parameter) and what to do
+about it; the CLI prints ``str(error)`` on one line and exits with status 1.
+Subclasses also derive from the matching built-in so ``except ValueError`` still works.
+"""
+
+
+class RankshrinkError(Exception):
+    """Base class of all errors raised on purpose by rankshrink."""
+
+
+class ConfigError(RankshrinkError, ValueError):
+    """A parameter value is out of range or of the wrong kind."""
+
+
+class LayerError(RankshrinkError, ValueError):
+    """A layer cannot be factorized/adapted as asked (wrong type, method or rank)."""
+
+
+class PlanError(RankshrinkError, ValueError):
+    """A plan is malformed or does not fit the model it is applied to."""
+
+
+class FileFormatError(RankshrinkError, ValueError):
+    """A file is missing, unreadable, corrupt, of the wrong format or does not match."""
+
+
+class DataError(RankshrinkError, ValueError):
+    """A data set is missing, empty or does not fit the model."""
+
+
+class UnsafeFileError(RankshrinkError, PermissionError):
+    """A file would need pickle (arbitrary code execution) to load."""
