@@ -215,9 +215,11 @@ class ModelCost:
 
 
 def _input_size(module: nn.Module, inp: torch.Tensor) -> tuple[int, ...]:
-    if isinstance(module, nn.Linear):
-        return (max(1, inp[0].numel() // module.in_features),)
-    spatial = 2 if isinstance(module, nn.Conv2d) else 1
+    # A factorized block is sized like the layer it replaced (Linear: positions; conv: spatial).
+    kind = module.geometry["type"] if isinstance(module, Factorized) else type(module).__name__
+    if kind == "Linear":
+        return (max(1, inp[0].numel() // inp.shape[-1]),)
+    spatial = 2 if kind == "Conv2d" else 1
     return tuple(inp.shape[-spatial:])
 
 

@@ -144,12 +144,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def prepare_output_dir(path: str | os.PathLike, *, force: bool = False,
-                       own_files: tuple[str, ...] = ()) -> Path:
-    """Create ``path`` or accept an existing one that is empty or that ``force`` allows.
+def check_output_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Refuse an output path that is a file, or a non-empty directory without ``force``.
 
-    Refuses a non-empty directory without ``force``; with it, only files named in
-    ``own_files`` will be replaced later, everything else is left alone.
+    Creates nothing, so a command can check before it starts long work.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -159,6 +157,13 @@ def prepare_output_dir(path: str | os.PathLike, *, force: bool = False,
             f"output directory '{path}' is not empty; pass --force (API: force=True) to replace "
             "rankshrink's own files in it, or choose another --out."
         )
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """:func:`check_output_dir`, then create the directory. With ``force`` only the files
+    a command writes are replaced; everything else in the directory is left alone."""
+    path = check_output_dir(path, force=force)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
