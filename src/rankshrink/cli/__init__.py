@@ -15,7 +15,7 @@ import sys
 from ..errors import RankshrinkError
 
 # Command modules, in the order `rankshrink --help` lists them.
-COMMAND_MODULES = ("demo", "analyze", "compress", "apply", "finetune", "lora")
+COMMAND_MODULES = ("demo", "analyze", "compress", "apply", "finetune", "lora", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

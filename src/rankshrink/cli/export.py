@@ -1,0 +1,63 @@
+"""``rankshrink export``: ONNX file, ONNX Runtime latency, and the no-slower-layer check."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_arguments, print_table
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export to ONNX and measure latency on ONNX Runtime",
+        description="Export a (compressed) model to ONNX, verified against PyTorch, and time it on "
+                    "ONNX Runtime next to the original. With --compressed DIR (written by compress/apply) "
+                    "each factorized layer is also timed against the dense layer it replaced, and "
+                    "--drop-slower writes a plan without the layers that did not get faster.")
+    add_model_arguments(parser)
+    parser.add_argument("--compressed", metavar="DIR", help="directory with model.safetensors + plan.json")
+    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--data", help="data SPEC for the example input (default: the model's own)")
+    parser.add_argument("--input-shape", help="per-sample input shape, e.g. 1,28,28 (instead of --data)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--drop-slower", metavar="PLAN_OUT",
+                        help="write the plan without factorized layers that ran slower than dense")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..export import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
+    from ..surgery import PLAN_FILE, load
+    from .inputs import example_batch, load_model
+
+    if args.batch < 1 or args.runs < 1 or args.threads < 1:
+        raise ConfigError("--batch, --runs and --threads must be at least 1.")
+    original = load_model(args)
+    model = load(original, args.compressed) if args.compressed else original
+    example = example_batch(args, original)
+    batch = example.expand(args.batch, *example.shape[1:]).contiguous()
+    export_onnx(model, batch, args.out)
+    print(f"wrote {args.out} (outputs checked against PyTorch on ONNX Runtime)")
+    models = {"original": original, "compressed": model} if args.compressed else {"model": model}
+    latency = onnx_latency(models, batch, runs=args.runs, threads=args.threads)
+    for name, value in latency.items():
+        print(f"{name}: median {value.median_ms:.3f} ms, p90 {value.p90_ms:.3f} ms over {value.runs} runs "
+              f"(batch {args.batch}, {args.threads} thread(s))")
+    if args.compressed:
+        speeds = layer_latencies(original, model, batch, runs=args.runs, threads=args.threads)
+        print_table(["layer", "method", "rank", "dense ms", "factorized ms", "speed-up"],
+                    [[s.name, s.method, s.rank, f"{s.dense_ms:.4f}", f"{s.factorized_ms:.4f}",
+                      f"{s.speedup:.2f}x"] for s in speeds])
+        if args.drop_slower:
+            from ..plan import Plan
+            plan = Plan.load(f"{args.compressed}/{PLAN_FILE}")
+            kept, _ = drop_slower_layers(original, plan, batch, compressed=model, runs=args.runs,
+                                         threads=args.threads)
+            kept.save(args.drop_slower)
+            dropped = kept.metadata.get("dropped_as_slower", [])
+            print(f"wrote {args.drop_slower}: {len(kept)} layers kept"
+                  + (f", dropped as slower: {', '.join(dropped)}" if dropped else ""))
+    return 0

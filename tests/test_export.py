@@ -1,0 +1,71 @@
+"""ONNX export, ONNX Runtime latency and the no-slower-layer rule."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from rankshrink import Plan, apply
+from rankshrink.cli import main
+from rankshrink.export import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 32),
+                         nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+def test_exported_graph_matches_pytorch_for_every_method(tmp_path):
+    model = _cnn()
+    x = torch.randn(4, 3, 8, 8)
+    for method in ("spatial", "weight", "tucker2", "cp"):
+        compressed = apply(model, Plan.from_mapping({"0": (method, 3), "3": ("svd", 8)}))
+        path = export_onnx(compressed, x, tmp_path / f"{method}.onnx")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(got, compressed(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+        # dynamic batch: a different batch size runs too
+        assert session.run(None, {"input": x[:1].numpy()})[0].shape == (1, 10)
+
+
+def test_latency_and_layer_speeds_are_measured():
+    model = _cnn()
+    x = torch.randn(1, 3, 8, 8)
+    compressed = apply(model, Plan.from_mapping({"3": ("svd", 4)}))
+    latency = onnx_latency({"a": model, "b": compressed}, x, runs=5, warmup=1)
+    assert set(latency) == {"a", "b"} and all(v.median_ms > 0 and v.runs == 5 for v in latency.values())
+    speeds = layer_latencies(model, compressed, x, runs=5)
+    assert [s.name for s in speeds] == ["3"] and speeds[0].dense_ms > 0 and speeds[0].factorized_ms > 0
+
+
+def test_drop_slower_keeps_only_layers_at_or_above_the_threshold():
+    model = _cnn()
+    x = torch.randn(1, 3, 8, 8)
+    plan = Plan.from_mapping({"3": ("svd", 4), "5": ("svd", 9)})
+    # An impossible threshold drops everything; a threshold of 0 keeps everything.
+    none_left, speeds = drop_slower_layers(model, plan, x, min_speedup=1e9, runs=3)
+    assert len(none_left) == 0 and sorted(none_left.metadata["dropped_as_slower"]) == ["3", "5"]
+    all_kept, _ = drop_slower_layers(model, plan, x, min_speedup=0.0, runs=3)
+    assert list(all_kept) == ["3", "5"]
+    assert len(speeds) == 2
+
+
+def test_export_cli_writes_onnx_and_plan(tmp_path, capsys):
+    from rankshrink.models import load_builtin
+    from rankshrink.surgery import save
+    model, _ = load_builtin("digits-cnn", progress=False)
+    weights = tmp_path / "w.safetensors"
+    from rankshrink.fileio import save_tensors
+    save_tensors(weights, model.state_dict())
+    plan = Plan.from_mapping({"classifier.1": ("svd", 8)})
+    save(apply(model, plan), plan, tmp_path / "c")
+    code = main(["export", "--model", "builtin:digits-cnn", "--weights", str(weights), "--compressed",
+                 str(tmp_path / "c"), "--out", str(tmp_path / "m.onnx"), "--runs", "5",
+                 "--drop-slower", str(tmp_path / "kept.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "m.onnx").stat().st_size > 0 and "classifier.1" in out
+    kept = Plan.load(tmp_path / "kept.json")
+    assert set(kept) <= {"classifier.1"}
