@@ -192,10 +192,12 @@ class ModelCost:
     params: int                 # every parameter of the model, counted once
     bytes: int                  # parameters and persistent buffers, as stored
     bytes_by_dtype: dict[str, int]
-    multiplies: int             # summed over Linear/Conv layers, per sample
+    multiplies: int             # summed over every Linear/Conv layer run, per sample (rows + other_*)
     additions: int
     other_params: int = 0       # parameters outside Linear/Conv layers (norms, embeddings, ...)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    other_multiplies: int = 0   # of Linear/Conv layers without a row (grouped/depthwise convs, subclasses)
+    other_additions: int = 0
 
     @property
     def macs(self) -> int:
@@ -210,13 +212,17 @@ class ModelCost:
     def to_dict(self) -> dict[str, Any]:
         return {"params": self.params, "bytes": self.bytes, "bytes_by_dtype": self.bytes_by_dtype,
                 "macs": self.macs, "multiplies": self.multiplies, "additions": self.additions,
-                "other_params": self.other_params, "layers": [l.to_dict() for l in self.layers],
+                "other_params": self.other_params, "other_multiplies": self.other_multiplies,
+                "other_additions": self.other_additions, "layers": [l.to_dict() for l in self.layers],
                 "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
 
 
 def _input_size(module: nn.Module, inp: torch.Tensor) -> tuple[int, ...]:
     # A factorized block is sized like the layer it replaced (Linear: positions; conv: spatial).
-    kind = module.geometry["type"] if isinstance(module, Factorized) else type(module).__name__
+    if isinstance(module, Factorized):
+        kind = module.geometry["type"]
+    else:
+        kind = "Linear" if isinstance(module, nn.Linear) else "Conv2d" if isinstance(module, nn.Conv2d) else "Conv1d"
     if kind == "Linear":
         return (max(1, inp[0].numel() // inp.shape[-1]),)
     spatial = 2 if kind == "Conv2d" else 1
@@ -242,10 +248,13 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
     def record(module, args, _output):
         seen_sizes.setdefault(id(module), []).append(_input_size(module, args[0]))
 
-    targets = {}
+    targets, others = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, Factorized) or (name and unsupported_reason(module) is None):
             targets[id(module)] = (name, module)
+            hooks.append(module.register_forward_hook(record))
+        elif name and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            others[id(module)] = (name, module)  # not factorizable (e.g. depthwise) but it still computes
             hooks.append(module.register_forward_hook(record))
     was_training = model.training
     model.eval()
@@ -283,10 +292,18 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
     for tensor in list(model.parameters()) + [b for b in model.buffers()]:
         key = str(tensor.dtype).replace("torch.", "")
         by_dtype[key] = by_dtype.get(key, 0) + tensor.numel() * tensor.element_size()
+    other = ZERO
+    for module_id, (name, module) in others.items():
+        if any(isinstance(p, Factorized) for p in _ancestors(model, name)):
+            continue  # a factor of a block (CP's depthwise convs): counted with the block
+        for size in seen_sizes.get(module_id, []):
+            other = other + module_cost(module, size)[0]
     counted = sum(l.params for l in layers)
     return ModelCost(layers, params, sum(by_dtype.values()), by_dtype,
-                     sum(l.multiplies for l in layers), sum(l.additions for l in layers),
-                     other_params=params - counted, skipped=skipped_layers(model))
+                     sum(l.multiplies for l in layers) + other.multiplies,
+                     sum(l.additions for l in layers) + other.additions,
+                     other_params=params - counted, skipped=skipped_layers(model),
+                     other_multiplies=other.multiplies, other_additions=other.additions)
 
 
 def _ancestors(model: nn.Module, name: str):

@@ -351,9 +351,10 @@ def load_synthetic(kind: str = "cifar", *, n_train: int = 4000, n_val: int = 500
     """A deterministic, learnable stand-in with CIFAR-10 or MNIST shapes.
 
     Each class has a smooth random template; a sample is its class template, randomly
-    shifted by up to 3 pixels, blended with a second class's template and Gaussian
+    shifted by up to 4 pixels, blended with a second class's template and Gaussian
     noise, clipped to [0, 1]. A small CNN learns it well but not perfectly, so
-    compression has a visible accuracy cost.
+    compression has a visible accuracy cost (the
+    seeds' CIFAR CNN reaches about 90% test accuracy on ``synthetic:cifar``).
     """
     if kind not in _SYNTHETIC_SHAPES:
         raise DataError(f"unknown synthetic data set {kind!r}; choose one of {sorted(_SYNTHETIC_SHAPES)}.")
@@ -369,14 +370,17 @@ def load_synthetic(kind: str = "cifar", *, n_train: int = 4000, n_val: int = 500
     labels = torch.arange(total) % num_classes
     labels = labels[torch.randperm(total, generator=gen)]
     others = (labels + torch.randint(1, num_classes, (total,), generator=gen)) % num_classes
-    mix = 0.6 * torch.rand(total, generator=gen)
+    mix = 0.8 * torch.rand(total, generator=gen)
     base = templates[labels] + mix.view(-1, 1, 1, 1) * templates[others]
-    shifts = torch.randint(-3, 4, (total, 2), generator=gen)
-    shifted = torch.empty_like(base)
-    for i in range(total):  # per-sample shift: a few thousand cheap rolls
-        shifted[i] = torch.roll(base[i], shifts=(int(shifts[i, 0]), int(shifts[i, 1])), dims=(1, 2))
+    shifts = torch.randint(-4, 5, (total, 2), generator=gen)
+    # Per-sample torch.roll as one gather: out[..., i, j] = base[..., (i - dy) % H, (j - dx) % W].
+    rows = (torch.arange(height).view(1, -1) - shifts[:, :1]) % height
+    cols = (torch.arange(width).view(1, -1) - shifts[:, 1:]) % width
+    shifted = base[torch.arange(total).view(-1, 1, 1, 1), torch.arange(channels).view(1, -1, 1, 1),
+                   rows.view(total, 1, height, 1), cols.view(total, 1, 1, width)]
     noise = torch.randn(total, channels, height, width, generator=gen)
-    x = (0.5 + 0.15 * shifted + 0.25 * noise).clamp_(0.0, 1.0)
+    # Faint templates under strong noise: the CIFAR CNN reaches about 90%, not 100%.
+    x = (0.5 + 0.08 * shifted + 0.3 * noise).clamp_(0.0, 1.0)
     a, b = n_train, n_train + n_val
     return _make_splits(f"synthetic-{kind}", num_classes, (x[:a], labels[:a]), (x[a:b], labels[a:b]),
                         (x[b:], labels[b:]))

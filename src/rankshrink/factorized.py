@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import decompose
-from .errors import LayerError
+from .errors import ConfigError, LayerError
 
 LINEAR_METHODS = ("svd",)
 CONV2D_METHODS = ("spatial", "weight", "tucker2", "cp")
@@ -214,8 +214,43 @@ def build_factorized(geometry: dict[str, Any], method: str, rank, *, dtype=None,
     return Factorized(*layers, method=method, rank=rank, geometry=geometry)
 
 
-def decompose_weight(weight: torch.Tensor, method: str, rank, **options) -> list[torch.Tensor]:
-    """Factor weights (first factor first) of ``weight`` for ``method``; pure maths."""
+_SVD_OPTIONS = ("svd_method", "oversample", "power_iters", "seed")
+# Keyword options each decomposition takes ('svd_method'/'cp_method' become its 'method').
+DECOMPOSITION_OPTIONS = {"svd": _SVD_OPTIONS, "spatial": _SVD_OPTIONS, "weight": _SVD_OPTIONS,
+                         "tucker2": ("n_iter_max", "tol", "seed"),
+                         "cp": ("cp_method", "n_iter_max", "refine_iters", "tol", "seed")}
+
+
+def decomposition_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that ``method``'s decomposition takes, renamed for it.
+
+    Options meant for another method are dropped (one set of options serves a whole
+    plan that mixes methods); a name that no method takes is refused.
+    """
+    known = {key for keys in DECOMPOSITION_OPTIONS.values() for key in keys}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown factorization option(s) {', '.join(map(repr, unknown))}; "
+                          f"known options are {', '.join(sorted(known))}.")
+    picked = {key: value for key, value in options.items() if key in DECOMPOSITION_OPTIONS[method]}
+    for alias in ("svd_method", "cp_method"):
+        if alias in picked:
+            picked["method"] = picked.pop(alias)
+    return picked
+
+
+def decompose_weight(weight: torch.Tensor, method: str, rank, *, input_stats=None, **options) -> list[torch.Tensor]:
+    """Factor weights (first factor first) of ``weight`` for ``method``; pure maths.
+
+    With ``input_stats`` (a :class:`rankshrink.decompose.InputStats` of the layer's
+    inputs) the factors minimise the activation error ``‖(W − W′)X‖_F`` instead of the
+    weight error; ``centered=True`` and ``damping=`` then apply (see
+    :func:`rankshrink.decompose.data_aware.factor_weights`).
+    """
+    if input_stats is not None:
+        from .decompose.data_aware import factor_weights
+        return factor_weights(weight, method, rank, input_stats, **options)
+    options = decomposition_options(method, options)
     if method == "svd":
         left, right = decompose.low_rank_factors(weight, rank, **options)
         return [right, left]
@@ -234,15 +269,41 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+OBJECTIVES = ("weights", "activations")
+
+
 @torch.no_grad()
-def factorize(module: nn.Module, method: str, rank, *, name: str | None = None, **options) -> Factorized:
+def factorize(module: nn.Module, method: str, rank, *, name: str | None = None, input_stats=None,
+              objective: str | None = None, **options) -> Factorized:
     """Factorized replacement for ``module`` (``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``).
 
     ``method``: 'svd' (Linear); 'spatial', 'weight', 'tucker2', 'cp' (Conv2d);
     'weight', 'tucker2', 'cp' (Conv1d). ``rank``: int (tucker2 also takes
-    (R_out, R_in)). ``options`` go to the decomposition (e.g. ``method='randomized'``
-    for SVDs is spelled ``svd_method``, ``seed``). ``module`` is not modified.
+    (R_out, R_in)). ``options`` go to the decomposition (see ``DECOMPOSITION_OPTIONS``:
+    e.g. ``svd_method='randomized'``, ``cp_method='als'``, ``seed``); options of other
+    methods are ignored. ``module`` is not modified.
+
+    ``input_stats`` (this layer's :class:`rankshrink.decompose.InputStats`, e.g.
+    ``rankshrink.calibrate(...)[name]``) makes the factors activation-optimal:
+    ``objective`` is then 'activations' by default ('weights' ignores the statistics).
+    Data-aware options: ``bias_correction`` (default True: fit centred inputs and put
+    ``(W − W′)·mean`` into the bias, for layers with a bias) and ``damping`` (relative
+    ridge on the statistics, default ``rankshrink.decompose.data_aware.DEFAULT_DAMPING``).
     """
+    if objective is None:
+        objective = "activations" if input_stats is not None else "weights"
+    if objective not in OBJECTIVES:
+        raise LayerError(f"{name or layer_type(module)}: objective must be one of {', '.join(OBJECTIVES)}, "
+                         f"got {objective!r}.")
+    bias_correction = options.pop("bias_correction", True)
+    data_options = {key: options.pop(key) for key in ("damping",) if key in options}
+    if objective == "activations":
+        if input_stats is None:
+            raise LayerError(f"{name or layer_type(module)}: objective 'activations' needs the layer's input "
+                             "statistics: pass input_stats= (from rankshrink.calibrate) or calibration= to "
+                             "apply(), or use objective='weights'.")
+    else:
+        input_stats = None
     label = name or layer_type(module)
     reason = unsupported_reason(module)
     if reason is not None:
@@ -252,13 +313,28 @@ def factorize(module: nn.Module, method: str, rank, *, name: str | None = None, 
         raise LayerError(f"{label}: weight contains NaN or Inf values; fix or retrain the layer before factorizing.")
     geometry = layer_geometry(module)
     rank = normalize_rank(geometry, method, rank, layer=label)
-    if "svd_method" in options:
-        options["method"] = options.pop("svd_method")
     block = build_factorized(geometry, method, rank, dtype=weight.dtype, device=weight.device)
-    factors = decompose_weight(weight.to(_compute_dtype(weight.dtype)), method, rank, **options)
+    centered = False
+    if input_stats is not None:
+        centered = bool(bias_correction) and module.bias is not None
+        try:
+            factors = decompose_weight(weight.to(_compute_dtype(weight.dtype)), method, rank,
+                                       input_stats=input_stats, centered=centered, layer=label,
+                                       **data_options, **options)
+        except LayerError:
+            raise
+        except ValueError as exc:  # ConfigError from the maths: name the layer
+            message = str(exc)
+            raise LayerError(message if message.startswith(label) else f"{label}: {message}") from None
+    else:
+        factors = decompose_weight(weight.to(_compute_dtype(weight.dtype)), method, rank, **options)
     for layer, factor in zip(block, factors):
         layer.weight.copy_(factor.reshape(layer.weight.shape))
     if module.bias is not None:
         block[-1].bias.copy_(module.bias.detach())
+        if centered:
+            from .decompose.data_aware import bias_shift
+            shift = bias_shift(weight, block.dense_weight(), input_stats.input_mean())
+            block[-1].bias.add_(shift.to(block[-1].bias.dtype))
     block.train(module.training)
     return block

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import sys
 import warnings
@@ -148,7 +149,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         default_data="builtin:digits",
         example_input_shape=(1, 8, 8),
         num_classes=10,
-        training={"epochs": 30, "lr": 2e-3, "batch_size": 64, "optimizer": "adam"},
+        training={"epochs": 20, "lr": 2e-3, "batch_size": 64, "optimizer": "adam"},
     ),
     "cifar-cnn": BuiltinModel(
         name="cifar-cnn",
@@ -158,7 +159,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         default_data="synthetic:cifar",
         example_input_shape=(3, 32, 32),
         num_classes=10,
-        training={"epochs": 15, "lr": 2e-3, "batch_size": 64, "optimizer": "adam"},
+        training={"epochs": 12, "lr": 2e-3, "batch_size": 64, "optimizer": "adam"},
     ),
     "mnist-mlp": BuiltinModel(
         name="mnist-mlp",
@@ -194,7 +195,7 @@ def load_builtin(name: str, *, data: str | Splits | None = None, train: bool = T
     ``data`` is a data SPEC or :class:`Splits` (default: the model's own). With
     ``train`` the weights come from the cache (``cache_dir`` replaces
     ``user_cache_dir()``; file ``models/<name>-<fingerprint[:12]>-v1.safetensors``) or,
-    when absent or unreadable, are trained deterministically on ``splits.train`` (the
+    when absent, unreadable or made with another training recipe, are trained deterministically on ``splits.train`` (the
     best validation epoch is kept) and cached atomically. ``train=False`` returns the
     untrained model with its fixed initial weights and leaves the cache alone.
     """
@@ -204,9 +205,13 @@ def load_builtin(name: str, *, data: str | Splits | None = None, train: bool = T
     if not train:
         return model.eval(), splits
     path = builtin_weights_path(name, splits.fingerprint, cache_dir)
+    # The recipe is stored with the weights so a changed recipe retrains instead of
+    # silently reusing weights that a fresh cache would no longer reproduce.
+    recipe = json.dumps({"seed": _TRAIN_SEED, **dict(entry.training)}, sort_keys=True)
     if path.is_file():
         try:
-            return _apply_state(model, load_tensors(path), path).eval(), splits
+            if _cache_recipe(path) == recipe:
+                return _apply_state(model, load_tensors(path), path).eval(), splits
         except FileFormatError as exc:
             warnings.warn(f"ignoring the cached weights ({exc}); training {name} again.",
                           RuntimeWarning, stacklevel=2)
@@ -215,12 +220,23 @@ def load_builtin(name: str, *, data: str | Splits | None = None, train: bool = T
                          progress=progress, **dict(entry.training))
     save_tensors(path, result.model.state_dict(), metadata={
         "rankshrink_model": name,
+        "recipe": recipe,
         "data": splits.name,
         "data_fingerprint": splits.fingerprint,
         "val_accuracy": f"{accuracy(result.model, splits.val):.6f}",
         "best_epoch": str(result.best_epoch),
     })
     return result.model.eval(), splits
+
+
+def _cache_recipe(path: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("recipe")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FileFormatError(f"'{path}' is not a readable safetensors file ({exc})") from None
 
 
 def _shape(shape: torch.Size) -> tuple[int, ...]:

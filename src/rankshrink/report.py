@@ -40,7 +40,8 @@ def plot_spectra(analysis: Analysis, path: Path) -> bool:
     for layer in analysis.layers:
         values = [v / layer.singular_values[0] for v in layer.singular_values] if layer.singular_values[0] else []
         line, = ax.semilogy(range(1, len(values) + 1), values, label=layer.name)
-        method = layer.methods[0]
+        # the spectrum is that of the (out, in·k…) matrix, i.e. of the 'weight' SVD for convs
+        method = "weight" if "weight" in layer.methods else layer.methods[0]
         cap = layer.break_even[method]["params"]
         if 1 <= cap <= len(values):
             ax.axvline(cap, color=line.get_color(), linestyle=":", linewidth=1)

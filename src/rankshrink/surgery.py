@@ -127,16 +127,35 @@ def validate_plan(model: nn.Module, plan: Plan) -> dict[str, object]:
 
 
 def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool = False,
-          **options) -> nn.Module:
+          calibration=None, **options) -> nn.Module:
     """A copy of ``model`` with every layer in ``plan`` replaced by its factorization.
 
     The whole plan is validated before any work. ``options`` are passed to
     :func:`rankshrink.factorize` (e.g. ``seed``). With ``inplace=True`` the model
     itself is changed (useful for models too large to copy).
+
+    ``calibration`` (from :func:`rankshrink.calibrate.calibrate` on this model) makes
+    every factorization activation-optimal for its layer's inputs; ``objective``
+    ('activations', the default with a calibration, or 'weights') and the data-aware
+    options ``damping``/``bias_correction`` pass through to ``factorize``.
     """
     if isinstance(plan, dict):
         plan = Plan.from_mapping(plan)
     validate_plan(model, plan)
+    objective = options.get("objective")
+    layer_stats: dict[str, object] = {}
+    if objective == "activations" and calibration is None:
+        raise PlanError("objective='activations' needs calibration data: pass calibration=rankshrink.calibrate."
+                        "calibrate(model, data), or use objective='weights'.")
+    if calibration is not None and objective != "weights":
+        names = aliases(model)
+        for name in plan:
+            module = model.get_submodule(name)
+            found = next((calibration.get(alias) for alias in [name, *names.get(id(module), [])]
+                          if calibration.get(alias) is not None), None)
+            if found is None:
+                calibration[name]  # raises DataError naming the layer and what was calibrated
+            layer_stats[name] = found
     target = model if inplace else copy.deepcopy(model)
     where = aliases(target)
     items = list(plan.items())
@@ -146,7 +165,11 @@ def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool
         iterator = tqdm(items, desc="factorizing", unit="layer")
     for name, entry in iterator:
         module = target.get_submodule(name)
-        block = factorize(module, entry.method, entry.rank, name=f"layer '{name}'", **options)
+        if layer_stats:
+            block = factorize(module, entry.method, entry.rank, name=f"layer '{name}'",
+                              input_stats=layer_stats[name], **options)
+        else:
+            block = factorize(module, entry.method, entry.rank, name=f"layer '{name}'", **options)
         for alias in where[id(module)]:  # a shared module is replaced everywhere it is used
             replace_layer(target, alias, block)
     return target
