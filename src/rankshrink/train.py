@@ -211,7 +211,8 @@ def _make_optimizer(kind: str, params: list[nn.Parameter], lr: float, weight_dec
 
 
 def _save_checkpoint(path: Path, config: dict[str, Any], model: nn.Module,
-                     opt: torch.optim.Optimizer, gen: torch.Generator, state: _RunState) -> None:
+                     opt: torch.optim.Optimizer, gen: torch.Generator, state: _RunState,
+                     cuda_devices: list[torch.device]) -> None:
     payload = {
         "format": _CHECKPOINT_FORMAT,
         "version": _CHECKPOINT_VERSION,
@@ -222,6 +223,7 @@ def _save_checkpoint(path: Path, config: dict[str, Any], model: nn.Module,
         "optimizer": opt.state_dict(),
         "shuffle_rng": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(cuda_devices[0]) if cuda_devices else None,
         "history": state.history,
         "initial_val": state.initial_val,
         "best_val": state.best_val,
@@ -336,13 +338,19 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
         opt = _make_optimizer(optimizer, [p for _, p in trained], float(lr), float(weight_decay))
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=cuda_devices), eval_mode(*([teacher] if teacher is not None else [])):
-            torch.manual_seed(seed)
+            # Seed only the generators fork_rng restores, so the caller's RNGs stay untouched.
+            torch.default_generator.manual_seed(seed)
+            for cuda_device in cuda_devices:
+                with torch.cuda.device(cuda_device):
+                    torch.cuda.manual_seed(seed)
             if checkpoint_path is not None and checkpoint_path.exists():
                 payload = _load_checkpoint(checkpoint_path, config)
                 model.load_state_dict(payload["model"])
                 opt.load_state_dict(payload["optimizer"])
                 gen.set_state(payload["shuffle_rng"])
                 torch.set_rng_state(payload["torch_rng"])
+                if cuda_devices and payload.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(payload["cuda_rng"], cuda_devices[0])
                 state = _RunState(**{key: payload[key] for key in _RunState.__dataclass_fields__})
                 resumed_from = state.epoch
             elif evaluate is not None:
@@ -357,7 +365,7 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
                                single_batch_risk, device, teacher, distill_temperature,
                                distill_weight, evaluate, patience)
                     if checkpoint_path is not None:
-                        _save_checkpoint(checkpoint_path, config, model, opt, gen, state)
+                        _save_checkpoint(checkpoint_path, config, model, opt, gen, state, cuda_devices)
                     if bar is not None:
                         last = state.history[-1]
                         postfix = {"loss": f"{last['train_loss']:.4f}"}

@@ -1,0 +1,30 @@
+"""Shared pytest fixtures: keep every test away from the user's real cache directory.
+
+Each test gets a fresh ``RANKSHRINK_CACHE``. Trained built-in models are expensive,
+so their cached weights are shared across the session: copied into each test's
+fresh cache before it runs and harvested from it afterwards (copies, so a test that
+corrupts its cache cannot affect another).
+"""
+
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def _session_models(tmp_path_factory):
+    return tmp_path_factory.mktemp("rankshrink-models")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch, _session_models):
+    cache = tmp_path_factory.mktemp("rankshrink-cache")
+    models = cache / "models"
+    shutil.copytree(_session_models, models)
+    monkeypatch.setenv("RANKSHRINK_CACHE", str(cache))
+    yield cache
+    if models.is_dir():
+        for path in models.glob("*.safetensors"):
+            target = _session_models / path.name
+            if not target.exists():
+                shutil.copy2(path, target)
