@@ -2,8 +2,8 @@
 
 The PEFT split: ``config`` (what an adapter is), ``layer`` (how one layer carries
 adapters), ``model`` (how a model gets them), ``io`` (files in PEFT's layout),
-``training`` (the shared training loop on adapter parameters only), ``commands``
-(the ``rankshrink lora`` CLI's logic)::
+``training`` (the shared training loop on adapter parameters only); the CLI lives in
+``rankshrink.cli.lora``::
 
     from rankshrink import lora
     adapted = lora.add_adapters(model, r=4, lora_alpha=8, target_modules=["layers.0", "layers.2"])

@@ -139,6 +139,11 @@ class LoraLayerBase(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.init_mode: dict[str, Any] = {}
+        # The forward reads parameters straight from these dicts (the same objects the
+        # ParameterDicts and the base layer own; they survive .to(), deepcopy and
+        # load_state_dict), skipping nn.Module.__getattr__ on the hot path.
+        self._A = self.lora_A._parameters
+        self._B = self.lora_B._parameters
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
@@ -226,7 +231,9 @@ class LoraLayerBase(nn.Module):
         A = torch.empty(self.a_shape(r), **kw)
         B = torch.zeros(self.b_shape(r), **kw)
         scaling = scaling_for(r, lora_alpha, use_rslora)
-        if init_lora_weights == "gaussian":
+        if init_lora_weights is None:  # filled in by the caller (load, combine): no RNG use
+            A.zero_()
+        elif init_lora_weights == "gaussian":
             with torch.no_grad():
                 A.normal_(0.0, 1.0 / r, generator=generator)
         elif init_lora_weights == "pissa":
@@ -251,11 +258,14 @@ class LoraLayerBase(nn.Module):
     def add_adapter_from(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
                          r: int, lora_alpha: float, use_rslora: bool = False, lora_dropout: float = 0.0) -> None:
         """Create adapter ``name`` with given A, B (used by load and combine)."""
-        self.add_adapter(name, r, lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        self.add_adapter(name, r, lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                         init_lora_weights=None)
+        self.init_mode[name] = True
         with torch.no_grad():
             self.lora_A[name].copy_(A)
             self.lora_B[name].copy_(B)
         self.scaling[name] = float(scaling)
+        self._refresh()
 
     def delete_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (unmerging it first); a PiSSA adapter gives back its start."""
@@ -288,7 +298,7 @@ class LoraLayerBase(nn.Module):
         if self.adapters_disabled:
             self._run = ()
         else:
-            self._run = tuple((n, self.lora_dropout[n]) for n in self.active_adapters
+            self._run = tuple((n, self.lora_dropout[n], self.scaling[n]) for n in self.active_adapters
                               if n not in self.merged_adapters)
 
     # -------------------------------------------------------------- maths
@@ -402,20 +412,25 @@ def _kaiming_uniform(tensor: torch.Tensor, generator: torch.Generator | None) ->
 class LinearWithLoRA(LoraLayerBase):
     """``nn.Linear`` plus LoRA adapters (the seeds' ``LinearWithLoRA``, with several adapters)."""
 
+    def __init__(self, base_layer: nn.Module, *, layer_name: str = "") -> None:
+        super().__init__(base_layer, layer_name=layer_name)
+        self._base = base_layer._parameters
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        out = F.linear(x, base.weight, base.bias)
+        base = self._base
+        out = F.linear(x, base["weight"], base["bias"])
         if not self._run:
             return out
         flat = out if out.dim() == 2 else out.view(-1, out.shape[-1])
-        for name, p in self._run:
+        for name, p, s in self._run:
             h = F.dropout(x, p, True) if p and self.training else x
             if h.dim() != 2:
                 h = h.reshape(-1, h.shape[-1])
-            # (A·hᵀ)ᵀ rather than h·Aᵀ: with r ≪ in, BLAS streams h once either way, but the
-            # r × N product is the faster kernel on CPU (measured ~25% at r=4).
-            t = torch.mm(self.lora_A[name], h.t()).t()
-            flat.addmm_(t, self.lora_B[name].t(), alpha=self.scaling[name])
+            A = self._A[name]
+            # For large batches (A·hᵀ)ᵀ is the faster CPU kernel than h·Aᵀ (r ≪ in); for
+            # small ones F.linear saves two view dispatches.
+            t = torch.mm(A, h.t()).t() if h.shape[0] >= 64 else F.linear(h, A)
+            flat.addmm_(t, self._B[name].t(), alpha=s)
         return out
 
 
@@ -438,10 +453,10 @@ class ConvWithLoRA(LoraLayerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         out = base._conv_forward(x, base.weight, base.bias)
-        for name, p in self._run:
+        for name, p, s in self._run:
             h = F.dropout(x, p, True) if p and self.training else x
-            t = self._lora_conv(h, self.lora_A[name])
-            out.add_(self._conv(t, self.lora_B[name]), alpha=self.scaling[name])
+            t = self._lora_conv(h, self._A[name])
+            out.add_(self._conv(t, self._B[name]), alpha=s)
         return out
 
 
@@ -470,16 +485,16 @@ class FactorizedWithLoRA(LoraLayerBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        for name, p in self._run:
+        for name, p, s in self._run:
             h = F.dropout(x, p, True) if p and self.training else x
             if self.is_conv:
-                t = self._lora_conv(h, self.lora_A[name])
-                out = torch.add(out, self._conv(t, self.lora_B[name]), alpha=self.scaling[name])
+                t = self._lora_conv(h, self._A[name])
+                out = torch.add(out, self._conv(t, self._B[name]), alpha=s)
             else:
-                t = F.linear(h, self.lora_A[name])
+                t = F.linear(h, self._A[name])
                 shape = out.shape
-                out = torch.addmm(out.reshape(-1, shape[-1]), t.reshape(-1, t.shape[-1]), self.lora_B[name].t(),
-                                  alpha=self.scaling[name]).view(shape)
+                out = torch.addmm(out.reshape(-1, shape[-1]), t.reshape(-1, t.shape[-1]), self._B[name].t(),
+                                  alpha=s).view(shape)
         return out
 
     def _check_mergeable(self, name: str) -> None:

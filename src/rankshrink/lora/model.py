@@ -338,6 +338,11 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
             raise ConfigError(f"weight of adapter '{adapter}' must be a number, got {w!r}.")
     if name in adapter_names(model):
         raise LayerError(f"an adapter named '{name}' already exists; choose another name for the combination.")
+    for layer_name, wrapper in lora_layers(model).items():
+        merged = [a for a in weights if a in wrapper.merged_adapters]
+        if merged:
+            raise LayerError(f"adapter '{merged[0]}' is merged into layer '{layer_name}'; call unmerge_adapters() "
+                             "before combining, or its update would count twice.")
     for wrapper in lora_layers(model).values():
         parts = [(a, float(w)) for a, w in weights.items() if a in wrapper.lora_A]
         if not parts:
