@@ -1,0 +1,414 @@
+"""Calibration: run a model on sample data and summarise each target layer's inputs.
+
+``calibrate(model, dataset)`` registers forward pre-hooks on the target layers, runs
+the model (eval mode, no gradients) on a calibration set in batches, and streams,
+per layer, the count, mean and centred scatter of the layer's input vectors into an
+:class:`~rankshrink.decompose.InputStats` in float64. Memory is O(d²) per layer
+however many samples are used; only the current batch's patches are ever held
+(and large batches are cut into chunks).
+
+What is collected (the cheapest statistics that are exact for each method):
+
+* ``Linear``: the input vectors themselves (``d = in_features``; extra leading
+  dimensions, e.g. sequence positions, are flattened into more vectors).
+* ``Conv1d``/``Conv2d`` — 'full' statistics: every im2col patch (``d = S·Πk``),
+  extracted with ``torch.nn.functional.unfold`` using the layer's stride, dilation
+  and padding; non-zero padding modes (reflect, replicate, circular) and 'same'
+  padding are applied with ``F.pad`` first, exactly as the layer does. These serve
+  'weight' and 'spatial' SVD (whose vertical-patch moment is derived from them) and
+  also Tucker-2/CP (channel moment derived, plus exact re-fits of their later factors).
+* Conv — 'channel' statistics: only the ``S × S`` moment of channel vectors at every
+  patch position (``Πk`` times cheaper to keep); collected for layers planned with
+  'tucker2'/'cp' when ``layers`` is a plan or a name → method mapping.
+
+The module itself is callable (``rankshrink.calibrate(model, data)``), so it can
+be used as a function without hiding ``rankshrink.calibrate.calibrate``.
+
+The result is a :class:`Calibration`; pass it to ``rankshrink.apply(model, plan,
+calibration=cal)`` or ``factorize(module, method, rank, input_stats=cal[name])``.
+Problems are reported before anything is returned: a layer the data never reaches,
+inputs that do not fit the model, NaN/Inf activations (all :class:`DataError`), and
+too few input vectors for a full-rank moment (a :class:`CalibrationWarning` naming the
+layer and the counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import types
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from .data import Splits, _dataset_len, calibration_subset, iterate_batches
+from .decompose.data_aware import STATS_NEEDED, InputStats
+from .errors import ConfigError, DataError, FileFormatError, LayerError
+from .factorized import layer_type, unsupported_reason
+from .fileio import load_tensors, save_tensors
+from .metrics import _device_of, eval_mode
+from .plan import Plan
+from .surgery import aliases, factorizable_layers, get_layer
+
+__all__ = ["Calibration", "CalibrationWarning", "calibrate", "DEFAULT_SAMPLES", "DEFAULT_BATCH_SIZE"]
+
+DEFAULT_SAMPLES = 512
+DEFAULT_BATCH_SIZE = 128
+# Most float64 patch elements unfolded at once (32 MiB); larger batches are chunked.
+_CHUNK_ELEMENTS = 1 << 22
+_FORMAT = "rankshrink-calibration"
+_VERSION = 1
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration statistics of a layer are weak (too few input vectors)."""
+
+
+class _HookError(Exception):
+    def __init__(self, error: DataError):
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class Calibration:
+    """Per-layer input statistics of one model on one calibration set.
+
+    Index it by the layer's qualified name (any alias of a shared module works):
+    ``cal["classifier.1"]`` is an :class:`~rankshrink.decompose.InputStats`.
+    ``samples`` is the number of calibration samples run through the model.
+    """
+
+    stats: dict[str, InputStats]
+    samples: int
+    alias_of: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> InputStats:
+        found = self.get(name)
+        if found is None:
+            listing = ", ".join(self.stats) or "none"
+            raise DataError(f"the calibration has no statistics for layer '{name}' (calibrated layers: "
+                            f"{listing}); recalibrate including it, or use objective='weights'.")
+        return found
+
+    def get(self, name: str) -> InputStats | None:
+        if name in self.stats:
+            return self.stats[name]
+        canonical = self.alias_of.get(name)
+        return self.stats.get(canonical) if canonical is not None else None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self):
+        return iter(self.stats)
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.stats)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.stats.values())
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """JSON-friendly per-layer description: kind, dimension, vectors, samples."""
+        return {name: {"kind": s.kind, "dim": s.dim, "vectors": s.count, "samples": s.samples,
+                       "kernel_size": list(s.kernel_size) if s.kernel_size else None}
+                for name, s in self.stats.items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write all statistics to one safetensors file (atomically)."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"samples": self.samples, "alias_of": self.alias_of, "layers": {}}
+        for name, s in self.stats.items():
+            tensors[f"{name}::mean"] = s.mean.cpu()
+            tensors[f"{name}::scatter"] = s.scatter.cpu()
+            if s.patch_mean is not None:
+                tensors[f"{name}::patch_mean"] = s.patch_mean.cpu()
+            meta["layers"][name] = {"kind": s.kind, "dim": s.dim, "count": s.count, "samples": s.samples,
+                                    "kernel_size": list(s.kernel_size) if s.kernel_size else None,
+                                    "patch_count": s.patch_count}
+        save_tensors(path, tensors, metadata={"format": _FORMAT, "version": str(_VERSION),
+                                              "calibration": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration":
+        from safetensors import safe_open
+
+        path = Path(path)
+        tensors = load_tensors(path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise FileFormatError(f"'{path}' is not a rankshrink calibration file.")
+            if metadata.get("version") != str(_VERSION):
+                raise FileFormatError(f"calibration file '{path}' has version {metadata.get('version')}; "
+                                      f"this rankshrink reads version {_VERSION}.")
+            meta = json.loads(metadata["calibration"])
+            stats = {}
+            for name, info in meta["layers"].items():
+                stats[name] = InputStats(info["kind"], int(info["dim"]), count=int(info["count"]),
+                                         samples=int(info["samples"]), mean=tensors[f"{name}::mean"],
+                                         scatter=tensors[f"{name}::scatter"],
+                                         kernel_size=tuple(info["kernel_size"]) if info["kernel_size"] else None,
+                                         patch_count=int(info["patch_count"]),
+                                         patch_mean=tensors.get(f"{name}::patch_mean"))
+            return cls(stats, int(meta["samples"]), dict(meta.get("alias_of", {})))
+        except FileFormatError:
+            raise
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise FileFormatError(f"calibration file '{path}' is incomplete or corrupt ({type(exc).__name__}: {exc}).") from None
+
+
+# --------------------------------------------------------------------------- targets
+
+def _resolve_targets(model: nn.Module, layers) -> tuple[dict[str, tuple[nn.Module, str]], bool]:
+    """name -> (module, kind) and whether the names were given explicitly."""
+    if layers is None:
+        chosen = {name: (module, "full") for name, module in factorizable_layers(model)}
+        if not chosen:
+            raise LayerError(f"{type(model).__name__} has no factorizable layers (Linear, Conv1d, Conv2d) to calibrate.")
+        return chosen, False
+    if isinstance(layers, Plan):
+        items = [(name, entry.method) for name, entry in layers.items()]
+    elif isinstance(layers, Mapping):
+        items = []
+        for name, value in layers.items():
+            method = value if isinstance(value, str) else getattr(value, "method", None)
+            if method is None and isinstance(value, (tuple, list)) and value:
+                method = value[0]
+            if method not in STATS_NEEDED:
+                raise ConfigError(f"layers['{name}'] must name a method ({', '.join(STATS_NEEDED)}), got {value!r}.")
+            items.append((name, method))
+    elif isinstance(layers, str):
+        items = [(layers, None)]
+    else:
+        try:
+            items = [(name, None) for name in layers]
+        except TypeError:
+            raise ConfigError(f"layers must be None, a list of layer names, a name -> method mapping or a "
+                              f"Plan; got {type(layers).__name__}.") from None
+    if not items:
+        raise ConfigError("layers is empty: name at least one layer to calibrate (or pass layers=None for all).")
+    chosen: dict[str, tuple[nn.Module, str]] = {}
+    by_module: dict[int, str] = {}
+    for name, method in items:
+        if not isinstance(name, str):
+            raise ConfigError(f"layer names must be strings, got {name!r}.")
+        module = get_layer(model, name)
+        reason = unsupported_reason(module)
+        if reason is not None:
+            raise LayerError(f"layer '{name}' ({layer_type(module)}) cannot be calibrated for factorization: {reason}.")
+        kind = "full" if method is None or STATS_NEEDED[method] == "full" or isinstance(module, nn.Linear) else "channel"
+        if id(module) in by_module:  # a shared module: one set of statistics, the richer kind wins
+            first = by_module[id(module)]
+            if kind == "full":
+                chosen[first] = (module, "full")
+            continue
+        by_module[id(module)] = name
+        chosen[name] = (module, kind)
+    return chosen, True
+
+
+def _empty_stats(module: nn.Module, kind: str) -> InputStats:
+    if isinstance(module, nn.Linear):
+        return InputStats("full", module.in_features)
+    k = tuple(module.kernel_size)
+    S = module.in_channels
+    return InputStats(kind, S * math.prod(k) if kind == "full" else S, kernel_size=k)
+
+
+# --------------------------------------------------------------------------- patches
+
+def conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col patches (N·positions, S·Πk) exactly as ``module`` sees them (channel-major, like its weight)."""
+    conv1d = isinstance(module, nn.Conv1d)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = list(module._reversed_padding_repeated_twice)
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    if conv1d:
+        x = x.unsqueeze(2)
+        kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
+    else:
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    cols = F.unfold(x, kernel_size=kernel, dilation=dilation, stride=stride)  # (N, S·Πk, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Iterable[torch.Tensor]]:
+    """(samples in this call, iterator of float64 row chunks) for one hooked input."""
+    if isinstance(module, nn.Linear):
+        if x.dim() == 0 or x.shape[-1] != module.in_features:
+            raise DataError(f"layer '{name}' (Linear, in_features={module.in_features}) received input of "
+                            f"shape {tuple(x.shape)}; the calibration data does not fit the model.")
+        rows = x.reshape(-1, module.in_features)
+        batch = x.shape[0] if x.dim() > 1 else 1
+        step = max(1, _CHUNK_ELEMENTS // max(1, module.in_features))
+        return batch, (rows[i:i + step] for i in range(0, rows.shape[0], step))
+    spatial_dims = 1 if isinstance(module, nn.Conv1d) else 2
+    if x.dim() == spatial_dims + 1:
+        x = x.unsqueeze(0)
+    if x.dim() != spatial_dims + 2 or x.shape[1] != module.in_channels:
+        raise DataError(f"layer '{name}' ({layer_type(module)}, in_channels={module.in_channels}) received "
+                        f"input of shape {tuple(x.shape)}; the calibration data does not fit the model.")
+    per_sample = module.in_channels * math.prod(module.kernel_size) * math.prod(x.shape[2:])
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    return x.shape[0], (conv_patches(module, x[i:i + step]) for i in range(0, x.shape[0], step))
+
+
+# --------------------------------------------------------------------------- calibrate
+
+def _as_dataset(dataset) -> Dataset:
+    if isinstance(dataset, Splits):
+        return dataset.train
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dim() == 0 or dataset.shape[0] == 0:
+            raise DataError("the calibration inputs are empty.")
+        return TensorDataset(dataset, torch.zeros(dataset.shape[0], dtype=torch.long))
+    if not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):
+        raise DataError(f"calibration data must be a data set of (input, label) pairs, a Splits or a tensor "
+                        f"of inputs; got {type(dataset).__name__}.")
+    return dataset
+
+
+def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFAULT_SAMPLES,
+              batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False, *, seed: int = 0) -> Calibration:
+    """Collect per-layer input statistics of ``model`` on ``dataset`` (see the module notes).
+
+    ``dataset``: a map-style data set of (input, label) pairs, a :class:`~rankshrink.data.Splits`
+    (its training split is used) or a tensor of inputs. ``layers``: None (every
+    factorizable layer, full statistics), a list of names, a name → method mapping or a
+    :class:`Plan` (then 'tucker2'/'cp' layers get only channel statistics).
+    ``samples``: how many samples to use — a deterministic random subset for ``seed`` —
+    or None for all. The model is run in eval mode and left unchanged.
+    """
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ConfigError(f"samples must be a positive integer or None, got {samples!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    data = _as_dataset(dataset)
+    total = _dataset_len(data)
+    if total == 0:
+        raise DataError("the calibration data set is empty.")
+    if samples is not None and samples < total:
+        data = calibration_subset(data, samples, seed=seed)
+    n_samples = _dataset_len(data)
+
+    targets, explicit = _resolve_targets(model, layers)
+    stats = {name: _empty_stats(module, kind) for name, (module, kind) in targets.items()}
+    hit: dict[str, bool] = {}
+    batch_index = [0]
+
+    def make_hook(name: str, module: nn.Module):
+        target = stats[name]
+
+        def hook(mod, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise _HookError(DataError(f"layer '{name}' was called without a tensor input; it cannot be calibrated."))
+            x = args[0].detach()
+            if not torch.isfinite(x).all():
+                raise _HookError(DataError(
+                    f"layer '{name}' received NaN or Inf inputs in calibration batch {batch_index[0] + 1} "
+                    f"(samples {batch_index[0] * batch_size}..{batch_index[0] * batch_size + x.shape[0] - 1} "
+                    "of the calibration set); check the data and the layers before it."))
+            try:
+                _, chunks = _layer_rows(mod, name, x)
+                for rows in chunks:
+                    rows = rows.to(torch.float64)
+                    if target.kind == "channel":
+                        S, k = target.dim, math.prod(target.kernel_size)
+                        target.update(rows.reshape(-1, S, k).transpose(1, 2).reshape(-1, S))
+                        target.update_patch_mean(rows)
+                    else:
+                        target.update(rows)
+            except DataError as exc:
+                raise _HookError(exc) from None
+            hit[name] = True
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name, module)) for name, (module, _) in targets.items()]
+    device = _device_of(model)
+    try:
+        batches = iterate_batches(data, batch_size)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n_samples, desc="calibrating", unit="sample", leave=False)
+        try:
+            with torch.no_grad(), eval_mode(model):
+                for index, (inputs, _) in enumerate(batches):
+                    batch_index[0] = index
+                    hit.clear()
+                    try:
+                        model(inputs.to(device))
+                    except _HookError as exc:
+                        raise exc.error from None
+                    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        raise DataError(
+                            f"the calibration data does not fit {type(model).__name__}: inputs of shape "
+                            f"{tuple(inputs.shape[1:])} (batch {index + 1}) raised {type(exc).__name__}: {first}"
+                        ) from None
+                    for name in hit:
+                        stats[name].samples += inputs.shape[0]
+                    if bar is not None:
+                        bar.update(inputs.shape[0])
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    unreached = [name for name, s in stats.items() if s.count == 0]
+    if unreached and explicit:
+        raise DataError(f"the calibration data never reached layer(s) {', '.join(repr(n) for n in unreached)} "
+                        f"in {n_samples} samples (an unused branch, or a path the data does not take); "
+                        "remove them from the plan or use objective='weights' for them.")
+    for name in unreached:
+        warnings.warn(f"layer '{name}' was never reached by the {n_samples} calibration samples (unused branch?); "
+                      "it has no statistics and can only be factorized with objective='weights'.",
+                      CalibrationWarning, stacklevel=2)
+        del stats[name]
+    for name, s in stats.items():
+        s.mean, s.scatter = s.mean.cpu(), s.scatter.cpu()
+        if s.patch_mean is not None:
+            s.patch_mean = s.patch_mean.cpu()
+        s._cache.clear()
+        if s.count < s.dim:
+            warnings.warn(f"layer '{name}': only {s.count} input vectors (from {s.samples} calibration samples) for "
+                          f"{s.dim}-dimensional inputs, so its input statistics are rank-deficient and the "
+                          f"activation-optimal factors may over-fit them; calibrate with at least {s.dim} vectors "
+                          "(more samples), or raise damping.", CalibrationWarning, stacklevel=2)
+
+    alias_of: dict[str, str] = {}
+    names = aliases(model)
+    for name, (module, _) in targets.items():
+        if name in stats:
+            for alias in names.get(id(module), []):
+                if alias and alias != name:
+                    alias_of[alias] = name
+    return Calibration(stats, n_samples, alias_of)
+
+
+class _CallableModule(types.ModuleType):
+    """``rankshrink.calibrate(model, data)`` calls :func:`calibrate`; ``rankshrink.calibrate.calibrate`` still works."""
+
+    def __call__(self, *args, **kwargs):
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,259 @@
+"""``rankshrink finetune``: recover a factorized model's accuracy by training its factors.
+
+Three ways to say what to fine-tune:
+
+* ``--weights ORIGINAL.pt --plan plan.json``: the original weights; the plan is applied
+  first (activation-optimal factors calibrated on the training split, unless
+  ``--objective weights``), then fine-tuned.
+* ``--weights DIR``: a directory written by ``rankshrink apply``/``compress``/``finetune``
+  (``model.safetensors`` + ``plan.json``); ``--plan`` is optional and must match.
+* ``--weights DIR/model.safetensors --plan DIR/plan.json``: the same, as files.
+
+``--distill`` adds knowledge distillation from the original model (the ``--weights``
+original, or ``--teacher-weights``, or the built-in's own trained weights). The output
+directory gets ``model.safetensors``, ``plan.json`` and ``summary.json`` (accuracy before
+and after on validation and test); a non-empty ``--out`` is refused without ``--force``.
+Training checkpoints after every epoch in ``--out/.finetune-checkpoint/``: rerun the same
+command after an interruption to resume (``--force`` starts over instead).
+
+:func:`add_recovery_arguments` and :func:`recover_from_args` give ``rankshrink compress``
+its ``--finetune EPOCHS [--distill]`` options with the same behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from .common import add_model_arguments, print_table
+
+CHECKPOINT_DIR = ".finetune-checkpoint"
+SUMMARY_FILE = "summary.json"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune a factorized model's factors to recover accuracy (optionally distilling)",
+        description="Recovery fine-tuning: train the factor layers of a factorized model (or everything) on the "
+                    "training split, keep the best validation epoch, and save the result. Accuracy never gets "
+                    "worse on validation than the model it starts from.")
+    add_model_arguments(parser)
+    parser.add_argument("--plan", help="plan JSON; required unless --weights is a directory written by rankshrink")
+    parser.add_argument("--data", help="data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, synthetic:cifar); "
+                                       "default: the built-in model's own")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--force", action="store_true",
+                        help="allow a non-empty --out (replaces our files only; discards a checkpoint)")
+    _add_training_arguments(parser, prefix="")
+    parser.add_argument("--teacher-weights", help="original (uncompressed) weights for --distill when --weights "
+                                                  "holds a compressed model")
+    parser.add_argument("--objective", choices=("activations", "weights"), default="activations",
+                        help="how to factorize when --weights holds the original model (default: activations, "
+                             "calibrated on the training split)")
+    parser.add_argument("--calibration-samples", type=int, default=512,
+                        help="training samples for calibration (default 512)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
+    from ..finetune import DEFAULT_LR, TRAIN_CHOICES
+
+    dest = prefix.replace("-", "_")
+    parser.add_argument("--distill", action="store_true",
+                        help="distil from the original model (KL on temperature-softened logits)")
+    parser.add_argument(f"--{prefix}lr", dest=f"{dest}lr", type=float, default=DEFAULT_LR,
+                        help=f"learning rate (default {DEFAULT_LR:g})")
+    parser.add_argument(f"--{prefix}batch-size", dest=f"{dest}batch_size", type=int, default=64,
+                        help="batch size (default 64)")
+    parser.add_argument(f"--{prefix}train", dest=f"{dest}train", choices=TRAIN_CHOICES, default="factors",
+                        help="what to train: the factor layers (default) or all parameters")
+    parser.add_argument(f"--{prefix}patience", dest=f"{dest}patience", type=int,
+                        help="stop after this many epochs without validation improvement")
+    parser.add_argument(f"--{prefix}schedule", dest=f"{dest}schedule", choices=("cosine", "constant"),
+                        default="cosine", help="learning-rate schedule (default cosine)")
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    parser.add_argument("--distill-weight", type=float, default=0.5,
+                        help="weight of the distillation term against cross-entropy (default 0.5)")
+    if not prefix:
+        parser.add_argument("--seed", type=int, default=0, help="seed for shuffling and dropout (default 0)")
+
+
+def add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--finetune EPOCHS [--distill] [--finetune-lr ...]`` for another command (e.g. ``compress``)."""
+    parser.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                        help="after compressing, fine-tune the factors for EPOCHS epochs (default 0: no)")
+    _add_training_arguments(parser, prefix="finetune-")
+
+
+def recover_from_args(args: argparse.Namespace, original, compressed, splits, *, checkpoint_dir=None):
+    """Run :func:`rankshrink.finetune.finetune` as ``add_recovery_arguments`` asked; None when ``--finetune 0``."""
+    from ..errors import ConfigError
+    from ..finetune import finetune
+
+    epochs = getattr(args, "finetune", 0) or 0
+    if epochs < 0:
+        raise ConfigError(f"--finetune must be a non-negative number of epochs, got {epochs}.")
+    if epochs == 0:
+        if getattr(args, "distill", False):
+            raise ConfigError("--distill only applies with --finetune EPOCHS (EPOCHS > 0).")
+        return None
+    return finetune(compressed, splits, epochs, teacher=original if args.distill else None,
+                    train=args.finetune_train, lr=args.finetune_lr, batch_size=args.finetune_batch_size,
+                    schedule=args.finetune_schedule, patience=args.finetune_patience,
+                    distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
+                    seed=getattr(args, "seed", 0) or 0, checkpoint_dir=checkpoint_dir,
+                    progress=not getattr(args, "no_progress", False))
+
+
+# --------------------------------------------------------------------------- finetune command
+
+def _fresh_model(spec: str):
+    """An instance of the model SPEC's architecture without loading or training weights."""
+    from ..models import BUILTIN_MODELS, load_model_spec
+
+    if spec.startswith("builtin:") and spec[len("builtin:"):] in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec[len("builtin:"):]].create().eval()
+    return load_model_spec(spec)
+
+
+def _check_out(out: str, force: bool) -> bool:
+    """Validate --out before any work; True when an interrupted run's checkpoint will be resumed."""
+    from ..errors import ConfigError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output path '{path}' exists and is not a directory; choose another --out.")
+    if not path.is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    if not entries:
+        return False
+    if force:
+        return False
+    if entries == {CHECKPOINT_DIR}:
+        return True
+    raise ConfigError(f"output directory '{path}' is not empty; pass --force to replace rankshrink's own files "
+                      "in it, or choose another --out.")
+
+
+def _skeleton(base, plan):
+    """``base`` with the planned layers replaced by empty factor layers (what ``surgery.load`` builds)."""
+    from ..factorized import build_factorized, layer_geometry
+    from ..surgery import aliases, replace_layer, validate_plan
+
+    ranks = validate_plan(base, plan)
+    where = aliases(base)
+    for name, entry in plan.items():
+        module = base.get_submodule(name)
+        block = build_factorized(layer_geometry(module), entry.method, ranks[name], dtype=module.weight.dtype,
+                                 device=module.weight.device)
+        for alias in where[id(module)]:
+            replace_layer(base, alias, block)
+    return base
+
+
+def _load_compressed(args, plan):
+    """(compressed model, plan, original or None) from --weights/--plan, as the module notes describe."""
+    from ..errors import ConfigError, FileFormatError
+    from ..fileio import load_state_dict
+    from ..models import load_model_spec
+    from ..plan import Plan
+    from ..surgery import PLAN_FILE, WEIGHTS_FILE, load, load_state_dict_checked
+
+    weights = args.weights
+    if weights is not None and Path(weights).is_dir():
+        directory = Path(weights)
+        if not (directory / PLAN_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise FileFormatError(f"'{directory}' is not a directory written by rankshrink (it needs {PLAN_FILE} and "
+                                  f"{WEIGHTS_FILE}).")
+        saved = Plan.load(directory / PLAN_FILE)
+        if plan is not None and plan.key() != saved.key():
+            raise ConfigError(f"--plan does not match '{directory / PLAN_FILE}'; drop --plan to use the saved one.")
+        return load(_fresh_model(args.model), directory), saved, None
+    if plan is None:
+        raise ConfigError("--plan is required unless --weights is a directory written by rankshrink "
+                          "(model.safetensors + plan.json).")
+    if weights is None:
+        return None, plan, load_model_spec(args.model, trust_pickle=args.trust_pickle)
+    try:
+        original = load_model_spec(args.model, weights, trust_pickle=args.trust_pickle)
+        return None, plan, original
+    except FileFormatError as as_original:
+        state = load_state_dict(weights, trust_pickle=args.trust_pickle)
+        skeleton = _skeleton(_fresh_model(args.model), plan)
+        try:
+            load_state_dict_checked(skeleton, state, weights)
+        except FileFormatError as as_compressed:
+            raise FileFormatError(f"'{weights}' fits neither the original model ({as_original}) nor the model "
+                                  f"factorized by the plan ({as_compressed}).") from None
+        return skeleton.eval(), plan, None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..calibrate import calibrate
+    from ..data import load_data
+    from ..errors import ConfigError
+    from ..finetune import finetune
+    from ..metrics import accuracy
+    from ..models import load_model_spec
+    from ..plan import Plan
+    from ..surgery import apply, save
+    from .inputs import default_data_spec
+
+    if args.epochs < 0:
+        raise ConfigError(f"--epochs must be a non-negative integer, got {args.epochs}.")
+    plan = Plan.load(args.plan) if args.plan else None
+    resume = _check_out(args.out, args.force)  # fail before any work
+    spec = args.data or default_data_spec(args.model)
+    if spec is None:
+        raise ConfigError("fine-tuning needs data: pass --data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, "
+                          "synthetic:cifar).")
+    splits = load_data(spec)
+    progress = not args.no_progress
+    compressed, plan, original = _load_compressed(args, plan)
+    objective = "loaded"
+    if compressed is None:
+        calibration = None
+        if args.objective == "activations":
+            calibration = calibrate(original, splits.train, layers=plan, samples=args.calibration_samples,
+                                    seed=args.seed, progress=progress)
+        compressed = apply(original, plan, calibration=calibration, objective=args.objective, progress=progress)
+        objective = args.objective
+    teacher = None
+    if args.distill:
+        teacher = original if original is not None else load_model_spec(args.model, args.teacher_weights,
+                                                                           trust_pickle=args.trust_pickle)
+    out = Path(args.out)
+    checkpoint = out / CHECKPOINT_DIR
+    if args.force and checkpoint.is_dir():
+        shutil.rmtree(checkpoint)
+    if resume:
+        print(f"resuming from the checkpoint in {checkpoint}")
+    result = finetune(compressed, splits, args.epochs, teacher=teacher, train=args.train, lr=args.lr,
+                      batch_size=args.batch_size, schedule=args.schedule, patience=args.patience,
+                      distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
+                      seed=args.seed, checkpoint_dir=checkpoint, progress=progress, inplace=True)
+    reference = original if original is not None else teacher
+    accuracies = {}
+    if reference is not None:
+        accuracies["original"] = {"val": accuracy(reference, splits.val), "test": accuracy(reference, splits.test)}
+    accuracies["factorized"] = {"val": result.val_before, "test": result.test_before}
+    accuracies["finetuned"] = {"val": result.val_after, "test": result.test_after}
+    summary = {"command": "finetune", "model": args.model, "data": spec, "objective": objective,
+               "plan": plan.to_dict(), "accuracy": accuracies, "finetune": result.to_dict()}
+    save(result.model, plan, out, force=True, extra_files={SUMMARY_FILE: summary})
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def pct(value):
+        return "" if value is None else f"{100 * value:.2f}%"
+
+    rows = [[stage, pct(acc["val"]), pct(acc["test"])] for stage, acc in accuracies.items()]
+    print_table(["model", "val accuracy", "test accuracy"], rows)
+    print(f"\ntrained {result.trained} ({result.trained_parameters:,} of {result.total_parameters:,} parameters) for "
+          f"{result.epochs_run} epochs{' with distillation' if result.distilled else ''}; best epoch "
+          f"{result.best_epoch}{' (the starting model was best)' if result.best_epoch == 0 else ''}")
+    print(f"wrote {out}/model.safetensors, plan.json, {SUMMARY_FILE}")
+    return 0

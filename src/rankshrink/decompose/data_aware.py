@@ -1,0 +1,690 @@
+"""Data-aware (activation-optimal) factorizations: keep ``W′X`` close to ``WX``, not ``W′`` to ``W``.
+
+Pure tensor maths: weights and input statistics in, factor weights out.
+
+The problem
+-----------
+For a layer ``y = W x`` (a Linear, or a convolution seen as ``W`` acting on im2col
+patches) and calibration inputs ``X`` (one vector per column), find the rank-``r``
+``W′`` minimising ``‖(W − W′)X‖_F``. With ``C = X Xᵀ = Σ x xᵀ`` this is
+``tr((W − W′) C (W − W′)ᵀ) = ‖(W − W′)L‖_F²`` for any factor ``C = L Lᵀ``.
+
+Closed form (SVD methods)
+-------------------------
+Let ``M = W L`` (the *whitened* weight) with SVD ``M = U Σ Vᵀ``. The best rank-``r``
+approximation of ``M`` is ``U_r U_rᵀ M`` (Eckart–Young), so
+
+    W′ = U_r (U_rᵀ W)       and     ‖(W − W′)X‖_F² = Σ_{i>r} σ_i(M)².
+
+"Un-whitening" is done by this projection, never by inverting ``L``: the solution is
+exact and stable even when ``C`` is singular (fewer samples than dimensions, dead
+inputs) or badly conditioned. ``L = Q Λ^{1/2}`` comes from the eigendecomposition of
+``C`` in float64; eigenvalues at rounding level (or below zero) are set to zero. ``damping``
+adds ``λ·I`` with ``λ = damping · tr(C)/d`` to ``C``: it blends the activation
+objective with the plain weight objective (``damping → ∞`` gives the plain SVD) and
+guards against over-fitting a small calibration set.
+
+Bias correction
+---------------
+With a bias the affine optimum also corrects the mean shift: fitting on the centred
+statistics ``Σ (x − μ)(x − μ)ᵀ`` and setting ``b′ = b + (W − W′)μ`` minimises
+``‖(W − W′)X + (b − b′)1ᵀ‖_F`` over both ``W′`` and ``b′`` (see :func:`bias_shift`).
+
+Which statistics each method uses
+---------------------------------
+* ``svd`` (Linear) and ``weight`` (conv): the full input/patch second moment,
+  ``d = in_features`` or ``d = S·kh·kw``. Exact closed form as above.
+* ``spatial`` (Conv2d): the same full patch statistics. The kernel is a
+  ``(S·kh) × (T·kw)`` matrix whose rank is limited; with the *vertical*-patch
+  moment ``C_v = Σ_j C[(s,i,j),(s′,i′,j)]`` (derived from the full one, exact when
+  horizontally adjacent columns are uncorrelated) it is a left-weighted low-rank
+  problem solved in closed form, ``K′ = K V_r V_rᵀ`` with ``V_r`` the top right
+  singular vectors of ``L_vᵀ K``. The horizontal factor is then re-fitted by exact
+  least squares on the full patch moment, which never increases the true error.
+* ``tucker2`` and ``cp``: only the input-channel moment ``C_s`` (``S × S``; derived
+  from the full moment by summing its diagonal ``kh·kw`` blocks, or collected alone,
+  which is ``kh·kw`` times cheaper). The kernel's input mode is whitened,
+  ``K̃ = K ×_in L_sᵀ``, decomposed with the ordinary Tucker-2/CP, and the first
+  (1×1) factor is un-whitened with ``L_s⁻¹``. That needs an inverse, so ``C_s`` is
+  always damped by at least ``MIN_INVERSE_DAMPING`` (relative).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from ..errors import ConfigError
+from .conv import (CPFactors, SpatialFactors, Tucker2Factors, WeightFactors, _check_kernel, _check_rank,
+                   cp, spatial_full_rank, tucker2, weight_full_rank)
+from .svd import _check_matrix_and_rank, choose_svd_method, truncated_svd
+
+__all__ = [
+    "InputStats", "Whitening", "ActivationSVD", "whitening", "whitened_singular_values",
+    "activation_svd", "activation_low_rank_factors", "activation_weight_svd", "activation_spatial_svd",
+    "activation_tucker2", "activation_cp", "activation_error", "relative_activation_error",
+    "optimal_activation_error", "bias_shift", "patch_moment_to_channel", "vertical_moment",
+    "MIN_INVERSE_DAMPING", "DEFAULT_DAMPING",
+]
+
+# Relative ridge always added before an inverse of a whitening factor is formed
+# (Tucker-2/CP un-whitening). The SVD methods need no inverse and use ``damping`` as given.
+MIN_INVERSE_DAMPING = 1e-4
+# Default relative ridge for the SVD methods: none. Their solution W′ = U_r U_rᵀ W needs no
+# inverse, and in directions the calibration set never excites it keeps the projected
+# weights rather than anything arbitrary; on the digits CNN damping up to 0.1 changed
+# neither activation error (< 0.01%) nor accuracy. Raise it to lean towards plain SVD.
+DEFAULT_DAMPING = 0.0
+
+KINDS = ("full", "channel")
+
+
+# --------------------------------------------------------------------------- statistics
+
+@dataclass
+class InputStats:
+    """Streaming moments of one layer's input vectors, in float64.
+
+    ``kind='full'``: the vectors are the layer's whole inputs (Linear: ``in_features``;
+    conv: im2col patches of length ``S·Πk``). ``kind='channel'``: the vectors are the
+    ``S``-long channel vectors at every position of every patch (``Πk`` per patch);
+    ``patch_mean`` then still holds the mean of the full patches (for bias correction).
+
+    ``count`` vectors were summarised: ``mean`` is their mean and ``scatter`` their
+    centred scatter ``Σ (x − mean)(x − mean)ᵀ`` (merged batch by batch with Chan's
+    update, so the centred form stays accurate). ``samples`` counts calibration
+    samples whose forward pass reached the layer.
+    """
+
+    kind: str
+    dim: int
+    count: int = 0
+    samples: int = 0
+    mean: torch.Tensor | None = None
+    scatter: torch.Tensor | None = None
+    kernel_size: tuple[int, ...] | None = None
+    patch_count: int = 0
+    patch_mean: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"statistics kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.mean is None:
+            self.mean = torch.zeros(self.dim, dtype=torch.float64)
+        if self.scatter is None:
+            self.scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        if self.kind == "channel" and self.patch_mean is None and self.kernel_size is not None:
+            self.patch_mean = torch.zeros(self.dim * math.prod(self.kernel_size), dtype=torch.float64)
+
+    # -- accumulation
+    def update(self, rows: torch.Tensor) -> None:
+        """Add ``rows`` (n, dim) to the statistics (Chan et al.'s pairwise merge)."""
+        rows = rows.detach().to(torch.float64)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self.mean.device != rows.device:
+            self.mean, self.scatter = self.mean.to(rows.device), self.scatter.to(rows.device)
+        batch_mean = rows.mean(dim=0)
+        centred = rows - batch_mean
+        batch_scatter = centred.T @ centred
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.scatter = self.scatter + batch_scatter + torch.outer(delta, delta) * (self.count * n / total)
+        self.count = total
+        self._cache.clear()
+
+    def update_patch_mean(self, patches: torch.Tensor) -> None:
+        """Channel kind: also track the mean of the full patches (n, S·Πk)."""
+        patches = patches.detach().to(torch.float64)
+        n = patches.shape[0]
+        if n == 0:
+            return
+        if self.patch_mean.device != patches.device:
+            self.patch_mean = self.patch_mean.to(patches.device)
+        total = self.patch_count + n
+        self.patch_mean = self.patch_mean + (patches.mean(dim=0) - self.patch_mean) * (n / total)
+        self.patch_count = total
+
+    # -- views
+    def second_moment(self) -> torch.Tensor:
+        """``C = Σ x xᵀ`` over all summarised vectors."""
+        return self.scatter + self.count * torch.outer(self.mean, self.mean)
+
+    def moment(self, centered: bool) -> torch.Tensor:
+        return self.scatter if centered else self.second_moment()
+
+    def input_mean(self) -> torch.Tensor:
+        """Mean of the layer's full input vector (patch mean for convolutions)."""
+        return self.mean if self.kind == "full" else self.patch_mean
+
+    def to_channel(self) -> "InputStats":
+        """Channel statistics derived from full patch statistics (sum of the ``Πk`` diagonal blocks)."""
+        if self.kind == "channel":
+            return self
+        if self.kernel_size is None:
+            raise ConfigError("channel statistics need a convolution's patch statistics (kernel_size is unknown).")
+        key = ("channel",)
+        if key not in self._cache:
+            k = math.prod(self.kernel_size)
+            S = self.dim // k
+            second = self.second_moment().reshape(S, k, S, k).diagonal(dim1=1, dim2=3).sum(dim=-1)
+            mean = self.mean.reshape(S, k).mean(dim=1)
+            count = self.count * k
+            scatter = second - count * torch.outer(mean, mean)
+            self._cache[key] = InputStats("channel", S, count=count, samples=self.samples, mean=mean,
+                                          scatter=scatter, kernel_size=self.kernel_size,
+                                          patch_count=self.count, patch_mean=self.mean.clone())
+        return self._cache[key]
+
+    def whitening(self, centered: bool, damping: float) -> "Whitening":
+        """The (cached) whitening factor of :meth:`moment`."""
+        key = ("whitening", bool(centered), float(damping))
+        if key not in self._cache:
+            self._cache[key] = whitening(self.moment(centered), damping)
+        return self._cache[key]
+
+    def nbytes(self) -> int:
+        return self.scatter.numel() * 8 + self.mean.numel() * 8
+
+
+class Whitening(NamedTuple):
+    """``C + λI = L Lᵀ`` with ``L = Q·diag(root)``; ``root = sqrt(max(Λ, 0) + λ)``."""
+
+    Q: torch.Tensor
+    root: torch.Tensor
+    damping_abs: float
+
+    @property
+    def L(self) -> torch.Tensor:
+        return self.Q * self.root
+
+    def inverse(self) -> torch.Tensor:
+        """``L⁻¹ = diag(1/root)·Qᵀ`` (only valid when every root is > 0)."""
+        return (self.Q / self.root).T
+
+
+def _check_moment(moment: torch.Tensor, dim: int, what: str = "input statistics") -> torch.Tensor:
+    if moment.dim() != 2 or moment.shape[0] != moment.shape[1]:
+        raise ConfigError(f"{what} must be a square (d, d) matrix, got shape {tuple(moment.shape)}.")
+    if moment.shape[0] != dim:
+        raise ConfigError(f"{what} are {moment.shape[0]}-dimensional but the weight expects "
+                          f"{dim}-dimensional inputs; they were collected for another layer or method.")
+    if not torch.isfinite(moment).all():
+        raise ConfigError(f"{what} contain NaN or Inf values; recalibrate with finite data.")
+    return moment.to(torch.float64)
+
+
+def _check_damping(damping: float) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (damping >= 0 and math.isfinite(damping)):
+        raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}.")
+    return float(damping)
+
+
+def whitening(moment: torch.Tensor, damping: float = 0.0) -> Whitening:
+    """Factor ``C + λI`` (λ = ``damping``·tr(C)/d) as ``L Lᵀ`` via an eigendecomposition in float64."""
+    damping = _check_damping(damping)
+    moment = moment.to(torch.float64)
+    moment = 0.5 * (moment + moment.T)
+    eigenvalues, Q = torch.linalg.eigh(moment)
+    d = moment.shape[0]
+    # Eigenvalues at rounding level (|λ| ≤ d·ε·λ_max) are zero: without this their square
+    # roots (√ε-sized, not ε-sized) would leak into the whitened matrix.
+    floor = d * torch.finfo(torch.float64).eps * float(eigenvalues.abs().max()) if d else 0.0
+    eigenvalues = torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
+    scale = float(eigenvalues.sum()) / d if d else 0.0
+    lam = damping * scale
+    return Whitening(Q, (eigenvalues + lam).sqrt(), lam)
+
+
+# --------------------------------------------------------------------------- SVD (Linear, weight)
+
+class ActivationSVD(NamedTuple):
+    """``matrix ≈ left @ right``, minimising ``‖(matrix − left@right) L‖_F``.
+
+    ``singular`` holds the whitened singular values computed (all of them with the
+    exact method, the top ``rank`` with the randomized one); ``total`` is
+    ``‖matrix·L‖_F²``, so the optimum error is ``sqrt(total − Σ singular[:rank]²)``.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    singular: torch.Tensor
+    total: float
+
+    def error(self) -> float:
+        r = self.left.shape[1]
+        kept = float((self.singular[:r].to(torch.float64) ** 2).sum())
+        if self.singular.numel() > r:
+            return float((self.singular[r:].to(torch.float64) ** 2).sum()) ** 0.5
+        return max(self.total - kept, 0.0) ** 0.5
+
+
+def _whitened(matrix: torch.Tensor, moment: torch.Tensor | Whitening, damping: float) -> torch.Tensor:
+    w = moment if isinstance(moment, Whitening) else whitening(
+        _check_moment(moment, matrix.shape[1]), damping)
+    if w.Q.shape[0] != matrix.shape[1]:
+        raise ConfigError(f"input statistics are {w.Q.shape[0]}-dimensional but the weight expects "
+                          f"{matrix.shape[1]}-dimensional inputs.")
+    return matrix.detach().to(torch.float64) @ w.L
+
+
+def whitened_singular_values(matrix: torch.Tensor, moment: torch.Tensor | Whitening,
+                             damping: float = 0.0) -> torch.Tensor:
+    """Singular values of ``matrix·L``: their tail beyond ``r`` is the best rank-``r`` activation error."""
+    return torch.linalg.svdvals(_whitened(matrix, moment, damping))
+
+
+def _balance(U_r: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale rank-one terms so column i of left and row i of right have equal norms."""
+    norms = right.norm(dim=1)
+    scale = torch.where(norms > 0, norms.sqrt(), torch.ones_like(norms))
+    return U_r * scale, right / scale[:, None]
+
+
+def activation_svd(matrix: torch.Tensor, moment: torch.Tensor | Whitening, rank: int, *,
+                   damping: float = 0.0, method: str = "auto", **svd_options) -> ActivationSVD:
+    """Best rank-``rank`` ``left @ right ≈ matrix`` in the activation norm ``‖(·)L‖_F``, ``C = L Lᵀ``.
+
+    ``moment`` is ``C = Σ x xᵀ`` (d × d, d = matrix columns) or a precomputed
+    :class:`Whitening`. ``method`` picks the SVD of the whitened matrix like
+    :func:`~rankshrink.decompose.truncated_svd`. Factors come back in the input's dtype
+    (computation in float64).
+    """
+    _check_matrix_and_rank(matrix, rank)
+    dtype = matrix.dtype
+    W = matrix.detach().to(torch.float64)
+    M = _whitened(W, moment, damping)
+    total = float((M ** 2).sum())
+    if method == "auto":
+        method = choose_svd_method(tuple(M.shape), rank)
+    if method == "exact":
+        U, S, _ = torch.linalg.svd(M, full_matrices=False)
+        U_r = U[:, :rank]
+    elif method == "randomized":
+        U_r, S, _ = truncated_svd(M, rank, method="randomized", **svd_options)
+    else:
+        raise ConfigError(f"unknown SVD method {method!r}; use 'auto', 'exact' or 'randomized'.")
+    left, right = _balance(U_r, U_r.T @ W)  # W′ = U_r U_rᵀ W: projection, no inverse of L
+    return ActivationSVD(left.to(dtype), right.to(dtype), S, total)
+
+
+def activation_low_rank_factors(matrix: torch.Tensor, moment, rank: int, *, damping: float = 0.0,
+                                **svd_options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`~rankshrink.decompose.low_rank_factors` but activation-optimal."""
+    result = activation_svd(matrix, moment, rank, damping=damping, **svd_options)
+    return result.left, result.right
+
+
+def activation_weight_svd(kernel: torch.Tensor, moment, rank: int, *, damping: float = 0.0,
+                          **svd_options) -> WeightFactors:
+    """Activation-optimal 'weight' SVD of a conv kernel; ``moment`` is the (S·Πk)² patch moment."""
+    _check_kernel(kernel)
+    T = kernel.shape[0]
+    _check_rank(rank, weight_full_rank(kernel.shape), "weight", kernel.shape)
+    left, right = activation_low_rank_factors(kernel.reshape(T, -1), moment, rank, damping=damping,
+                                              **svd_options)
+    ones = (1,) * (kernel.dim() - 2)
+    return WeightFactors(right.reshape(rank, *kernel.shape[1:]).contiguous(),
+                         left.reshape(T, rank, *ones).contiguous())
+
+
+# --------------------------------------------------------------------------- spatial
+
+def vertical_moment(moment: torch.Tensor, kernel_shape) -> torch.Tensor:
+    """``C_v[(s,i),(s′,i′)] = Σ_j C[(s,i,j),(s′,i′,j)]`` from the full (S·kh·kw)² patch moment."""
+    _, S, kh, kw = kernel_shape
+    return moment.reshape(S, kh, kw, S, kh, kw).diagonal(dim1=2, dim2=5).sum(dim=-1).reshape(S * kh, S * kh)
+
+
+def activation_spatial_svd(kernel: torch.Tensor, moment: torch.Tensor, rank: int, *,
+                           damping: float = 0.0, refit: bool = True, **svd_options) -> SpatialFactors:
+    """Data-aware spatial SVD (kh×1 conv S→R, then 1×kw conv R→T) from the full patch moment.
+
+    Closed form under the vertical-patch moment (see the module notes), then, with
+    ``refit``, the horizontal factor is re-solved by exact least squares on the full
+    patch moment, which can only lower the true activation error.
+    """
+    _check_kernel(kernel)
+    if kernel.dim() != 4:
+        raise ConfigError("spatial SVD needs a Conv2d kernel (T, S, kh, kw); use 'weight' or 'tucker2' for Conv1d.")
+    T, S, kh, kw = kernel.shape
+    _check_rank(rank, spatial_full_rank(kernel.shape), "spatial", kernel.shape)
+    dtype = kernel.dtype
+    K = kernel.detach().to(torch.float64)
+    full = _check_moment(moment, S * kh * kw, "patch statistics")
+    damping = _check_damping(damping)
+    if damping:
+        full = full + damping * float(full.diagonal().sum()) / full.shape[0] * torch.eye(full.shape[0], dtype=full.dtype)
+    Mk = K.permute(1, 2, 0, 3).reshape(S * kh, T * kw)
+    Lv = whitening(vertical_moment(full, kernel.shape), 0.0).L          # (S·kh, S·kh)
+    N = Lv.T @ Mk                                                       # left-whitened kernel
+    V_r = truncated_svd(N, rank, **svd_options).Vh.T                                                   # (T·kw, R)
+    vertical, horizontal = Mk @ V_r, V_r.T                              # K′ = K V_r V_rᵀ
+    if refit:
+        horizontal = _refit_horizontal(K, full, vertical, rank)
+    # Balance the two factors per rank-one term.
+    v_norm = vertical.norm(dim=0)
+    h_norm = horizontal.norm(dim=1)
+    ok = (v_norm > 0) & (h_norm > 0)
+    scale = torch.where(ok, (h_norm / torch.where(ok, v_norm, torch.ones_like(v_norm))).sqrt(), torch.ones_like(v_norm))
+    vertical, horizontal = vertical * scale, horizontal / scale[:, None]
+    v = vertical.T.reshape(rank, S, kh, 1)
+    h = horizontal.reshape(rank, T, kw).permute(1, 0, 2).reshape(T, rank, 1, kw)
+    return SpatialFactors(v.to(dtype).contiguous(), h.to(dtype).contiguous())
+
+
+def _least_squares_map(K_flat: torch.Tensor, full: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Y = K C G (GᵀCG)⁻¹``: the exact minimiser of ``‖(K − Y Gᵀ)X‖_F`` for a fixed ``G``.
+
+    ``G`` (d × q) maps an intermediate q-vector to patch space (the factors before the
+    one being solved for). Returns ``Y`` (T × q) and the intermediate moment ``GᵀCG``.
+    """
+    CG = full @ G
+    A = G.T @ CG
+    ridge = 1e-12 * float(A.diagonal().abs().max().clamp(min=1e-300))
+    A = A + ridge * torch.eye(A.shape[0], dtype=A.dtype)
+    Y = torch.linalg.solve(A, (K_flat @ CG).T).T
+    return Y, A
+
+
+def _refit_horizontal(K: torch.Tensor, full: torch.Tensor, vertical: torch.Tensor, rank: int) -> torch.Tensor:
+    """Exact least-squares horizontal factor (R, T·kw) for a fixed vertical one (S·kh, R)."""
+    T, S, kh, kw = K.shape
+    V = vertical.T.reshape(rank, S, kh)
+    # G maps the intermediate (r, j) to patch space (s, i, j).
+    G = torch.einsum("rsi,jk->sijrk", V, torch.eye(kw, dtype=K.dtype)).reshape(S * kh * kw, rank * kw)
+    H, _ = _least_squares_map(K.reshape(T, -1), full, G)               # (T, R·kw)
+    return H.reshape(T, rank, kw).permute(1, 0, 2).reshape(rank, T * kw)
+
+
+# --------------------------------------------------------------------------- Tucker-2 / CP
+
+def patch_moment_to_channel(moment: torch.Tensor, kernel_size) -> torch.Tensor:
+    """Channel moment ``Σ_k C[(s,k),(s′,k)]`` (S × S) from a full (S·Πk)² patch moment."""
+    k = math.prod(kernel_size)
+    S = moment.shape[0] // k
+    return moment.reshape(S, k, S, k).diagonal(dim1=1, dim2=3).sum(dim=-1)
+
+
+def _channel_whitening(kernel: torch.Tensor, moment, damping: float) -> Whitening:
+    S = kernel.shape[1]
+    if isinstance(moment, Whitening):
+        w = moment
+    else:
+        w = whitening(_check_moment(moment, S, "channel statistics"), max(_check_damping(damping), MIN_INVERSE_DAMPING))
+    if w.Q.shape[0] != S:
+        raise ConfigError(f"channel statistics are {w.Q.shape[0]}-dimensional but the kernel has {S} input channels.")
+    if not bool((w.root > 0).all()):
+        w = Whitening(w.Q, w.root.clamp(min=float(w.root.max()) * 1e-8 + 1e-300), w.damping_abs)
+    return w
+
+
+def _whiten_input_mode(kernel: torch.Tensor, w: Whitening) -> torch.Tensor:
+    return torch.einsum("ts...,sk->tk...", kernel.detach().to(torch.float64), w.L)
+
+
+def _unwhiten_first(first: torch.Tensor, w: Whitening) -> torch.Tensor:
+    rows = first.reshape(first.shape[0], first.shape[1]).to(torch.float64) @ w.inverse()
+    return rows.reshape(first.shape)
+
+
+def _full_moment(kernel: torch.Tensor, full_moment: torch.Tensor | None, damping: float) -> torch.Tensor | None:
+    if full_moment is None:
+        return None
+    full = _check_moment(full_moment, math.prod(kernel.shape[1:]), "patch statistics")
+    if damping:
+        full = full + damping * float(full.diagonal().sum()) / full.shape[0] * torch.eye(full.shape[0], dtype=full.dtype)
+    return full
+
+
+def activation_tucker2(kernel: torch.Tensor, moment, rank, *, damping: float = 0.0,
+                       full_moment: torch.Tensor | None = None, **tucker_options) -> Tucker2Factors:
+    """Tucker-2 of the input-whitened kernel; the first 1×1 factor is un-whitened (``moment``: S × S).
+
+    With ``full_moment`` (the (S·Πk)² patch moment) the core and last factor are then
+    re-fitted jointly and exactly for the fixed first factor: ``Y = K C G (GᵀCG)⁻¹``
+    followed by the activation-optimal rank-``R_out`` SVD of ``Y`` under ``GᵀCG``.
+    """
+    _check_kernel(kernel)
+    w = _channel_whitening(kernel, moment, damping)
+    f = tucker2(_whiten_input_mode(kernel, w), rank, **tucker_options)
+    dtype = kernel.dtype
+    first, core, last = _unwhiten_first(f.first, w), f.core.to(torch.float64), f.last.to(torch.float64)
+    full = _full_moment(kernel, full_moment, damping)
+    r_out, r_in = core.shape[:2]
+    T, S = kernel.shape[:2]
+    k = math.prod(kernel.shape[2:])
+    if full is not None and r_out <= r_in * k:
+        F = first.reshape(r_in, S)
+        G = torch.einsum("as,pq->spaq", F, torch.eye(k, dtype=F.dtype)).reshape(S * k, r_in * k)
+        Y, D = _least_squares_map(kernel.detach().to(torch.float64).reshape(T, -1), full, G)
+        result = activation_svd(Y, D, r_out, method="exact")
+        last = result.left.reshape(last.shape)
+        core = result.right.reshape(core.shape)
+    # Like the plain Tucker-2: unit-norm first rows and last columns, the core carries the
+    # scale (un-whitening leaves the first factor tiny and the core huge otherwise).
+    row_norms = first.reshape(r_in, -1).norm(dim=1)
+    row_norms = torch.where(row_norms > 0, row_norms, torch.ones_like(row_norms))
+    first = first / row_norms.reshape(-1, *([1] * (first.dim() - 1)))
+    core = core * row_norms.reshape(1, -1, *([1] * (core.dim() - 2)))
+    col_norms = last.reshape(last.shape[0], r_out).norm(dim=0)
+    col_norms = torch.where(col_norms > 0, col_norms, torch.ones_like(col_norms))
+    last = last / col_norms.reshape(1, -1, *([1] * (last.dim() - 2)))
+    core = core * col_norms.reshape(-1, *([1] * (core.dim() - 1)))
+    return Tucker2Factors(first.to(dtype).contiguous(), core.to(dtype).contiguous(), last.to(dtype).contiguous())
+
+
+CP_ALS_MAX_UNKNOWNS = 1536  # rank × (largest mode) above which the full-moment ALS sweeps are skipped
+
+
+def _cp_rows(modes: list[torch.Tensor]) -> torch.Tensor:
+    """(R, S·Πk): row r is the rank-one input filter F_r ⊗ V_r ⊗ H_r."""
+    rows = modes[0]
+    for factor in modes[1:]:
+        rows = (rows[:, :, None] * factor[:, None, :]).reshape(rows.shape[0], -1)
+    return rows
+
+
+def _cp_last(K: torch.Tensor, full: torch.Tensor, modes: list[torch.Tensor]) -> torch.Tensor:
+    A, _ = _least_squares_map(K, full, _cp_rows(modes).T)
+    return A
+
+
+def _cp_mode_update(K: torch.Tensor, full: torch.Tensor, A: torch.Tensor, modes: list[torch.Tensor],
+                    index: int, dims) -> torch.Tensor:
+    """Exact least-squares update of one input-side CP factor (all others fixed) under the full moment."""
+    R = A.shape[1]
+    n = len(dims)
+    order = [index] + [m for m in range(n) if m != index]
+    others = [modes[m] for m in order[1:]]
+    U = others[0]
+    for factor in others[1:]:
+        U = (U[:, :, None] * factor[:, None, :]).reshape(R, -1)          # (R, q)
+    size = dims[index]
+    q = U.shape[1]
+    C = full.reshape(*dims, *dims).permute(*order, *[n + m for m in order]).reshape(size, q, size, q)
+    P = (A.T @ K @ full).reshape(R, *dims).permute(0, *[1 + m for m in order]).reshape(R, size, q)
+    G = A.T @ A
+    CU = torch.einsum("apbq,vq->apbv", C, U)                               # (size, q, size, R)
+    Q = torch.einsum("rp,apbv->ravb", U, CU)                               # (R, size, R, size)
+    system = (G[:, None, :, None] * Q).reshape(R * size, R * size)
+    rhs = torch.einsum("rap,rp->ra", P, U).reshape(-1)
+    ridge = 1e-12 * float(system.diagonal().abs().max().clamp(min=1e-300))
+    solution = torch.linalg.solve(system + ridge * torch.eye(R * size, dtype=system.dtype), rhs)
+    return solution.reshape(R, size)
+
+
+def _balance_cp_terms(modes: list[torch.Tensor], A: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Give every factor of each rank-one term the same norm (their geometric mean).
+
+    Whitening leaves the first factor tiny and the rest huge (scale √count); balanced
+    factors keep gradient-based fine-tuning well conditioned. The product is unchanged.
+    """
+    norms = [m.norm(dim=1) for m in modes] + [A.norm(dim=0)]
+    stacked = torch.stack(norms)                                  # (F, R)
+    alive = (stacked > 0).all(dim=0)
+    safe = torch.where(stacked > 0, stacked, torch.ones_like(stacked))
+    target = safe.log().mean(dim=0).exp()
+    scale = torch.where(alive, target, torch.ones_like(target)) / torch.where(alive[None], safe, torch.ones_like(safe))
+    modes = [m * scale[i][:, None] for i, m in enumerate(modes)]
+    return modes, A * scale[-1][None, :]
+
+
+def activation_cp(kernel: torch.Tensor, moment, rank: int, *, damping: float = 0.0,
+                  full_moment: torch.Tensor | None = None, als_iters: int = 5, **cp_options) -> CPFactors:
+    """CP of the input-whitened kernel; the first 1×1 factor is un-whitened (``moment``: S × S).
+
+    With ``full_moment`` (the (S·Πk)² patch moment) two starts — this one and the plain
+    CP — each get the last (1×1) factor re-fitted by exact least squares, then
+    ``als_iters`` sweeps of alternating exact least squares over every factor on the
+    true activation objective (each update can only lower it; skipped when rank ×
+    largest mode exceeds ``CP_ALS_MAX_UNKNOWNS``); the start with the lower error wins.
+    """
+    _check_kernel(kernel)
+    w = _channel_whitening(kernel, moment, damping)
+    f = cp(_whiten_input_mode(kernel, w), rank, **cp_options)
+    dtype = kernel.dtype
+    first, last = _unwhiten_first(f.first, w), f.last.to(torch.float64)
+    depthwise = tuple(d.to(torch.float64) for d in f.depthwise)
+    full = _full_moment(kernel, full_moment, damping)
+    if full is not None:
+        T, S = kernel.shape[:2]
+        K = kernel.detach().to(torch.float64).reshape(T, -1)
+        # Two starts, the data-aware one and the plain CP, each refined on the true
+        # activation objective; the better one wins, so this never loses to plain CP.
+        plain = cp(kernel.detach().to(torch.float64), rank, **cp_options)
+        best = None
+        for start in ((first, depthwise), (plain.first.to(torch.float64), plain.depthwise)):
+            modes = [start[0].reshape(rank, S)] + [d.to(torch.float64).reshape(rank, -1) for d in start[1]]
+            A = _cp_last(K, full, modes)
+            if rank * max(m.shape[1] for m in modes) <= CP_ALS_MAX_UNKNOWNS:
+                for _ in range(als_iters):
+                    for index in range(len(modes)):
+                        modes[index] = _cp_mode_update(K, full, A, modes, index, kernel.shape[1:])
+                    A = _cp_last(K, full, modes)
+            E = K - A @ _cp_rows(modes)
+            error = float(((E @ full) * E).sum())
+            if best is None or error < best[0]:
+                best = (error, modes, A)
+        _, modes, A = best
+    else:
+        modes = [first.reshape(rank, -1)] + [d.reshape(rank, -1) for d in depthwise]
+        A = last.reshape(last.shape[0], rank)
+    modes, A = _balance_cp_terms(modes, A)
+    first = modes[0].reshape(first.shape)
+    depthwise = tuple(m.reshape(d.shape) for m, d in zip(modes[1:], depthwise))
+    last = A.reshape(last.shape)
+    return CPFactors(first.to(dtype).contiguous(), tuple(d.to(dtype).contiguous() for d in depthwise),
+                     last.to(dtype).contiguous())
+
+
+# --------------------------------------------------------------------------- errors, bias
+
+def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+
+
+def activation_error(weight: torch.Tensor, approx: torch.Tensor, moment: torch.Tensor) -> float:
+    """``‖(W − W′)X‖_F = sqrt(tr(E C Eᵀ))`` for the full moment ``C``.
+
+    For a conv kernel with an ``S × S`` channel moment the error is the sum over
+    kernel positions (the channel approximation).
+    """
+    E = weight.detach().to(torch.float64) - approx.detach().to(torch.float64)
+    moment = moment.to(torch.float64)
+    if weight.dim() > 2 and moment.shape[0] == weight.shape[1] and moment.shape[0] != math.prod(weight.shape[1:]):
+        Ek = E.reshape(E.shape[0], E.shape[1], -1)
+        value = torch.einsum("tsk,su,tuk->", Ek, moment, Ek)
+    else:
+        Em = E.reshape(E.shape[0], -1)
+        if moment.shape[0] != Em.shape[1]:
+            raise ConfigError(f"statistics are {moment.shape[0]}-dimensional but the weight expects {Em.shape[1]}.")
+        value = ((Em @ moment) * Em).sum()
+    return float(value.clamp(min=0.0)) ** 0.5
+
+
+def relative_activation_error(weight: torch.Tensor, approx: torch.Tensor, moment: torch.Tensor) -> float:
+    """``‖(W − W′)X‖_F / ‖WX‖_F`` (0 when the layer's output is zero on the data)."""
+    reference = activation_error(weight, torch.zeros_like(weight), moment)
+    return activation_error(weight, approx, moment) / reference if reference > 0 else 0.0
+
+
+def optimal_activation_error(singular: torch.Tensor, rank: int) -> float:
+    """``sqrt(Σ_{i>r} σ_i²)`` of the whitened singular values: the best achievable error at ``rank``."""
+    return float((singular[rank:].to(torch.float64) ** 2).sum()) ** 0.5
+
+
+def bias_shift(weight: torch.Tensor, approx: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``(W − W′)μ``: add it to the bias so the factorized layer keeps the mean output."""
+    E = _as_matrix(weight) - _as_matrix(approx)
+    if mean.numel() != E.shape[1]:
+        raise ConfigError(f"input mean has {mean.numel()} entries but the weight expects {E.shape[1]}.")
+    return E @ mean.to(torch.float64)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+STATS_NEEDED = {"svd": "full", "weight": "full", "spatial": "full", "tucker2": "channel", "cp": "channel"}
+
+
+def stats_for_method(stats: InputStats, method: str, weight_shape, *, layer: str = "layer") -> InputStats:
+    """The statistics ``method`` needs from ``stats`` (deriving channel ones from full ones)."""
+    if method not in STATS_NEEDED:
+        raise ConfigError(f"{layer}: unknown method {method!r}.")
+    weight_shape = tuple(weight_shape)
+    kernel = tuple(weight_shape[2:])
+    if kernel and stats.kernel_size is not None and tuple(stats.kernel_size) != kernel:
+        raise ConfigError(f"{layer}: the statistics were collected for kernel size {tuple(stats.kernel_size)} "
+                          f"but the weight has kernel size {kernel}; recalibrate on this model.")
+    if STATS_NEEDED[method] == "full":
+        if stats.kind != "full":
+            raise ConfigError(f"{layer}: method '{method}' needs the full input (patch) statistics but only "
+                              "channel statistics were collected (enough for tucker2/cp); recalibrate with "
+                              f"this layer's method set to '{method}' or with layers=None.")
+        expected = math.prod(weight_shape[1:])
+        if stats.dim != expected:
+            raise ConfigError(f"{layer}: the statistics are {stats.dim}-dimensional but the weight of shape "
+                              f"{weight_shape} expects {expected}-dimensional inputs; recalibrate on this model.")
+        return stats
+    if not kernel:
+        raise ConfigError(f"{layer}: method '{method}' needs a convolution kernel.")
+    channel = stats.to_channel()
+    if channel.dim != weight_shape[1]:
+        raise ConfigError(f"{layer}: the channel statistics have {channel.dim} channels but the kernel has "
+                          f"{weight_shape[1]} input channels; recalibrate on this model.")
+    return channel
+
+
+def factor_weights(weight: torch.Tensor, method: str, rank, stats: InputStats, *, centered: bool = False,
+                   damping: float = DEFAULT_DAMPING, layer: str = "layer", **options) -> list[torch.Tensor]:
+    """Activation-optimal factor weights (first factor first) of ``weight`` for ``method``.
+
+    ``stats`` summarise the layer's inputs; ``centered`` fits the centred statistics
+    (pair it with :func:`bias_shift`). Ordering matches
+    :func:`rankshrink.factorized.decompose_weight`.
+    """
+    damping = _check_damping(damping)
+    chosen = stats_for_method(stats, method, weight.shape, layer=layer)
+    if chosen.count == 0:
+        raise ConfigError(f"{layer}: the statistics summarise no inputs (the calibration data never "
+                          "reached this layer); use objective='weights' for it.")
+    if method in ("svd", "weight"):
+        w = chosen.whitening(centered, damping)
+        if method == "svd":
+            left, right = activation_low_rank_factors(weight, w, rank, **options)
+            return [right, left]
+        return list(activation_weight_svd(weight, w, rank, **options))
+    if method == "spatial":
+        return list(activation_spatial_svd(weight, chosen.moment(centered), rank, damping=damping, **options))
+    w = chosen.whitening(centered, max(damping, MIN_INVERSE_DAMPING))
+    full = stats.moment(centered) if stats.kind == "full" else None
+    if method == "tucker2":
+        return list(activation_tucker2(weight, w, rank, damping=damping, full_moment=full, **options))
+    f = activation_cp(weight, w, rank, damping=damping, full_moment=full, **options)
+    return [f.first, *f.depthwise, f.last]
