@@ -46,6 +46,26 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _float_dtype_of(model: nn.Module) -> torch.dtype | None:
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def to_model(inputs: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``inputs`` on the model's device and, when both are floating point, in its dtype.
+
+    Data sets hold float32; a float16/bfloat16 (or float64) model gets its inputs cast
+    instead of failing with a dtype mismatch.
+    """
+    inputs = inputs.to(_device_of(model))
+    dtype = _float_dtype_of(model)
+    if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype:
+        inputs = inputs.to(dtype)
+    return inputs
+
+
 def check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
     """Raise ``DataError`` unless ``logits`` are (batch, classes) scores covering ``labels``."""
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
@@ -77,7 +97,7 @@ def _predicted(model: nn.Module, dataset: Dataset, batch_size: int,
     with torch.no_grad(), eval_mode(model):
         seen = 0
         for inputs, labels in iterate_batches(dataset, batch_size):
-            logits = model(inputs.to(device))
+            logits = model(to_model(inputs, model))
             if not isinstance(logits, torch.Tensor):
                 raise DataError(f"the model returned {type(logits).__name__}, not a tensor of logits.")
             labels = labels.to(device)

@@ -38,6 +38,7 @@ __all__ = [
     "load_builtin",
     "load_weights",
     "load_model_spec",
+    "check_finite",
 ]
 
 _CACHE_VERSION = "v1"
@@ -315,6 +316,25 @@ def _import_factory(file_part: str, attr: str) -> nn.Module:
     return model
 
 
+def check_finite(model: nn.Module, source: str | None = None) -> None:
+    """Refuse a model whose parameters hold NaN or Inf, naming the first such layer.
+
+    ``source`` says where the weights came from (e.g. "weights file 'x.pt'").
+    Buffers are not checked (masks may hold -inf on purpose).
+    """
+    from .errors import LayerError
+
+    for name, param in model.named_parameters():
+        bad = int((~torch.isfinite(param.detach())).sum())
+        if bad:
+            layer, _, _ = name.rpartition(".")
+            kind = type(model.get_submodule(layer)).__name__ if layer else type(model).__name__
+            where = str(source) if source is not None else "the model"
+            raise LayerError(f"{where}: parameter '{name}' of layer '{layer or '(root)'}' ({kind}) holds {bad} "
+                             f"NaN/Inf value(s) of {param.numel()}; rankshrink refuses models with non-finite "
+                             "weights. Fix or retrain that layer first.")
+
+
 def load_model_spec(spec: str, weights: str | Path | None = None, *,
                     trust_pickle: bool = False) -> nn.Module:
     """Build the model a SPEC names, load ``weights`` strictly if given, return it in eval mode.
@@ -343,4 +363,5 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
         model = _import_factory(file_part, attr)
     if weights is not None:
         load_weights(model, weights, trust_pickle=trust_pickle)
+    check_finite(model, f"weights file '{weights}'" if weights is not None else f"model '{spec}'")
     return model.eval()

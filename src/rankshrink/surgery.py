@@ -27,10 +27,9 @@ PLAN_FILE = "plan.json"
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name``, or a PlanError suggesting close names."""
-    modules = dict(model.named_modules())
-    if name in modules and name:
-        return modules[name]
-    candidates = [n for n, m in modules.items() if n and unsupported_reason(m) is None]
+    if name and name in dict(model.named_modules(remove_duplicate=False)):  # any alias of a shared module
+        return model.get_submodule(name)
+    candidates = [n for n, m in model.named_modules() if n and unsupported_reason(m) is None]
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listing = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")

@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 from .data import _dataset_len, _tensor_source, iterate_batches
 from .errors import ConfigError, DataError, FileFormatError
 from .fileio import atomic_path
-from .metrics import _device_of, accuracy, check_logits, eval_mode
+from .metrics import _device_of, accuracy, check_logits, eval_mode, to_model
 
 __all__ = ["TrainResult", "train", "distillation_loss", "CHECKPOINT_NAME"]
 
@@ -415,7 +415,7 @@ def _run_epoch(model: nn.Module, train_data: Dataset, opt: torch.optim.Optimizer
     loss_sum, seen, diverged = 0.0, 0, False
     for inputs, labels in iterate_batches(train_data, batch_size, order=order,
                                           drop_last_single=single_batch_risk):
-        inputs, labels = inputs.to(device), labels.to(device)
+        inputs, labels = to_model(inputs, model), labels.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(state.step)
         logits = model(inputs)

@@ -11,33 +11,38 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "apply", help="factorize the layers a plan names and save the compressed model",
         description="Apply a plan (JSON: layer -> method, rank) to a model; write model.safetensors "
-                    "and plan.json to --out. The input model file is never modified.")
+                    "and plan.json to --out. The input model file is never modified. The outputs appear together "
+                    "or not at all: summary.json, written last, records the seed and the sha256 of the others.")
     add_model_arguments(parser)
     parser.add_argument("--plan", required=True, help="plan JSON file (see docs/ARCHITECTURE.md)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
     parser.add_argument("--data", help="data SPEC for the size report (default: the model's own)")
     parser.add_argument("--input-shape", help="per-sample input shape for the size report, e.g. 1,28,28")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for randomized factorizations (CP, randomized SVD); default 0")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cost import count
     from ..errors import ConfigError
-    from ..fileio import check_output_dir
+    from ..fileio import check_output_dir, output_set, recover_output_dir
     from ..plan import Plan
     from ..surgery import apply, save
     from .inputs import example_batch, load_model
 
     plan = Plan.load(args.plan)
+    recover_output_dir(args.out)  # finish what a killed earlier run left, then check
     check_output_dir(args.out, force=args.force)  # fail before any work
     model = load_model(args)
-    compressed = apply(model, plan, progress=True)  # validates the whole plan first
+    compressed = apply(model, plan, progress=True, seed=args.seed)  # validates the whole plan first
     try:
         batch = example_batch(args, model)
     except ConfigError:
         batch = None
-    summary = {"plan": plan.to_dict()}
+    summary = {"format": "rankshrink-apply-summary", "version": 1, "model": args.model, "weights": args.weights,
+               "seed": args.seed, "plan": plan.to_dict()}
     if batch is not None:
         before, after = count(model, batch), count(compressed, batch)
         summary.update(original=before.to_dict(), compressed=after.to_dict())
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nparams {format_count(before.params)} -> {format_count(after.params)} "
               f"({before.params / after.params:.2f}x smaller), MACs {format_count(before.macs)} -> "
               f"{format_count(after.macs)} ({before.macs / max(after.macs, 1):.2f}x fewer)")
-    save(compressed, plan, args.out, force=True, extra_files={"summary.json": summary})
+    with output_set(args.out, force=args.force, summary=summary) as staging:
+        save(compressed, plan, staging)
     print(f"wrote {args.out}/model.safetensors, plan.json, summary.json")
     return 0

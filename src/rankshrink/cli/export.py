@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.runs < 1 or args.threads < 1:
         raise ConfigError("--batch, --runs and --threads must be at least 1.")
     original = load_model(args)
+    if args.compressed:
+        from ..fileio import verify_output_set
+        verify_output_set(args.compressed)  # a set cut short by a killed run is refused, not half-read
     model = load(original, args.compressed) if args.compressed else original
     example = example_batch(args, original)
     batch = example.expand(args.batch, *example.shape[1:]).contiguous()

@@ -46,5 +46,7 @@ def example_batch(args: argparse.Namespace, model) -> torch.Tensor:
         raise ConfigError("cannot tell the model's input shape: pass --data SPEC or --input-shape 1,28,28.")
     from ..data import load_data
 
+    from ..metrics import to_model
+
     splits = load_data(spec)
-    return splits.val.tensors[0][:1]
+    return to_model(splits.val.tensors[0][:1], model)  # a float16/bfloat16 model gets inputs of its dtype

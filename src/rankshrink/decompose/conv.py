@@ -9,6 +9,7 @@ Tucker-2 and CP use TensorLy (numpy backend, float64); SVD-based ones use torch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -149,49 +150,37 @@ def tucker2(kernel: torch.Tensor, rank, *, n_iter_max: int = 100, tol: float = 1
 
 
 def cp(kernel: torch.Tensor, rank: int, *, method: str = "auto", n_iter_max: int = 100,
-       refine_iters: int = 10, tol: float = 1e-7, seed: int = 0) -> CPFactors:
+       refine_iters: int = 25, tol: float = 1e-7, seed: int = 0) -> CPFactors:
     """CP (CANDECOMP/PARAFAC) of a conv kernel as 1×1 → depthwise (k×1) → depthwise (1×k) → 1×1.
 
     ``method='compressed'`` first projects the two channel modes onto their leading
-    HOSVD subspaces (at most R wide), runs ALS on that small core, lifts the factors
-    back and refines with a few ALS sweeps on the full kernel: the same model, far
-    less work when R is below the channel counts. ``'als'`` is plain TensorLy
+    HOSVD subspaces (at most R wide), runs ALS on that small core (up to ``n_iter_max``
+    sweeps), lifts the factors back and refines with up to ``refine_iters`` ALS sweeps
+    on the full kernel: the same model, far less work when R is below the channel
+    counts, and sweeps that never form a Khatri-Rao product. ``'als'`` is plain TensorLy
     ``parafac`` on the full kernel. ``'auto'`` compresses whenever it shrinks a mode.
     Each rank-one term's scale is spread evenly over the factors.
     """
     _check_kernel(kernel)
     _check_rank(rank, cp_max_rank(kernel.shape), "cp", kernel.shape)
-    import tensorly as tl
-    from tensorly.decomposition import parafac
-
     T, S = kernel.shape[:2]
     if method == "auto":
         method = "compressed" if rank < max(T, S) else "als"
     tensor = _to_numpy64(kernel)
-    # TensorLy warns when an SVD init is wider than a mode and pads it randomly: expected here.
-    with tl.backend_context("numpy"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-        if method == "als":
+    if method == "als":
+        import tensorly as tl
+        from tensorly.decomposition import parafac
+
+        # TensorLy warns when an SVD init is wider than a mode and pads it randomly: expected here.
+        with tl.backend_context("numpy"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
             weights, factors = parafac(tensor, rank, n_iter_max=n_iter_max, init="svd", tol=tol,
                                        random_state=seed, linesearch=False)
-        elif method == "compressed":
-            bases = []
-            for mode in (0, 1):
-                unfolded = tl.unfold(tensor, mode)
-                width = min(rank, unfolded.shape[0])
-                u, _, _ = np.linalg.svd(unfolded, full_matrices=False)
-                bases.append(u[:, :width])
-            core = tl.tenalg.multi_mode_dot(tensor, bases, modes=[0, 1], transpose=True)
-            weights, small = parafac(core, rank, n_iter_max=n_iter_max, init="svd", tol=tol,
-                                     random_state=seed, linesearch=False)
-            lifted = [bases[0] @ small[0], bases[1] @ small[1], *small[2:]]
-            if refine_iters > 0:
-                weights, lifted = parafac(tensor, rank, n_iter_max=refine_iters,
-                                          init=tl.cp_tensor.CPTensor((weights, lifted)), tol=tol,
-                                          random_state=seed, linesearch=False)
-            factors = lifted
-        else:
-            raise ConfigError(f"unknown CP method {method!r}; use 'auto', 'als' or 'compressed'.")
+    elif method == "compressed":
+        weights, factors = np.ones(rank), [f.numpy() for f in _cp_compressed(
+            torch.from_numpy(tensor), rank, n_iter_max, refine_iters, tol, seed)]
+    else:
+        raise ConfigError(f"unknown CP method {method!r}; use 'auto', 'als' or 'compressed'.")
     factors = _balance_cp(np.asarray(weights), [np.asarray(f) for f in factors])
     out_f, in_f, *spatial = factors
     ones = (1,) * (kernel.dim() - 2)
@@ -204,6 +193,107 @@ def cp(kernel: torch.Tensor, rank: int, *, method: str = "auto", n_iter_max: int
     else:
         depthwise = (_from_numpy(spatial[0].T, kernel).reshape(rank, 1, kernel.shape[2]),)
     return CPFactors(first, depthwise, last)
+
+
+def _leading_subspace(tensor: torch.Tensor, mode: int, width: int) -> torch.Tensor:
+    """The ``width`` leading left singular vectors of the mode-``mode`` unfolding.
+
+    From the eigenvectors of the unfolding's Gram matrix (dim × dim): an unfolding of a
+    conv kernel is short and very wide, where this is much faster than an SVD.
+    """
+    dim = tensor.shape[mode]
+    unfolded = tensor.movedim(mode, 0).reshape(dim, -1)
+    _, vectors = torch.linalg.eigh(unfolded @ unfolded.T)
+    return vectors.flip(1)[:, :min(width, dim)]
+
+
+def _cp_svd_init(tensor: torch.Tensor, rank: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Leading left singular vectors of each unfolding, padded with Gaussian columns past its rank."""
+    factors = []
+    for mode, dim in enumerate(tensor.shape):
+        u = _leading_subspace(tensor, mode, rank)
+        if u.shape[1] < rank:
+            extra = torch.randn(dim, rank - u.shape[1], generator=generator, dtype=tensor.dtype)
+            u = torch.cat([u, extra], dim=1)
+        factors.append(u)
+    return factors
+
+
+def _cp_compressed(tensor: torch.Tensor, rank: int, n_iter_max: int, refine_iters: int, tol: float,
+                   seed: int) -> list[torch.Tensor]:
+    """CP of a float64 kernel: ALS on its channel-compressed core, lifted, then refined on the kernel."""
+    bases = [_leading_subspace(tensor, mode, rank) for mode in (0, 1)]
+    core = torch.einsum("ts...,ta,sb->ab...", tensor, bases[0], bases[1])
+    generator = torch.Generator().manual_seed(seed)
+    small = _cp_als(core, _cp_svd_init(core, rank, generator), n_iter_max, tol)
+    lifted = [bases[0] @ small[0], bases[1] @ small[1], *small[2:]]
+    return _cp_als(tensor, lifted, refine_iters, tol)
+
+
+def _solve_gram(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``rhs @ gram⁻¹`` for a symmetric PSD ``gram``: Cholesky, pseudo-inverse if singular."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.T, chol).T
+    return rhs @ torch.linalg.pinv(gram, hermitian=True)
+
+
+def _cp_als(tensor: torch.Tensor, factors: list[torch.Tensor], sweeps: int, tol: float) -> list[torch.Tensor]:
+    """Up to ``sweeps`` CP-ALS sweeps on a dense float64 tensor, starting from ``factors``.
+
+    The MTTKRP contracts the tensor with one factor at a time instead of forming the
+    Khatri-Rao product of all other factors (TensorLy's way), so a sweep costs about
+    N·|X|·R multiply-adds and little memory. Stops early once the relative error
+    improves by less than ``tol`` in a sweep. Term scales stay in the factors.
+    """
+    if sweeps <= 0:
+        return [f.clone() for f in factors]
+    with _few_threads_if_small(tensor.numel() * factors[0].shape[1]):
+        return _cp_als_sweeps(tensor, factors, sweeps, tol)
+
+
+# Below this much work (tensor elements × rank) a sweep's parallel regions cost more than
+# they save: one intra-op thread is faster, by far on a busy machine.
+SMALL_CP_WORK = 1 << 22
+
+
+@contextlib.contextmanager
+def _few_threads_if_small(work: int):
+    before = torch.get_num_threads()
+    if work >= SMALL_CP_WORK or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cp_als_sweeps(tensor: torch.Tensor, factors: list[torch.Tensor], sweeps: int, tol: float) -> list[torch.Tensor]:
+    order = tensor.dim()
+    letters = "abcdefgh"[:order]
+    norm = float(tensor.norm()) or 1.0
+    factors = [f.clone() for f in factors]
+    grams = [f.T @ f for f in factors]
+    previous = None
+    for _ in range(sweeps):
+        for mode in range(order):
+            others = [m for m in range(order) if m != mode]
+            spec = f"{letters}," + ",".join(f"{letters[m]}z" for m in others) + f"->{letters[mode]}z"
+            mttkrp = torch.einsum(spec, tensor, *[factors[m] for m in others])
+            gram = torch.ones_like(grams[0])
+            for m in others:
+                gram = gram * grams[m]
+            factors[mode] = _solve_gram(gram, mttkrp)
+            grams[mode] = factors[mode].T @ factors[mode]
+        # ‖X − X̂‖² = ‖X‖² − 2⟨X, X̂⟩ + ‖X̂‖², all from quantities of the last update.
+        squared = norm ** 2 - 2 * float((mttkrp * factors[-1]).sum()) + float((gram * grams[-1]).sum())
+        error = math.sqrt(max(squared, 0.0)) / norm
+        if previous is not None and abs(previous - error) < tol:
+            break
+        previous = error
+    return factors
 
 
 def _balance_cp(weights: np.ndarray, factors: list[np.ndarray]) -> list[np.ndarray]:

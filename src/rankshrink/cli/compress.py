@@ -1,0 +1,207 @@
+"""``rankshrink compress``: search ranks/methods for a model and save the compressed model.
+
+Exactly one target: ``--tolerance`` (largest validation-metric drop, e.g. 0.01 or
+1%), or a hard budget ``--max-macs`` / ``--max-params`` / ``--max-bytes``. Budget
+values: a ratio of the original (``0.5`` or ``50%``; any value up to 1) or an
+absolute amount (a number above 1: ``120000``, ``1.2M``, ``350k``; bytes also
+``256KB``, ``1.5MB``, ``2MiB``).
+
+Writes ``--out``/plan.json, model.safetensors and summary.json. The outputs are
+staged in a sibling directory and moved into place when complete, so an
+interrupted run leaves nothing half-written in ``--out``; evaluations finished
+before an interruption are cached, and rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import add_model_arguments, format_bytes, format_count, parse_bytes, parse_ratio, print_table
+
+_COUNT_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+METRICS = ("accuracy", "agreement", "per-class", "worst-class")
+METHODS = ("svd", "spatial", "weight", "tucker2", "cp")
+
+
+def parse_tolerance(text: str) -> float:
+    """'0.01' or '1%' -> 0.01; must lie in [0, 1)."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ConfigError(f"--tolerance must be a number like 0.01 or 1%, got {text!r}.") from None
+    if not 0 <= value < 1:
+        raise ConfigError(f"--tolerance must lie in [0, 1) (0.01 = one accuracy point), got {text!r}.")
+    return value
+
+
+def parse_amount(text: str, what: str) -> float:
+    """A ratio ('0.5', '50%', anything up to 1) or an absolute count ('120000', '1.2M', '350k')."""
+    raw = text.strip()
+    if raw.endswith("%"):
+        return parse_ratio(raw, what)
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)", raw)
+    if not match:
+        raise ConfigError(f"{what} must be a ratio (0.5, 50%) or a count (120000, 1.2M), got {text!r}.")
+    value = float(match.group(1)) * _COUNT_UNITS[match.group(2).upper()]
+    if value <= 0:
+        raise ConfigError(f"{what} must be positive, got {text!r}.")
+    if value <= 1:
+        return value
+    return float(int(value))
+
+
+def parse_byte_budget(text: str) -> float:
+    raw = text.strip()
+    if raw.endswith("%"):
+        return parse_ratio(raw, "--max-bytes")
+    try:
+        value = float(raw)
+    except ValueError:
+        return float(parse_bytes(raw, "--max-bytes"))
+    if value <= 0:
+        raise ConfigError(f"--max-bytes must be positive, got {text!r}.")
+    return value if value <= 1 else float(int(value))
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip().lower() for m in re.split(r"[,\s]+", text) if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; "
+                          f"got {text!r}.")
+    return methods
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compress", help="find the smallest ranks within a tolerance, or the best model within a budget",
+        description="Search every layer's factorization method and rank, then save the compressed model. "
+                    "The tolerance is enforced on the validation split; test accuracy is only reported. "
+                    "Budgets: a value up to 1 (or with %%) is a ratio of the original, above 1 an absolute "
+                    "count (1.2M, 350k) or size (256KB, 1.5MB).")
+    add_model_arguments(parser)
+    parser.add_argument("--data", help="data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, synthetic:cifar); "
+                                       "default: a built-in model's own data")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tolerance", help="largest allowed validation-metric drop: 0.01 or 1%%")
+    target.add_argument("--max-macs", help="MAC budget: ratio (0.5, 50%%) or count (1.2M)")
+    target.add_argument("--max-params", help="parameter budget: ratio (0.5, 50%%) or count (120000, 120k)")
+    target.add_argument("--max-bytes", help="size budget: 256KB, 1.5MB, 2MiB, a byte count, or a ratio (50%%)")
+    parser.add_argument("--metric", default="accuracy", choices=METRICS,
+                        help="what the tolerance is measured in (agreement: with the original's predictions)")
+    parser.add_argument("--minimize", default="macs", choices=("macs", "params", "bytes"),
+                        help="what --tolerance mode makes smallest (default: macs)")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--objective", default="auto", choices=("auto", "activations", "weights"),
+                        help="factor fit: activations (data-aware, the default with data) or weights")
+    parser.add_argument("--sensitivity", default="auto", choices=("auto", "probe", "proxy"),
+                        help="per-layer sensitivity from evaluations (probe) or from the distortion proxy alone")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--cache", help="evaluation cache directory (default: the user cache dir)")
+    cache.add_argument("--no-cache", action="store_true", help="do not read or write the evaluation cache")
+    parser.add_argument("--seed", type=int, default=0, help="seed for factorizations and calibration sampling")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _target(args: argparse.Namespace) -> dict:
+    if args.tolerance is not None:
+        return {"tolerance": parse_tolerance(args.tolerance)}
+    if args.max_macs is not None:
+        return {"budget": {"macs": parse_amount(args.max_macs, "--max-macs")}}
+    if args.max_params is not None:
+        return {"budget": {"params": parse_amount(args.max_params, "--max-params")}}
+    return {"budget": {"bytes": parse_byte_budget(args.max_bytes)}}
+
+
+def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: bool) -> Path:
+    """Save weights, plan.json and summary.json so that ``out`` only ever holds complete outputs.
+
+    A new (or empty) ``out`` is filled in a sibling staging directory that is renamed into
+    place at the end; with ``force`` on a non-empty ``out`` each file is replaced atomically
+    and summary.json, the completion marker, is written last.
+    """
+    from ..surgery import save
+
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ConfigError(f"output directory '{out}' is not empty; pass --force to replace rankshrink's "
+                              "own files in it, or choose another --out.")
+        save(model, plan, out, force=True, extra_files={"summary.json": summary})
+        return out
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # left over by an interrupted run of ours
+    save(model, plan, staging, extra_files={"summary.json": summary})
+    if out.is_dir():
+        out.rmdir()  # empty
+    os.replace(staging, out)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import load_data
+    from ..fileio import check_output_dir
+    from ..search import plan as search_plan
+    from .inputs import default_data_spec, load_model
+
+    target = _target(args)  # bad values fail before any work
+    methods = parse_methods(args.methods) if args.methods else None
+    check_output_dir(args.out, force=args.force)
+    spec = args.data or default_data_spec(args.model)
+    if spec is None:
+        raise ConfigError("--data is required for a model that is not built in (e.g. --data mnist:DIR).")
+    cache = False if args.no_cache else (args.cache or True)
+    model = load_model(args)
+    splits = load_data(spec)
+    result = search_plan(model, splits, metric=args.metric, minimize=args.minimize, methods=methods,
+                         objective=args.objective, sensitivity=args.sensitivity, cache=cache,
+                         progress=not args.quiet, seed=args.seed, **target)
+    compressed = result.compressed_model()
+    summary = result.summary()
+    summary.update({"model": args.model, "weights": args.weights, "data": spec})
+    print_report(result)
+    write_outputs(compressed, result.plan, summary, args.out, force=args.force)
+    print(f"wrote {args.out}/plan.json, model.safetensors, summary.json")
+    return 0
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def print_report(result, file=None) -> None:
+    """The per-layer table and the before/after lines (shared with ``rankshrink demo``)."""
+    file = file or sys.stdout
+    rows = []
+    for layer in result.layers:
+        rank = layer["rank"]
+        rank = "x".join(str(r) for r in rank) if isinstance(rank, list) else ("" if rank is None else rank)
+        rows.append([layer["name"], layer["type"], layer["method"], rank, format_count(layer["params"]),
+                     format_count(layer["macs"]), f"{layer['macs'] / max(layer['dense_macs'], 1):.2f}x"])
+    print_table(["layer", "type", "method", "rank", "params", "MACs", "of dense"], rows, file=file)
+    s = result.summary()
+    o, c = s["original"], s["compressed"]
+    target = (f"tolerance {result.tolerance:g} ({result.metric})" if result.mode == "tolerance"
+              else f"{result.budget['kind']} <= {result.budget['target']:,}")
+    print(f"\n{target}: {result.metric} {result.baseline:.4f} -> {result.value:.4f} (drop {result.drop:+.4f})",
+          file=file)
+    print(f"validation accuracy {_pct(o['accuracy'])} -> {_pct(c['accuracy'])}; "
+          f"test accuracy {_pct(o['test_accuracy'])} -> {_pct(c['test_accuracy'])}", file=file)
+    print(f"params {format_count(o['params'])} -> {format_count(c['params'])} ({c['params_ratio']:.1%}), "
+          f"MACs {format_count(o['macs'])} -> {format_count(c['macs'])} ({c['macs_ratio']:.1%}), "
+          f"size {format_bytes(o['bytes'])} -> {format_bytes(c['bytes'])}", file=file)
+    print(f"evaluations: {result.evaluations} run, {result.evaluations_cached} from cache; "
+          f"{result.seconds:.1f} s", file=file)
+    for note in result.notes:
+        print(f"note: {note}", file=file)

@@ -1,0 +1,354 @@
+"""``rankshrink.search.plan``: choose every layer's method and rank for a model.
+
+Two modes, one call::
+
+    result = plan(model, splits, tolerance=0.01)          # smallest model within 1 point
+    result = plan(model, splits, budget={"macs": 0.3})     # best model within 30% of the MACs
+    small = result.compressed_model()
+    result.plan.save("plan.json")
+
+See :mod:`rankshrink.search.allocate` for the algorithm and
+:mod:`rankshrink.search.single` for the one-layer search.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..plan import Plan
+from .allocate import (MAX_GLOBAL_EVALUATIONS, budget_allocation, minimum_cost, plan_of, polish_budget,
+                       tolerance_allocation)
+from .evaluate import EvaluationRecord, SearchInterrupted, thread_policy
+from .session import Session
+from .single import _check_tolerance
+from .space import COST_KINDS, CostModel, build_spaces
+
+__all__ = ["plan", "Budget", "SearchResult", "evaluation_bound"]
+
+SENSITIVITIES = ("auto", "probe", "proxy")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A hard cost limit: ``kind`` ('macs', 'params' or 'bytes') at ``value``.
+
+    A value in (0, 1] is a ratio of the original model's cost; a value above 1 is an
+    absolute count (MACs, parameters or bytes).
+    """
+
+    kind: str
+    value: float
+
+    def __post_init__(self):
+        if self.kind not in COST_KINDS:
+            raise ConfigError(f"budget kind must be one of {', '.join(COST_KINDS)}, got {self.kind!r}.")
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"a {self.kind} budget must be a positive number (a ratio in (0, 1] or an absolute "
+                              f"count), got {v!r}.")
+
+    @property
+    def relative(self) -> bool:
+        return self.value <= 1
+
+    def absolute(self, original: Mapping[str, int]) -> int:
+        if self.relative:
+            return int(math.floor(self.value * original[self.kind]))
+        return int(math.floor(self.value))
+
+    @classmethod
+    def parse(cls, budget: Any) -> "Budget":
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, Mapping) and len(budget) == 1:
+            (kind, value), = budget.items()
+            return cls(str(kind), value)
+        if isinstance(budget, (tuple, list)) and len(budget) == 2:
+            return cls(str(budget[0]), budget[1])
+        raise ConfigError(f"budget must be {{'macs'|'params'|'bytes': value}}, a (kind, value) pair or a Budget; "
+                          f"got {budget!r}.")
+
+
+def evaluation_bound(r_max: int, layers: int) -> int:
+    """The promised worst case for a tolerance search: ``L·(⌈log2 r_max⌉ + 2) + 10``."""
+    return layers * (math.ceil(math.log2(max(r_max, 1))) + 2) + MAX_GLOBAL_EVALUATIONS
+
+
+@dataclass
+class SearchResult:
+    """What :func:`plan` found, and how.
+
+    ``value``/``baseline``: the metric of the compressed/original model on the
+    validation split; ``test``: test-split accuracy of both (reports only) when the
+    data has a test split. ``evaluations`` ran this time, ``evaluations_cached``
+    came from the cache. ``records`` lists every evaluation in order.
+    """
+
+    plan: Plan
+    mode: str
+    metric: str
+    baseline: float
+    value: float
+    tolerance: float | None
+    budget: dict[str, Any] | None
+    minimize: str
+    original: dict[str, int]
+    compressed: dict[str, int]
+    layers: list[dict[str, Any]]
+    evaluations: int
+    evaluations_cached: int
+    records: list[EvaluationRecord]
+    monotone: bool
+    notes: list[str]
+    seconds: float
+    timings: dict[str, float]
+    r_max: int
+    objective: str
+    seed: int
+    probes: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, float | None] | None = None
+    report: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    _session: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def drop(self) -> float:
+        return self.baseline - self.value
+
+    @property
+    def requested(self) -> int:
+        return self.evaluations + self.evaluations_cached
+
+    def ratio(self, kind: str) -> float:
+        """compressed / original cost."""
+        return self.compressed[kind] / self.original[kind] if self.original[kind] else 1.0
+
+    def compressed_model(self) -> nn.Module:
+        """The compressed model (a new module; the original is untouched)."""
+        if self._session is None:
+            raise ConfigError("this result was loaded without its model; use rankshrink.apply(model, result.plan).")
+        return self._session.factorizer.build(self.plan, share=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-friendly report ``rankshrink compress`` writes as summary.json.
+
+        ``original``/``compressed`` hold ``accuracy`` (validation split, where the
+        tolerance is enforced), ``test_accuracy`` (test split, reported only),
+        ``metric`` (the search metric on validation), ``params``, ``macs``, ``bytes``.
+        """
+        def side(which: str, costs: dict[str, int], metric_value: float) -> dict[str, Any]:
+            info = {"accuracy": self.report.get(which, {}).get("accuracy"),
+                    "test_accuracy": self.report.get(which, {}).get("test_accuracy"),
+                    "metric": metric_value, "params": costs["params"], "macs": costs["macs"],
+                    "bytes": costs["bytes"]}
+            if which == "compressed":
+                for kind in ("params", "macs", "bytes"):
+                    info[f"{kind}_ratio"] = self.ratio(kind)
+            return info
+
+        return {"format": "rankshrink-compress-summary", "version": 1, "mode": self.mode, "metric": self.metric,
+                "tolerance": self.tolerance, "budget": self.budget, "minimize": self.minimize,
+                "original": side("original", self.original, self.baseline),
+                "compressed": side("compressed", self.compressed, self.value),
+                "drop": self.drop, "evaluations": self.evaluations, "evaluations_cached": self.evaluations_cached,
+                "seed": self.seed, "objective": self.objective, "monotone": self.monotone, "notes": self.notes,
+                "layers": [{k: layer[k] for k in ("name", "type", "method", "rank", "params", "macs", "bytes",
+                                                  "dense_params", "dense_macs")} for layer in self.layers],
+                "search_seconds": round(self.seconds, 3), "timings": self.timings,
+                "records": [r.to_dict() for r in self.records]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "metric": self.metric, "baseline": self.baseline, "value": self.value,
+                "drop": self.drop, "tolerance": self.tolerance, "budget": self.budget, "minimize": self.minimize,
+                "original": self.original, "compressed": self.compressed, "layers": self.layers,
+                "plan": self.plan.to_dict(), "evaluations": self.evaluations,
+                "evaluations_cached": self.evaluations_cached, "monotone": self.monotone, "notes": self.notes,
+                "seconds": self.seconds, "timings": self.timings, "r_max": self.r_max, "objective": self.objective,
+                "seed": self.seed, "test": self.test, "probes": self.probes,
+                "records": [r.to_dict() for r in self.records]}
+
+
+def plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None, budget: Any = None,
+         metric: Any = "accuracy", minimize: str = "macs", methods: list[str] | None = None,
+         layers: list[str] | None = None, objective: str = "auto", sensitivity: str = "auto",
+         factorize_options: dict | None = None, apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None,
+         calibration=None, cache: Any = True, progress: bool = True, seed: int = 0,
+         calibration_samples: int = 512, proxy_samples: int = 256,
+         max_global_evaluations: int = MAX_GLOBAL_EVALUATIONS, example_input=None, report_test: bool = True,
+         threads: int | None = None) -> SearchResult:
+    """Choose a method and rank for every factorizable layer of ``model``.
+
+    Exactly one of:
+
+    * ``tolerance`` (in [0, 1), e.g. 0.01 = one accuracy point): the cheapest model, in
+      ``minimize`` ('macs', 'params' or 'bytes'), whose validation metric is at most
+      ``tolerance`` below the original's. Evaluations: at most
+      ``L·(⌈log2 r_max⌉ + 2) + 10`` for L layers.
+    * ``budget`` (``{"macs": 0.3}``, ``{"params": 120000}``, ``{"bytes": 256000}``; a
+      value ≤ 1 is a ratio of the original): the best predicted model whose exact cost
+      is within the budget, never over it and normally within 2% under it.
+
+    ``data``: a :class:`rankshrink.data.Splits` (the metric runs on ``val``;
+    calibration and the distortion proxy use ``train``; ``test`` is only reported),
+    or one data set used for everything. ``metric``: 'accuracy', 'agreement' (with the
+    original's predictions, no labels needed), 'per-class', 'worst-class' or a
+    callable ``model -> float`` (higher is better). ``methods``: restrict the methods
+    tried ('svd', 'spatial', 'weight', 'tucker2', 'cp'); ``layers``: restrict the
+    layers. ``objective``: 'activations' (data-aware factors; the default when there
+    is training data), 'weights', or 'auto'. ``sensitivity``: 'probe' (each layer gets
+    a one-layer bisection that caps it and calibrates its sensitivity; the default in
+    tolerance mode) or 'proxy' (the distortion proxy alone: at most 10 evaluations
+    besides the original's; the default in budget mode, where only the final model is
+    evaluated).
+    ``apply_fn(model, plan) -> model`` replaces the factorization step.
+    ``cache``: True (``user_cache_dir()/search``), False, a directory, or an
+    :class:`~rankshrink.search.cache.EvaluationCache`; a rerun, or a resumed
+    interrupted run, repeats no finished evaluation. ``seed`` fixes factorization and
+    calibration sampling. ``threads``: torch/BLAS threads during the search (default:
+    1 for models up to 4M parameters, where a second thread gains little and on a busy
+    machine costs a lot; None leaves them alone for larger models). Raises
+    :class:`SearchInterrupted` (a KeyboardInterrupt) on Ctrl-C, after which a rerun
+    resumes from the cache.
+    """
+    with thread_policy(model, threads):
+        return _plan(model, data, tolerance=tolerance, budget=budget, metric=metric, minimize=minimize,
+                     methods=methods, layers=layers, objective=objective, sensitivity=sensitivity,
+                     factorize_options=factorize_options, apply_fn=apply_fn, calibration=calibration, cache=cache,
+                     progress=progress, seed=seed, calibration_samples=calibration_samples,
+                     proxy_samples=proxy_samples, max_global_evaluations=max_global_evaluations,
+                     example_input=example_input, report_test=report_test)
+
+
+def _plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None, budget: Any = None,
+         metric: Any = "accuracy", minimize: str = "macs", methods: list[str] | None = None,
+         layers: list[str] | None = None, objective: str = "auto", sensitivity: str = "auto",
+         factorize_options: dict | None = None, apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None,
+         calibration=None, cache: Any = True, progress: bool = True, seed: int = 0,
+         calibration_samples: int = 512, proxy_samples: int = 256,
+         max_global_evaluations: int = MAX_GLOBAL_EVALUATIONS, example_input=None,
+         report_test: bool = True) -> SearchResult:
+    start = time.perf_counter()
+    if (tolerance is None) == (budget is None):
+        raise ConfigError("give exactly one of tolerance= (largest allowed metric drop) or budget= "
+                          "({'macs'|'params'|'bytes': value}).")
+    if tolerance is not None:
+        tolerance = _check_tolerance(tolerance)
+        mode = "tolerance"
+        kind = minimize
+        if kind not in COST_KINDS:
+            raise ConfigError(f"minimize must be one of {', '.join(COST_KINDS)}, got {minimize!r}.")
+    else:
+        budget = Budget.parse(budget)
+        mode = "budget"
+        kind = budget.kind
+    if sensitivity not in SENSITIVITIES:
+        raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}.")
+    if sensitivity == "auto":
+        sensitivity = "probe" if mode == "tolerance" else "proxy"
+    if not isinstance(max_global_evaluations, int) or max_global_evaluations < 1:
+        raise ConfigError(f"max_global_evaluations must be a positive integer, got {max_global_evaluations!r}.")
+
+    session = Session(model, data, metric=metric, objective=objective, calibration_samples=calibration_samples,
+                      proxy_samples=proxy_samples, factorize_options=factorize_options, apply_fn=apply_fn,
+                      cache=cache, progress=progress, seed=seed, example_input=example_input,
+                      calibration=calibration)
+    cost_model = CostModel(model, session.example_input)
+    original = dict(cost_model.original)
+    target = None
+    if mode == "budget":
+        target = budget.absolute(original)
+    try:
+        spaces = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods, progress=progress)
+        if mode == "budget" and spaces:
+            lowest = minimum_cost(spaces, cost_model, kind)
+            if target < lowest:
+                raise ConfigError(
+                    f"the {kind} budget {target:,} is below the minimum reachable {lowest:,} "
+                    f"({lowest / original[kind]:.1%} of the original {original[kind]:,}: every factorizable layer "
+                    "at rank 1 with its cheapest method, plus everything that is not factorized); raise the budget.")
+        r_max = max([1, *(s.r_max for s in spaces)])
+        total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
+        evaluator = session.start(total=total if sensitivity == "probe" else MAX_GLOBAL_EVALUATIONS + 1)
+        try:
+            baseline = evaluator(Plan(), "baseline")
+            evaluator.baseline = baseline
+            if not spaces:
+                from .allocate import Allocation
+                allocation = Allocation({}, baseline, notes=["no factorizable layer to compress"])
+            elif mode == "tolerance":
+                allocation = tolerance_allocation(session, spaces, cost_model, baseline=baseline,
+                                                  tolerance=tolerance, kind=kind, sensitivity=sensitivity,
+                                                  max_global=max_global_evaluations)
+            elif original[kind] <= target:
+                from .allocate import Allocation
+                allocation = Allocation({}, baseline, notes=["the original model is already within the budget"])
+            else:
+                allocation = budget_allocation(session, spaces, cost_model, target=target, kind=kind)
+                allocation = polish_budget(session, spaces, allocation, cost_model, target=target, kind=kind,
+                                           max_evaluations=max_global_evaluations)
+        finally:
+            evaluator.close()
+    except KeyboardInterrupt:
+        raise SearchInterrupted("search interrupted; finished evaluations are cached and a rerun resumes from "
+                                "them.") from None
+
+    by_name = {s.name: s for s in spaces}
+    choices = {name: c for name, c in allocation.choices.items()}
+    compressed = cost_model.total(choices, by_name)
+    layers_out = []
+    for space in spaces:
+        cand = choices.get(space.name, space.dense)
+        layers_out.append({"name": space.name, "type": space.type, "method": cand.method or "dense",
+                           "rank": list(cand.rank) if isinstance(cand.rank, tuple) else cand.rank,
+                           "params": cand.params, "macs": cand.macs, "bytes": cand.bytes,
+                           "dense_params": space.dense.params, "dense_macs": space.dense.macs,
+                           "distortion": cand.distortion, "break_even": dict(space.break_even)})
+    final_plan = plan_of(choices)
+    value = allocation.value if allocation.value is not None else baseline
+    final_plan.metadata.update({"mode": mode, "metric": session.metric.name, "baseline": baseline, "value": value,
+                                "objective": session.objective, "seed": seed})
+    if mode == "tolerance":
+        final_plan.metadata["tolerance"] = tolerance
+    else:
+        final_plan.metadata["budget"] = {"kind": budget.kind, "value": budget.value, "target": target}
+    test = None
+    report: dict[str, dict[str, float | None]] = {}
+    if report_test:
+        small = session.factorizer.build(final_plan)
+        is_accuracy = session.metric.key == "accuracy" and session.metric.dataset is session.data.val
+        report = {"original": {"accuracy": baseline if is_accuracy else _maybe(session.val_accuracy, model),
+                               "test_accuracy": _maybe(session.test_accuracy, model)},
+                  "compressed": {"accuracy": value if is_accuracy else _maybe(session.val_accuracy, small),
+                                 "test_accuracy": _maybe(session.test_accuracy, small)}}
+        if session.data.test is not None:
+            test = {"original": report["original"]["test_accuracy"],
+                    "compressed": report["compressed"]["test_accuracy"]}
+    notes = list(allocation.notes)
+    if mode == "budget" and target and compressed[kind] > target:  # defensive: must never happen
+        raise ConfigError(f"internal error: the allocation costs {compressed[kind]} {kind}, over the budget {target}.")
+    session.timings["evaluate"] = sum(r.seconds for r in evaluator.records)
+    return SearchResult(
+        plan=final_plan, mode=mode, metric=session.metric.name, baseline=baseline, value=value,
+        tolerance=tolerance,
+        budget=None if budget is None else {"kind": budget.kind, "value": budget.value, "target": target,
+                                            "used": compressed[kind] / target if target else None},
+        minimize=kind, original=original, compressed=compressed, layers=layers_out,
+        evaluations=evaluator.evaluations, evaluations_cached=evaluator.cached, records=list(evaluator.records),
+        monotone=allocation.monotone, notes=notes, seconds=time.perf_counter() - start,
+        timings={k: round(v, 4) for k, v in session.timings.items()}, r_max=r_max, objective=session.objective,
+        seed=seed, probes=allocation.probes, test=test, report=report, _session=session)
+
+
+def _maybe(fn, model):
+    """A report-only accuracy, or None when the data has no usable labels for it."""
+    from ..errors import DataError
+
+    try:
+        return fn(model)
+    except DataError:
+        return None

@@ -1,0 +1,191 @@
+"""A resumable on-disk cache of metric evaluations.
+
+Each evaluation is stored as one small JSON file, written atomically (temporary
+file, fsync, rename), under ``<root>/evaluations/<key[:2]>/<key>.json``. The key is
+the sha256 of everything the value depends on:
+
+* the model fingerprint (:func:`model_fingerprint`: sha256 over every state-dict
+  tensor's name, shape, dtype and bytes),
+* the plan (:meth:`rankshrink.plan.Plan.key`, the canonical text of its layers),
+* the metric (its key, e.g. 'accuracy') and the data fingerprint,
+* the factorization options (objective, calibration fingerprint, seed, ...).
+
+Every entry carries a checksum of its key and value. An entry that cannot be
+parsed, whose checksum or key does not match, is reported with a
+:class:`CacheWarning`, deleted and recomputed. A process killed at any point leaves
+complete entries (or none): a rerun resumes with every finished evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..fileio import atomic_write_text, user_cache_dir
+
+__all__ = ["CacheWarning", "EvaluationCache", "model_fingerprint", "cache_key", "default_cache_dir",
+           "fingerprint_object"]
+
+_FORMAT = "rankshrink-evaluation"
+_VERSION = 1
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was corrupt and has been dropped (it will be recomputed)."""
+
+
+def default_cache_dir() -> Path:
+    """``user_cache_dir()/search`` (honours $RANKSHRINK_CACHE and $XDG_CACHE_HOME)."""
+    return user_cache_dir() / "search"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the state dict: each tensor's name, shape, dtype and raw bytes, in order."""
+    digest = hashlib.sha256(b"rankshrink-model-v1")
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(json.dumps([name, list(t.shape), str(t.dtype)]).encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+def fingerprint_object(obj: Any) -> str:
+    """sha256 of the canonical JSON of plain data (dicts sorted; unknown objects by repr)."""
+    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(model_fp: str, plan_key: str, metric_key: str, data_fp: str, options_fp: str) -> str:
+    """The entry key: sha256 of the five parts."""
+    return fingerprint_object({"format": _FORMAT, "version": _VERSION, "model": model_fp, "plan": plan_key,
+                               "metric": metric_key, "data": data_fp, "factorize": options_fp})
+
+
+def _checksum(key: str, value: float) -> str:
+    return hashlib.sha256(json.dumps([key, repr(float(value))]).encode()).hexdigest()
+
+
+def _body_checksum(key: str, body: Any) -> str:
+    return hashlib.sha256(json.dumps([key, body], sort_keys=True).encode()).hexdigest()
+
+
+class EvaluationCache:
+    """Evaluation values on disk, one atomic JSON file per entry.
+
+    ``EvaluationCache(None)`` or ``EvaluationCache.disabled()`` stores nothing.
+    ``hits``/``writes``/``dropped`` count what this instance did.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = ...):  # type: ignore[assignment]
+        if root is ...:
+            root = default_cache_dir()
+        self.root = Path(root) if root is not None else None
+        self.hits = 0
+        self.writes = 0
+        self.dropped = 0
+
+    @classmethod
+    def disabled(cls) -> "EvaluationCache":
+        return cls(None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / "evaluations" / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored entry (``value``, ``seconds``, ...) or None; corrupt entries are dropped."""
+        if self.root is None:
+            return None
+        path = self.path(key)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._drop(path, f"unreadable ({exc})")
+            return None
+        try:
+            entry = json.loads(text)
+            ok = (isinstance(entry, dict) and entry.get("format") == _FORMAT and entry.get("key") == key
+                  and isinstance(entry.get("value"), (int, float)) and not isinstance(entry.get("value"), bool)
+                  and math.isfinite(entry["value"]) and entry.get("checksum") == _checksum(key, entry["value"]))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            self._drop(path, "corrupt (bad JSON, key or checksum)")
+            return None
+        self.hits += 1
+        return entry
+
+    def put(self, key: str, value: float, **info: Any) -> None:
+        """Store ``value`` (and JSON-friendly ``info``) under ``key``, atomically."""
+        if self.root is None:
+            return
+        entry = {"format": _FORMAT, "version": _VERSION, "key": key, "value": float(value),
+                 **_jsonable(info), "checksum": _checksum(key, value)}
+        atomic_write_text(self.path(key), json.dumps(entry, sort_keys=True) + "\n")
+        self.writes += 1
+
+    # Small JSON documents besides evaluations (e.g. the distortion proxies of a layer's
+    # candidates), stored and checked the same way under ``<root>/<namespace>/``.
+    def get_json(self, namespace: str, key: str) -> Any | None:
+        if self.root is None:
+            return None
+        path = self.root / namespace / key[:2] / f"{key}.json"
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            self._drop(path, "corrupt (bad JSON)")
+            return None
+        body = entry.get("body") if isinstance(entry, dict) else None
+        if (not isinstance(entry, dict) or entry.get("key") != key
+                or entry.get("checksum") != _body_checksum(key, body)):
+            self._drop(path, "corrupt (bad key or checksum)")
+            return None
+        return body
+
+    def put_json(self, namespace: str, key: str, body: Any) -> None:
+        if self.root is None:
+            return
+        body = _jsonable(body)
+        path = self.root / namespace / key[:2] / f"{key}.json"
+        atomic_write_text(path, json.dumps({"key": key, "body": body, "checksum": _body_checksum(key, body)},
+                                           sort_keys=True) + "\n")
+
+    def _drop(self, path: Path, why: str) -> None:
+        warnings.warn(f"evaluation cache entry '{path}' is {why}; it was removed and will be recomputed.",
+                      CacheWarning, stacklevel=3)
+        self.dropped += 1
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"EvaluationCache({str(self.root) if self.root else 'disabled'})"

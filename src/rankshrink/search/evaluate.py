@@ -1,0 +1,334 @@
+"""Building compressed models for plans, and counting, caching and recording evaluations.
+
+:class:`Factorizer` turns a :class:`~rankshrink.plan.Plan` into a compressed model.
+It is the search's one injectable factorization step: by default it calls
+:func:`rankshrink.factorize` per layer (activation-optimal factors when given a
+calibration) and memoises every (layer, method, rank) block, so a search that tries
+hundreds of plans factorizes each layer/rank once. A user ``apply_fn(model, plan)``
+replaces it; it is then called once per plan.
+
+:class:`Evaluator` is the only place where the metric runs: it looks the plan up in
+the on-disk cache, otherwise builds the model, evaluates and stores the value, and
+keeps a record of every evaluation (plan, value, time, cached or not).
+
+:class:`Distortion` is the search's data-driven but label-free proxy: how far the
+network's outputs on a calibration batch move when one layer is replaced (mean KL
+divergence of the softmax for classifier logits, relative squared error otherwise).
+It runs the network forward on a small batch of training inputs, never the metric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from ..factorized import Factorized, factorize
+from ..metrics import eval_mode
+from ..plan import Plan
+from ..surgery import aliases, factorizable_layers, replace_layer, validate_plan
+from .cache import EvaluationCache, cache_key
+from .metrics import Metric
+
+__all__ = ["Factorizer", "Evaluator", "EvaluationRecord", "Distortion", "SearchInterrupted", "single_threaded"]
+
+
+# Factorizations of layers up to this many weights run single-threaded: small SVDs/ALS gain
+# nothing from a second thread, and on a shared, busy machine threaded LAPACK/BLAS calls on
+# small matrices can be 10-100x slower than one thread (spinning threads wait for cores).
+SINGLE_THREAD_MAX_WEIGHTS = 1 << 20
+
+
+@contextlib.contextmanager
+def single_threaded(enabled: bool = True):
+    """Run the block with one torch thread and one BLAS thread; restore both afterwards."""
+    if not enabled:
+        yield
+        return
+    old = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_limits
+        limiter = threadpool_limits(1)
+    except Exception:  # threadpoolctl is optional
+        limiter = contextlib.nullcontext()
+    torch.set_num_threads(1)
+    try:
+        with limiter:
+            yield
+    finally:
+        torch.set_num_threads(old)
+
+
+SMALL_MODEL_PARAMS = 4_000_000
+
+
+def thread_policy(model, threads):
+    """A context for a search: one thread for small models (``threads=None``) or when asked."""
+    from ..errors import ConfigError
+
+    if threads is None:
+        single = isinstance(model, nn.Module) and sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMS
+    elif isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
+        single = threads == 1
+    else:
+        raise ConfigError(f"threads must be a positive integer or None, got {threads!r}.")
+    return single_threaded(single)
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Raised when a search is interrupted; finished evaluations are in the cache."""
+
+
+class Factorizer:
+    """Plan -> compressed model, memoising each layer's factorized block.
+
+    ``calibration``: a :class:`rankshrink.calibrate.Calibration` of ``model``;
+    ``objective``: 'activations' (needs the calibration) or 'weights'. ``options``
+    go to :func:`rankshrink.factorize` (``seed``, ``damping``, ...). ``apply_fn``, if
+    given, replaces all of this: ``apply_fn(model, plan) -> compressed model``.
+    """
+
+    def __init__(self, model: nn.Module, *, calibration=None, objective: str = "weights",
+                 options: dict[str, Any] | None = None,
+                 apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None):
+        if objective not in ("weights", "activations"):
+            raise ConfigError(f"objective must be 'weights' or 'activations', got {objective!r}.")
+        if objective == "activations" and calibration is None and apply_fn is None:
+            raise ConfigError("objective='activations' needs calibration data; pass data or use "
+                              "objective='weights'.")
+        self.model = model
+        self.calibration = calibration
+        self.objective = objective
+        self.options = dict(options or {})
+        self.apply_fn = apply_fn
+        self.modules = dict(factorizable_layers(model))
+        self._memo: dict[tuple, Factorized] = {}
+        self.seconds = 0.0
+
+    def _key(self, name: str, method: str, rank) -> tuple:
+        rank = tuple(rank) if isinstance(rank, list) else rank
+        return name, method, rank
+
+    def block(self, name: str, method: str, rank) -> nn.Module:
+        """The factorized replacement of layer ``name`` (memoised; do not modify it)."""
+        key = self._key(name, method, rank)
+        found = self._memo.get(key)
+        if found is not None:
+            return found
+        start = time.perf_counter()
+        module = self.modules.get(name)
+        if module is None:
+            raise ConfigError(f"layer '{name}' is not a factorizable layer of {type(self.model).__name__}.")
+        if self.apply_fn is not None:
+            built = self.apply_fn(self.model, Plan.from_mapping({name: (method, rank)}))
+            block = built.get_submodule(name)
+        else:
+            stats = None
+            if self.objective == "activations":
+                stats = self.calibration.get(name)
+            with single_threaded(module.weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
+                if stats is not None:
+                    block = factorize(module, method, rank, name=f"layer '{name}'", input_stats=stats,
+                                      objective="activations", **self.options)
+                else:
+                    block = factorize(module, method, rank, name=f"layer '{name}'", **self.options)
+        block.eval()
+        self._memo[key] = block
+        self.seconds += time.perf_counter() - start
+        return block
+
+    def build(self, plan: Plan, *, share: bool = True) -> nn.Module:
+        """The compressed model for ``plan`` (``model`` is untouched).
+
+        With ``share`` the memoised blocks are used as they are (fine for evaluation);
+        otherwise each block is copied, so the result owns all its weights.
+        """
+        if self.apply_fn is not None and not share:
+            return self.apply_fn(self.model, plan)
+        validate_plan(self.model, plan)
+        target = copy.deepcopy(self.model)
+        where = aliases(target)
+        for name, entry in plan.items():
+            block = self.block(name, entry.method, entry.rank)
+            if not share:
+                block = copy.deepcopy(block)
+            module = target.get_submodule(name)
+            for alias in where[id(module)]:
+                replace_layer(target, alias, block)
+        return target
+
+    def forget(self) -> None:
+        self._memo.clear()
+
+
+@dataclass
+class EvaluationRecord:
+    """One evaluation the search asked for."""
+
+    index: int
+    phase: str
+    plan: dict[str, Any]
+    value: float
+    drop: float | None
+    seconds: float
+    cached: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "phase": self.phase, "plan": self.plan, "value": self.value,
+                "drop": self.drop, "seconds": round(self.seconds, 6), "cached": self.cached}
+
+
+class Evaluator:
+    """Runs the metric on plans: cache lookup, else build + evaluate + store; records everything.
+
+    ``evaluations`` counts metric runs this time, ``cached`` the answers read from the
+    cache; ``requested`` is their sum (what the search algorithm asked for). A plan
+    asked for twice in one search is answered from memory and not counted again.
+    """
+
+    def __init__(self, metric: Metric, factorizer: Factorizer, cache: EvaluationCache, *,
+                 model_fp: str, options_fp: str, progress: bool = False, total: int | None = None,
+                 desc: str = "searching"):
+        self.metric = metric
+        self.factorizer = factorizer
+        self.cache = cache
+        self.model_fp = model_fp
+        self.options_fp = options_fp
+        self.records: list[EvaluationRecord] = []
+        self.evaluations = 0
+        self.cached = 0
+        self.baseline: float | None = None
+        self._values: dict[str, float] = {}
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, desc=desc, unit="eval", file=sys.stderr, leave=False,
+                             dynamic_ncols=True)
+
+    @property
+    def requested(self) -> int:
+        return self.evaluations + self.cached
+
+    def key(self, plan: Plan) -> str | None:
+        if not (self.metric.cacheable and self.cache.enabled):
+            return None
+        return cache_key(self.model_fp, plan.key(), self.metric.key or "", self.metric.data_fingerprint or "",
+                         self.options_fp)
+
+    def __call__(self, plan: Plan, phase: str = "") -> float:
+        text = plan.key()
+        if text in self._values:
+            return self._values[text]
+        key = self.key(plan)
+        entry = self.cache.get(key) if key is not None else None
+        if entry is not None:
+            value, seconds, cached = float(entry["value"]), 0.0, True
+            self.cached += 1
+        else:
+            start = time.perf_counter()
+            model = self.factorizer.build(plan)
+            value = self.metric(model)
+            seconds = time.perf_counter() - start
+            cached = False
+            self.evaluations += 1
+            if key is not None:
+                self.cache.put(key, value, seconds=seconds, metric=self.metric.key,
+                               plan={n: e.to_json() for n, e in plan.items()})
+        self._values[text] = value
+        drop = None if self.baseline is None else self.baseline - value
+        self.records.append(EvaluationRecord(len(self.records), phase,
+                                             {n: e.to_json() for n, e in plan.items()}, value, drop,
+                                             seconds, cached))
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix_str(f"{phase} {self.metric.name}={value:.4f}", refresh=False)
+        return value
+
+    def set_phase_total(self, total: int) -> None:
+        if self._bar is not None:
+            self._bar.total = max(total, self._bar.n)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class Distortion:
+    """How far the network's outputs move when one layer is replaced (label-free proxy).
+
+    ``inputs``: a batch of calibration inputs (not the validation set). The distortion
+    is the mean KL divergence ``KL(softmax(original) || softmax(changed))`` when the
+    model returns 2-D logits, else the squared error relative to the original outputs'
+    energy. Layers are swapped with a forward hook for the duration of one pass; the
+    model is not copied or modified.
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 256):
+        from ..metrics import _device_of
+
+        self.model = model
+        self.inputs = inputs.to(_device_of(model))
+        self.batch_size = batch_size
+        self.passes = 0
+        self.seconds = 0.0
+        self.reference = self._forward()
+        if not isinstance(self.reference, torch.Tensor):
+            raise DataError(f"the model returned {type(self.reference).__name__}; the search needs a tensor output.")
+        if not torch.isfinite(self.reference).all():
+            raise DataError("the model produces NaN or infinite outputs on the calibration inputs.")
+        self.kind = "kl" if self.reference.dim() == 2 and self.reference.shape[1] > 1 else "mse"
+        if self.kind == "kl":
+            self._ref_logp = F.log_softmax(self.reference.double(), dim=1)
+        else:
+            self._ref_energy = float(self.reference.double().pow(2).sum()) or 1.0
+
+    @torch.no_grad()
+    def _forward(self) -> torch.Tensor:
+        start = time.perf_counter()
+        with eval_mode(self.model):
+            outs = [self.model(self.inputs[i:i + self.batch_size])
+                    for i in range(0, self.inputs.shape[0], self.batch_size)]
+        self.passes += 1
+        self.seconds += time.perf_counter() - start
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def compare(self, output: torch.Tensor) -> float:
+        if not torch.isfinite(output).all():
+            return math.inf
+        if self.kind == "kl":
+            logp = F.log_softmax(output.double(), dim=1)
+            value = float((self._ref_logp.exp() * (self._ref_logp - logp)).sum(dim=1).mean())
+        else:
+            value = float((output.double() - self.reference.double()).pow(2).sum()) / self._ref_energy
+        return max(value, 0.0)
+
+    def with_replacements(self, replacements: dict[nn.Module, nn.Module]) -> float:
+        """Distortion of the network with each key module's output computed by its value."""
+        handles = []
+        for module, block in replacements.items():
+            handles.append(module.register_forward_hook(lambda m, args, out, b=block: b(*args)))
+        try:
+            output = self._forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.compare(output)
+
+
+def weight_distortion(module: nn.Module, block: nn.Module) -> float:
+    """Relative squared weight error ‖W − W′‖²/‖W‖² (the data-free fallback proxy)."""
+    weight = module.weight.detach().double()
+    approx = block.dense_weight().double() if isinstance(block, Factorized) else weight
+    norm = float(weight.pow(2).sum()) or 1.0
+    return float((weight - approx).pow(2).sum()) / norm

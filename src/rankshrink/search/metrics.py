@@ -1,0 +1,184 @@
+"""Metrics for the rank search: callables ``model -> float`` where higher is better.
+
+A metric is anything callable on a model that returns a number. The built-ins wrap
+:mod:`rankshrink.metrics` and carry a ``key`` (what they measure) and a
+``data_fingerprint`` (on which data), which together let the search cache their
+values on disk. A plain callable works too; it is cached only if it has a string
+attribute ``cache_key`` (it is then trusted to name what it computes, data
+included), otherwise every call is a fresh evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+
+__all__ = ["Metric", "accuracy_metric", "per_class_metric", "agreement_metric", "as_metric",
+           "dataset_fingerprint", "METRIC_NAMES"]
+
+METRIC_NAMES = ("accuracy", "agreement", "per-class", "worst-class")
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """sha256 over a data set's tensors (TensorDataset or a Subset of one), else its items.
+
+    Map-style data sets of other kinds are hashed item by item (every input and
+    label), which reads the whole set once.
+    """
+    from ..data import _dataset_len, _tensor_source, iterate_batches
+
+    digest = hashlib.sha256(b"rankshrink-dataset-v1")
+    source = _tensor_source(dataset)
+    if source is not None:
+        tensors, index = source
+        for tensor in tensors:
+            part = tensor if index is None else tensor[index]
+            part = part.detach().cpu().contiguous()
+            digest.update(repr((tuple(part.shape), str(part.dtype))).encode())
+            digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+    n = _dataset_len(dataset)
+    digest.update(str(n).encode())
+    for inputs, labels in iterate_batches(dataset, 256):
+        for part in (inputs, labels):
+            part = part.detach().cpu().contiguous()
+            digest.update(repr((tuple(part.shape), str(part.dtype))).encode())
+            digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_dataset(dataset: Dataset, what: str) -> None:
+    from ..data import _dataset_len
+
+    if dataset is None:
+        raise DataError(f"the {what} metric needs a data set.")
+    if _dataset_len(dataset) == 0:
+        raise DataError(f"the data set for the {what} metric is empty; the search needs validation samples.")
+
+
+class Metric:
+    """A named metric ``model -> float`` (higher is better).
+
+    ``key``: what is measured (e.g. 'accuracy'); ``data_fingerprint``: on which data.
+    Both None means the metric cannot be cached. ``dataset`` is kept for reports.
+    """
+
+    def __init__(self, fn: Callable[[nn.Module], float], name: str, *, key: str | None = None,
+                 data_fingerprint: str | None = None, dataset: Dataset | None = None):
+        self.fn = fn
+        self.name = name
+        self.key = key
+        self.data_fingerprint = data_fingerprint
+        self.dataset = dataset
+
+    @property
+    def cacheable(self) -> bool:
+        return self.key is not None
+
+    def __call__(self, model: nn.Module) -> float:
+        value = self.fn(model)
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise DataError(f"metric '{self.name}' returned a tensor of shape {tuple(value.shape)}; "
+                                "a metric must return one number.")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"metric '{self.name}' returned {type(value).__name__}; a metric must return "
+                            "a number (higher is better).")
+        value = float(value)
+        if not math.isfinite(value):
+            raise DataError(f"metric '{self.name}' returned {value}; a metric must return a finite number "
+                            "(NaN usually means the model's outputs or the labels are broken).")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Metric({self.name!r})"
+
+
+def accuracy_metric(dataset: Dataset, *, fingerprint: str | None = None, batch_size: int = 512) -> Metric:
+    """Top-1 accuracy on ``dataset`` (a fraction in [0, 1])."""
+    from ..metrics import accuracy
+
+    _check_dataset(dataset, "accuracy")
+    return Metric(lambda model: accuracy(model, dataset, batch_size), "accuracy", key="accuracy",
+                  data_fingerprint=fingerprint or dataset_fingerprint(dataset), dataset=dataset)
+
+
+def per_class_metric(dataset: Dataset, reduce: str = "mean", *, num_classes: int | None = None,
+                     fingerprint: str | None = None, batch_size: int = 512) -> Metric:
+    """Per-class accuracy reduced to one number: 'mean' (balanced accuracy) or 'min' (worst class).
+
+    Classes absent from ``dataset`` are ignored.
+    """
+    from ..metrics import per_class_accuracy
+
+    if reduce not in ("mean", "min"):
+        raise ConfigError(f"per-class accuracy reduces by 'mean' or 'min', got {reduce!r}.")
+    _check_dataset(dataset, "per-class accuracy")
+
+    def fn(model: nn.Module) -> float:
+        values = [v for v in per_class_accuracy(model, dataset, batch_size, num_classes=num_classes)
+                  if not math.isnan(v)]
+        return (sum(values) / len(values)) if reduce == "mean" else min(values)
+
+    name = "per-class" if reduce == "mean" else "worst-class"
+    return Metric(fn, name, key=f"per_class_accuracy:{reduce}",
+                  data_fingerprint=fingerprint or dataset_fingerprint(dataset), dataset=dataset)
+
+
+def agreement_metric(original: nn.Module, dataset: Dataset, *, fingerprint: str | None = None,
+                     batch_size: int = 512) -> Metric:
+    """Fraction of samples where the model predicts what ``original`` predicts (no labels needed).
+
+    The original's predictions are computed once, on first use.
+    """
+    from ..metrics import agreement, predictions
+
+    _check_dataset(dataset, "agreement")
+    reference: list[torch.Tensor] = []
+
+    def fn(model: nn.Module) -> float:
+        if not reference:
+            reference.append(predictions(original, dataset, batch_size))
+        return agreement(model, dataset, reference[0], batch_size)
+
+    # The reference is a function of the original model, whose fingerprint is in every cache key.
+    return Metric(fn, "agreement", key="agreement",
+                  data_fingerprint=fingerprint or dataset_fingerprint(dataset), dataset=dataset)
+
+
+def as_metric(metric: Any, original: nn.Module, dataset: Dataset | None, *,
+              fingerprint: str | None = None, num_classes: int | None = None) -> Metric:
+    """Turn a metric name, a :class:`Metric` or a callable into a :class:`Metric`.
+
+    Names: 'accuracy', 'agreement' (with ``original``'s predictions), 'per-class'
+    (mean of per-class accuracies) and 'worst-class' (the lowest one).
+    """
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        name = metric.strip().lower().replace("_", "-")
+        if name in ("accuracy", "top1", "top-1"):
+            return accuracy_metric(dataset, fingerprint=fingerprint)
+        if name == "agreement":
+            return agreement_metric(original, dataset, fingerprint=fingerprint)
+        if name in ("per-class", "per-class-accuracy", "balanced"):
+            return per_class_metric(dataset, "mean", num_classes=num_classes, fingerprint=fingerprint)
+        if name in ("worst-class", "min-class"):
+            return per_class_metric(dataset, "min", num_classes=num_classes, fingerprint=fingerprint)
+        raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRIC_NAMES)} or pass a "
+                          "callable model -> float (higher is better).")
+    if callable(metric):
+        key = getattr(metric, "cache_key", None)
+        name = getattr(metric, "__name__", None) or type(metric).__name__
+        return Metric(metric, name, key=f"custom:{key}" if isinstance(key, str) else None,
+                      data_fingerprint="" if isinstance(key, str) else None)
+    raise ConfigError(f"a metric must be a name ({', '.join(METRIC_NAMES)}) or a callable model -> float, "
+                      f"got {type(metric).__name__}.")

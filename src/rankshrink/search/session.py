@@ -1,0 +1,204 @@
+"""What every search needs, set up once: data splits, metric, cache, factorizer, proxy.
+
+Honest splits: the metric (and so every tolerance decision) runs on the
+*validation* split; calibration statistics and the distortion proxy use a subset of
+the *training* split; the *test* split is only ever used for the final report.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data import Splits, _dataset_len, calibration_subset, iterate_batches
+from ..errors import ConfigError, DataError
+from ..plan import Plan
+from .cache import EvaluationCache, fingerprint_object, model_fingerprint
+from .evaluate import Distortion, Evaluator, Factorizer
+from .metrics import Metric, as_metric, dataset_fingerprint
+
+__all__ = ["Session", "resolve_cache", "OBJECTIVES"]
+
+OBJECTIVES = ("auto", "activations", "weights")
+DEFAULT_PROXY_SAMPLES = 256
+DEFAULT_CALIBRATION_SAMPLES = 512
+
+
+def resolve_cache(cache: Any) -> EvaluationCache:
+    """True/None: the default cache dir; False: no cache; a path: that dir; or an EvaluationCache."""
+    if isinstance(cache, EvaluationCache):
+        return cache
+    if cache is True or cache is None:
+        return EvaluationCache()
+    if cache is False:
+        return EvaluationCache.disabled()
+    if isinstance(cache, (str, Path)):
+        return EvaluationCache(Path(cache).expanduser())
+    raise ConfigError(f"cache must be True, False, a directory or an EvaluationCache, got {type(cache).__name__}.")
+
+
+@dataclass
+class _Data:
+    val: Dataset | None
+    train: Dataset | None
+    test: Dataset | None
+    val_fp: str | None
+    train_fp: str | None
+    num_classes: int | None
+
+
+def _resolve_data(data: Any) -> _Data:
+    if data is None:
+        return _Data(None, None, None, None, None, None)
+    if isinstance(data, Splits):
+        for split in ("train", "val"):
+            if _dataset_len(getattr(data, split)) == 0:
+                raise DataError(f"the {split} split of data set '{data.name}' is empty; the search needs "
+                                "validation samples to enforce the tolerance and training samples to calibrate.")
+        test = data.test if _dataset_len(data.test) else None
+        return _Data(data.val, data.train, test, f"{data.fingerprint}:val", f"{data.fingerprint}:train",
+                     data.num_classes)
+    if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
+        if _dataset_len(data) == 0:
+            raise DataError("the data set is empty; the search needs validation samples.")
+        fp = dataset_fingerprint(data)
+        return _Data(data, data, None, fp, fp, None)
+    raise DataError(f"data must be a rankshrink Splits (from load_data) or a data set of (input, label) pairs, "
+                    f"got {type(data).__name__}.")
+
+
+def _calibration_fingerprint(calibration) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(b"rankshrink-calibration-v1")
+    for name, stats in sorted(calibration.stats.items()):
+        digest.update(f"{name}:{stats.kind}:{stats.count}".encode())
+        for tensor in (stats.mean, stats.scatter):
+            digest.update(tensor.detach().double().contiguous().reshape(-1).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _inputs_of(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
+    subset = calibration_subset(dataset, n, seed=seed)
+    return subset.tensors[0]
+
+
+class Session:
+    """Everything a search shares: metric, evaluator (with cache), factorizer, proxy, costs' example input."""
+
+    def __init__(self, model: nn.Module, data: Any = None, *, metric: Any = "accuracy",
+                 objective: str = "auto", calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+                 proxy_samples: int = DEFAULT_PROXY_SAMPLES, factorize_options: dict | None = None,
+                 apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None, cache: Any = True,
+                 progress: bool = True, seed: int = 0, example_input: torch.Tensor | None = None,
+                 calibration=None):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}.")
+        self.timings: dict[str, float] = {"calibrate": 0.0, "proxy": 0.0, "factorize": 0.0, "evaluate": 0.0}
+        self.model = model
+        self.seed = seed
+        self.progress = progress
+        self.data = _resolve_data(data)
+        if self.data.val is None and not callable(metric) and not isinstance(metric, Metric):
+            raise ConfigError("the search needs data (a Splits or a validation data set) or a metric callable "
+                              "model -> float.")
+        self.metric = as_metric(metric, model, self.data.val, fingerprint=self.data.val_fp,
+                                num_classes=self.data.num_classes)
+        self.model_fp = model_fingerprint(model)
+        self.cache = resolve_cache(cache)
+
+        # Example input for the cost model.
+        if example_input is None:
+            source = self.data.val if self.data.val is not None else self.data.train
+            if source is None:
+                raise ConfigError("without data, pass example_input (one batch) so costs can be counted.")
+            example_input = next(iter(iterate_batches(source, 1)))[0]
+        self.example_input = example_input
+
+        # Factorization objective: data-aware when there is training data to calibrate on.
+        if objective == "auto":
+            objective = "activations" if (calibration is not None or
+                                          (self.data.train is not None and apply_fn is None)) else "weights"
+        options = dict(factorize_options or {})
+        options.setdefault("seed", seed)
+        self.objective = objective
+        cal_fp = None
+        if objective == "activations" and apply_fn is None:
+            if calibration is None:
+                if self.data.train is None:
+                    raise ConfigError("objective='activations' needs training data to calibrate on.")
+                from ..calibrate import calibrate
+
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    # Small calibration sets are expected for tiny layers; the damping handles them.
+                    warnings.filterwarnings("ignore", message=".*input vectors.*")
+                    calibration = calibrate(model, self.data.train, samples=calibration_samples, seed=seed)
+                self.timings["calibrate"] += time.perf_counter() - start
+                cal_fp = fingerprint_object({"model": self.model_fp, "data": self.data.train_fp,
+                                             "samples": calibration_samples, "seed": seed})
+            else:
+                cal_fp = _calibration_fingerprint(calibration)
+        self.calibration = calibration
+        self.factorizer = Factorizer(model, calibration=calibration, objective=objective, options=options,
+                                     apply_fn=apply_fn)
+        self.options_fp = fingerprint_object({
+            "objective": objective, "calibration": cal_fp, "options": options,
+            "apply_fn": None if apply_fn is None else f"{getattr(apply_fn, '__module__', '')}."
+                                                      f"{getattr(apply_fn, '__qualname__', repr(apply_fn))}:"
+                                                      f"{getattr(apply_fn, 'cache_key', '')}"})
+        self.factorize_options = options
+
+        # Label-free proxy on training inputs (never the validation set).
+        self.distortion: Distortion | None = None
+        proxy_source = self.data.train
+        if proxy_source is not None:
+            inputs = _inputs_of(proxy_source, proxy_samples, seed)
+            try:
+                self.distortion = Distortion(model, inputs)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise DataError(f"the model failed on the data's inputs of shape {tuple(inputs.shape[1:])}: "
+                                f"{first}") from None
+        self.evaluator: Evaluator | None = None
+        self._proxy_fp = fingerprint_object({
+            "model": self.model_fp, "factorize": self.options_fp, "data": self.data.train_fp,
+            "samples": proxy_samples, "seed": seed,
+            "kind": self.distortion.kind if self.distortion is not None else "weights"})
+
+    def proxy_key(self, layer: str) -> str | None:
+        """Cache key of one layer's candidate proxies (None when they cannot be cached)."""
+        if self.data.train is None and self.distortion is not None:
+            return None
+        return fingerprint_object({"proxies": self._proxy_fp, "layer": layer, "version": 1})
+
+    def start(self, total: int | None = None, desc: str = "searching") -> Evaluator:
+        self.evaluator = Evaluator(self.metric, self.factorizer, self.cache, model_fp=self.model_fp,
+                                   options_fp=self.options_fp, progress=self.progress, total=total, desc=desc)
+        return self.evaluator
+
+    def test_accuracy(self, model: nn.Module) -> float | None:
+        """Top-1 accuracy on the test split (reports only), or None without one."""
+        if self.data.test is None:
+            return None
+        from ..metrics import accuracy
+
+        return accuracy(model, self.data.test)
+
+    def val_accuracy(self, model: nn.Module) -> float | None:
+        if self.data.val is None:
+            return None
+        from ..metrics import accuracy
+
+        return accuracy(model, self.data.val)

@@ -1,0 +1,283 @@
+"""The candidates of every layer: methods × ranks, with exact costs and a proxy error.
+
+For each factorizable layer the candidates are every applicable method at a grid
+of ranks from 1 up to its break-even rank (all small ranks, then steps of about
+10%; CP, which is slow to fit, gets a coarser grid). Each candidate's parameters,
+bytes and MACs come from the cost formulas (no weights needed); its *distortion*
+is how far the network's outputs move on training inputs when only that layer is
+replaced (:class:`~rankshrink.search.evaluate.Distortion`), or, without data, the
+relative weight error. The dense layer is a candidate too (cost of the original,
+distortion 0), so a layer that no factorization beats stays dense.
+
+The *frontier* of a layer keeps, over all methods, the candidates that no cheaper
+candidate beats in distortion: it is where the per-layer method choice happens,
+at every cost level.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cost import break_even_rank, count, dense_cost, factorized_cost
+from ..errors import ConfigError, LayerError, PlanError
+from ..factorized import methods_for, normalize_rank
+from ..plan import Plan
+from ..surgery import validate_plan
+from .evaluate import SINGLE_THREAD_MAX_WEIGHTS, single_threaded, weight_distortion
+from .session import Session
+
+__all__ = ["Candidate", "LayerSpace", "CostModel", "build_spaces", "make_candidate", "neighbour_rank", "rank_grid",
+           "COST_KINDS"]
+
+COST_KINDS = ("macs", "params", "bytes")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to build a layer: ``method`` None is the dense original."""
+
+    layer: str
+    method: str | None
+    rank: Any
+    params: int
+    macs: int
+    bytes: int
+    distortion: float
+
+    @property
+    def dense(self) -> bool:
+        return self.method is None
+
+    def cost(self, kind: str) -> int:
+        return getattr(self, kind)
+
+    def label(self) -> str:
+        if self.method is None:
+            return "dense"
+        rank = "x".join(str(r) for r in self.rank) if isinstance(self.rank, tuple) else str(self.rank)
+        return f"{self.method}:{rank}"
+
+
+@dataclass
+class LayerSpace:
+    name: str
+    type: str
+    geometry: dict[str, Any]
+    input_size: tuple[int, ...]
+    calls: int
+    element_size: int
+    dense: Candidate
+    candidates: list[Candidate]
+    break_even: dict[str, int]
+    estimates: dict[str, Any] = field(default_factory=dict)
+    module: Any = field(default=None, repr=False, compare=False)
+    known: dict[str, float] = field(default_factory=dict, repr=False)   # cached proxies: "method:rank" -> value
+    fresh: bool = field(default=False, repr=False)                       # computed proxies not yet cached
+
+    def proxies(self) -> dict[str, float]:
+        return {f"{c.method}:{c.rank}": c.distortion for c in self.candidates}
+
+    def find(self, method: str, rank) -> Candidate | None:
+        for cand in self.candidates:
+            if cand.method == method and cand.rank == rank:
+                return cand
+        return None
+
+    @property
+    def r_max(self) -> int:
+        """The largest break-even rank over this layer's methods (at least 1)."""
+        return max([1, *self.break_even.values()])
+
+    def frontier(self, kind: str) -> list[Candidate]:
+        """Candidates (dense last) by rising cost, each strictly less distorted than all cheaper ones."""
+        order = {m: i for i, m in enumerate(("svd", "spatial", "weight", "tucker2", "cp"))}
+        pool = [c for c in self.candidates if c.cost(kind) < self.dense.cost(kind)] + [self.dense]
+        pool.sort(key=lambda c: (c.cost(kind), c.distortion, order.get(c.method, 9), str(c.rank)))
+        front: list[Candidate] = []
+        for cand in pool:
+            if not front or cand.distortion < front[-1].distortion:
+                front.append(cand)
+        if front[-1] is not self.dense:  # the dense layer (distortion 0) always closes the frontier
+            front.append(self.dense)
+        return front
+
+
+def rank_grid(top: int, *, dense_up_to: int = 16, ratio: float = 1.1) -> list[int]:
+    """1..min(top, dense_up_to), then ranks growing by ``ratio``, always ending at ``top``."""
+    if top < 1:
+        return []
+    ranks = list(range(1, min(top, dense_up_to) + 1))
+    r = ranks[-1]
+    while r < top:
+        r = min(top, max(r + 1, int(math.ceil(r * ratio))))
+        ranks.append(r)
+    return ranks
+
+
+# Slow-to-fit methods get coarser grids.
+_GRIDS = {"svd": dict(dense_up_to=12, ratio=1.12), "weight": dict(dense_up_to=12, ratio=1.12),
+          "spatial": dict(dense_up_to=12, ratio=1.12), "tucker2": dict(dense_up_to=8, ratio=1.25),
+          "cp": dict(dense_up_to=4, ratio=1.4)}
+
+
+class CostModel:
+    """Exact costs of the whole model for any choice of per-layer candidates.
+
+    total = original − (replaced layers' dense cost) + (their candidates' cost); the
+    parameters and bytes of layers that are never factorized stay in the total.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+        self.model_cost = count(model, example_input)
+        self.original = {"params": self.model_cost.params, "macs": self.model_cost.macs,
+                         "bytes": self.model_cost.bytes}
+
+    def total(self, choices: dict[str, Candidate], spaces: dict[str, "LayerSpace"]) -> dict[str, int]:
+        result = dict(self.original)
+        for name, cand in choices.items():
+            dense = spaces[name].dense
+            for kind in COST_KINDS:
+                result[kind] += cand.cost(kind) - dense.cost(kind)
+        return result
+
+
+def _dtype_size(module: nn.Module) -> int:
+    return module.weight.element_size()
+
+
+def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Candidate:
+    """Cost (by formula) and distortion (factorize + one proxy pass, or the proxy cache) of one candidate."""
+    found = space.find(method, rank)
+    if found is not None:
+        return found
+    cost = factorized_cost(space.geometry, method, rank, space.input_size)
+    label = f"{method}:{rank}"
+    if label in space.known:
+        cand = Candidate(space.name, method, rank, cost.params, cost.macs * space.calls,
+                         cost.params * space.element_size, float(space.known[label]))
+        space.candidates.append(cand)
+        return cand
+    space.fresh = True
+    start = time.perf_counter()
+    block = session.factorizer.block(space.name, method, rank)
+    session.timings["factorize"] += time.perf_counter() - start
+    start = time.perf_counter()
+    if session.distortion is not None:
+        distortion = session.distortion.with_replacements({space.module: block})
+    else:
+        distortion = weight_distortion(space.module, block)
+    session.timings["proxy"] += time.perf_counter() - start
+    cand = Candidate(space.name, method, rank, cost.params, cost.macs * space.calls,
+                     cost.params * space.element_size, distortion)
+    space.candidates.append(cand)
+    return cand
+
+
+def neighbour_rank(geometry: dict[str, Any], method: str, rank, step: int):
+    """``rank`` moved by ``step`` (tucker2 pairs move both parts), or None when out of range."""
+    from ..factorized import full_rank
+
+    if isinstance(rank, tuple):
+        pair = (rank[0] + step, rank[1] + step)
+        if min(pair) < 1:
+            return None
+        try:
+            return normalize_rank(geometry, method, pair)
+        except (LayerError, ValueError):
+            return None
+    new = rank + step
+    if not 1 <= new <= full_rank(geometry, method):
+        return None
+    return new
+
+
+def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: list[str] | None = None,
+                 methods: list[str] | None = None, progress: bool = False) -> list[LayerSpace]:
+    """Candidates for every factorizable layer (or those named in ``layers``), in model order."""
+    if kind not in COST_KINDS:
+        raise ConfigError(f"cost kind must be one of {', '.join(COST_KINDS)}, got {kind!r}.")
+    cap_objective = "macs" if kind == "macs" else "params"
+    model = session.model
+    rows = [row for row in cost_model.model_cost.layers if row.method is None]
+    known = {row.name for row in rows}
+    if layers is not None:
+        missing = [name for name in layers if name not in known]
+        if missing:
+            raise PlanError(f"layer(s) {', '.join(repr(n) for n in missing)} are not factorizable layers reached by "
+                            f"the model's forward pass; factorizable: {', '.join(sorted(known)) or 'none'}.")
+        rows = [row for row in rows if row.name in set(layers)]
+    wanted = tuple(methods) if methods else None
+    if wanted:
+        from ..factorized import ALL_METHODS
+
+        unknown = [m for m in wanted if m not in ALL_METHODS]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known methods are {', '.join(ALL_METHODS)}.")
+    from ..ranks import layer_estimates
+
+    work = []
+    for row in rows:
+        allowed = [m for m in methods_for(row.geometry) if wanted is None or m in wanted]
+        if not allowed:
+            continue
+        module = model.get_submodule(row.name)
+        try:  # tied or shared-in-a-way-surgery-refuses layers are left alone
+            validate_plan(model, Plan.from_mapping({row.name: (allowed[0], 1)}))
+        except (PlanError, LayerError):
+            continue
+        work.append((row, module, allowed))
+
+    bar = None
+    total = sum(len(allowed) for _, _, allowed in work)
+    if progress and total:
+        from tqdm.auto import tqdm
+        import sys
+        bar = tqdm(total=total, desc="candidates", unit="method", file=sys.stderr, leave=False, dynamic_ncols=True)
+    spaces = []
+    try:
+        for row, module, allowed in work:
+            esize = _dtype_size(module)
+            dense_c = dense_cost(row.geometry, row.input_size)
+            dense = Candidate(row.name, None, None, dense_c.params, dense_c.macs * row.calls,
+                              dense_c.params * esize, 0.0)
+            space = LayerSpace(row.name, row.type, row.geometry, tuple(row.input_size), row.calls, esize, dense,
+                               [], {}, module=module)
+            proxy_key = session.proxy_key(row.name)
+            known = session.cache.get_json("proxies", proxy_key) if proxy_key else None
+            if isinstance(known, dict):
+                space.known = {k: v for k, v in known.items() if isinstance(v, (int, float))}
+            for method in allowed:
+                be = break_even_rank(row.geometry, method, row.input_size, objective=cap_objective)
+                space.break_even[method] = be
+                seen = set()
+                top = be
+                if method == "cp":  # CP ranks beyond the channel counts are rarely worth their ALS time
+                    top = min(be, max(row.geometry["out_channels"], row.geometry["in_channels"]))
+                for rank in rank_grid(top, **_GRIDS.get(method, {})):
+                    norm = normalize_rank(row.geometry, method, rank)
+                    if norm in seen:
+                        continue
+                    seen.add(norm)
+                    make_candidate(session, space, method, norm)
+                if bar is not None:
+                    bar.update(1)
+            try:
+                with single_threaded(module.weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
+                    space.estimates = layer_estimates(module.weight.detach(), row.geometry, input_size=row.input_size,
+                                                      objective=cap_objective, methods=tuple(allowed))
+            except Exception:  # estimates only guide the first probe
+                space.estimates = {}
+            if space.fresh and proxy_key:
+                session.cache.put_json("proxies", proxy_key, space.proxies())
+                space.fresh = False
+            spaces.append(space)
+    finally:
+        if bar is not None:
+            bar.close()
+    return spaces

@@ -1,0 +1,171 @@
+"""End-to-end tests of `rankshrink compress` and `rankshrink demo` (through main(), in-process)."""
+
+import json
+
+import pytest
+import torch
+
+import rankshrink
+from rankshrink.cli import main
+from rankshrink.cli.compress import parse_amount, parse_byte_budget, parse_tolerance
+from rankshrink.errors import ConfigError
+from rankshrink.fileio import save_tensors
+from rankshrink.metrics import accuracy
+from rankshrink.models import DigitsCNN
+from rankshrink.plan import Plan
+from rankshrink.search.evaluate import single_threaded
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def digits(request, tmp_path_factory):
+    from rankshrink.models import load_builtin
+
+    try:
+        where = request.config.cache.mkdir("rankshrink-digits-cnn")
+    except AttributeError:
+        where = tmp_path_factory.mktemp("models")
+    with single_threaded():
+        model, splits = load_builtin("digits-cnn", cache_dir=where, progress=False)
+    path = tmp_path_factory.mktemp("weights") / "digits.safetensors"
+    save_tensors(path, model.state_dict())
+    return model, splits, path
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("rankshrink-cache")
+
+
+@pytest.fixture(autouse=True)
+def temp_cache(module_cache, tmp_path, monkeypatch):
+    # One cache for this module (not shared with other tests): later tests reuse the
+    # candidates' proxies the first one computed, which keeps the module fast.
+    monkeypatch.setenv("RANKSHRINK_CACHE", str(module_cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def _args(weights, out, *extra):
+    return ["compress", "--model", "builtin:digits-cnn", "--weights", str(weights), "--data", "builtin:digits",
+            "--out", str(out), "--quiet", *extra]
+
+
+def test_parsers():
+    assert parse_tolerance("0.01") == 0.01 and parse_tolerance("1%") == pytest.approx(0.01)
+    assert parse_amount("0.5", "x") == 0.5 and parse_amount("50%", "x") == 0.5
+    assert parse_amount("120000", "x") == 120000 and parse_amount("1.2M", "x") == 1_200_000
+    assert parse_amount("350k", "x") == 350_000
+    assert parse_byte_budget("256KB") == 256_000 and parse_byte_budget("1.5MB") == 1_500_000
+    assert parse_byte_budget("25%") == 0.25
+    for bad in ("-0.1", "1", "1.5", "abc"):
+        with pytest.raises(ConfigError):
+            parse_tolerance(bad)
+    for bad in ("0", "-3", "lots", "150%"):
+        with pytest.raises(ConfigError):
+            parse_amount(bad, "--max-macs")
+
+
+def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
+    model, splits, weights = digits
+    out = tmp_path / "out"
+    assert main(_args(weights, out, "--tolerance", "0.01")) == 0
+    text = capsys.readouterr().out
+    assert "features.2" in text and "MACs" in text and "test accuracy" in text
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json", "summary.json"]
+    assert not (tmp_path / ".out.partial").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    for side in ("original", "compressed"):
+        for key in ("accuracy", "test_accuracy", "params", "macs", "bytes"):
+            assert isinstance(summary[side][key], (int, float)), (side, key)
+    assert summary["seed"] == 0 and summary["evaluations"] > 0
+    assert summary["original"]["accuracy"] - summary["compressed"]["accuracy"] <= 0.01 + 1e-9
+    assert summary["compressed"]["macs"] < summary["original"]["macs"]
+    for layer in summary["layers"]:
+        assert {"name", "method", "rank", "params", "macs"} <= set(layer)
+    plan = Plan.load(out / "plan.json")
+    assert set(plan.layers) == {l["name"] for l in summary["layers"] if l["method"] != "dense"}
+    rebuilt = rankshrink.load(DigitsCNN, out)
+    assert accuracy(rebuilt, splits.val) == pytest.approx(summary["compressed"]["accuracy"])
+    assert accuracy(rebuilt, splits.test) == pytest.approx(summary["compressed"]["test_accuracy"])
+    # The same search through the API (all from the cache now) builds the same model.
+    from rankshrink.search import plan as search_plan
+
+    again = search_plan(model, splits, tolerance=0.01, progress=False)
+    assert again.evaluations == 0 and again.plan.key() == plan.key()
+    x = splits.val.tensors[0]
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), again.compressed_model().eval()(x), atol=1e-5)
+    # A rerun of the command costs no evaluations.
+    assert main(_args(weights, out, "--tolerance", "0.01", "--force")) == 0
+    rerun = json.loads((out / "summary.json").read_text())
+    assert rerun["evaluations"] == 0
+    assert rerun["evaluations_cached"] == summary["evaluations"] + summary["evaluations_cached"]
+
+
+@pytest.mark.parametrize("flag,value,kind,target", [("--max-macs", "50%", "macs", None),
+                                                    ("--max-params", "20k", "params", 20_000),
+                                                    ("--max-bytes", "120KB", "bytes", 120_000)])
+def test_compress_budget(tmp_path, digits, flag, value, kind, target):
+    model, splits, weights = digits
+    out = tmp_path / "out"
+    assert main(_args(weights, out, flag, value, "--seed", "3")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 3
+    target = target or int(0.5 * summary["original"][kind])
+    assert summary["budget"]["target"] == target
+    assert 0.98 * target <= summary["compressed"][kind] <= target
+    rebuilt = rankshrink.load(DigitsCNN, out)
+    counted = rankshrink.count(rebuilt, splits.val.tensors[0][:1])
+    assert {"macs": counted.macs, "params": counted.params, "bytes": counted.bytes}[kind] == summary["compressed"][kind]
+
+
+def _fails(capsys, argv, *needles):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys, digits):
+    model, splits, weights = digits
+    out = tmp_path / "out"
+    _fails(capsys, _args(weights, out, "--tolerance", "1.5"), "tolerance")
+    _fails(capsys, _args(weights, out, "--tolerance", "-0.01"), "tolerance")
+    _fails(capsys, _args(weights, out, "--max-macs", "0"), "--max-macs")
+    _fails(capsys, _args(weights, out, "--max-bytes", "12XB"), "--max-bytes")
+    _fails(capsys, _args(weights, out, "--max-macs", "100"), "minimum reachable")
+    assert not out.exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    # A model whose outputs do not fit the labels.
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text("import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Flatten(), "
+                          "torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n")
+    _fails(capsys, ["compress", "--model", f"{model_file}:make", "--data", "builtin:digits", "--tolerance", "0.01",
+                    "--out", str(out), "--quiet"], "classes")
+    assert not out.exists()
+    # A non-empty --out without --force.
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(capsys, _args(weights, out, "--tolerance", "0.01"), "--force")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_demo_json(tmp_path, capsys, digits, monkeypatch):
+    model, splits, weights = digits
+    # Reuse the module's trained weights as the demo's cached model.
+    from rankshrink.models import builtin_weights_path
+
+    target = builtin_weights_path("digits-cnn", splits.fingerprint)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(weights.read_bytes())
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--json", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "demo:" in text and "MACs" in text
+    summary = json.loads(out.read_text())
+    assert summary["tolerance"] == 0.01
+    assert summary["original"]["accuracy"] - summary["compressed"]["accuracy"] <= 0.01 + 1e-9
+    assert summary["compressed"]["macs"] < 0.5 * summary["original"]["macs"]
