@@ -1,7 +1,8 @@
 """Benchmark: how fast and how accurate are rankshrink's decompositions?
 
-Two questions, one run (about 2-3 minutes on 2 CPU cores, most of it the two slow
-references: LAPACK's full 4096×4096 SVD and TensorLy's default ``parafac``):
+Two questions, one run (about 1.5 minutes on 2 idle CPU cores, several times that on
+a busy machine; most of it goes to the two slow references, LAPACK's full 4096×4096
+SVD and TensorLy's default ``parafac``):
 
 1. **Randomized vs exact SVD** (``rankshrink.decompose.truncated_svd``): time and
    relative error ``‖A − Â‖_F / ‖A‖_F`` of ``method='exact'`` (LAPACK, float64) and
@@ -256,6 +257,9 @@ def notes(result: dict) -> list[str]:
                    "is already cheap (one QR plus a 128×128 SVD), and the range finder needs 74 of 128 columns "
                    "plus power iterations, so randomized cannot be 20× faster here; that is why 'auto' keeps "
                    "the exact SVD for it. The 20× target applies where 'auto' chooses randomized.")
+    out.append("TensorLy's parafac is called with its defaults, including random_state=None: its SVD init "
+               "pads the 3-wide spatial modes with random columns, so its error varies a little from run to "
+               "run (ours is seeded and repeatable).")
     out.append("Our CP ('compressed'): HOSVD projection of both channel modes onto R = 64 columns, CP-ALS "
                "on the 64×64×3×3 core (up to 100 sweeps), lifted back, then up to 25 ALS sweeps on the full "
                "kernel. Its sweeps contract the kernel with one factor at a time (never a Khatri-Rao "

@@ -103,15 +103,18 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     assert rerun["evaluations_cached"] == summary["evaluations"] + summary["evaluations_cached"]
 
 
-@pytest.mark.parametrize("flag,value,kind,target", [("--max-macs", "50%", "macs", None),
-                                                    ("--max-params", "20k", "params", 20_000),
-                                                    ("--max-bytes", "120KB", "bytes", 120_000)])
-def test_compress_budget(tmp_path, digits, flag, value, kind, target):
+@pytest.mark.parametrize("flag,value,kind,target,extra", [
+    ("--max-macs", "50%", "macs", None, ()),
+    ("--max-params", "20k", "params", 20_000, ()),
+    ("--max-bytes", "120KB", "bytes", 120_000, ("--seed", "3", "--methods", "svd,weight"))])
+def test_compress_budget(tmp_path, digits, flag, value, kind, target, extra):
     model, splits, weights = digits
     out = tmp_path / "out"
-    assert main(_args(weights, out, flag, value, "--seed", "3")) == 0
+    assert main(_args(weights, out, flag, value, *extra)) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["seed"] == 3
+    assert summary["seed"] == (3 if extra else 0)
+    if extra:
+        assert {l["method"] for l in summary["layers"]} <= {"svd", "weight", "dense"}
     target = target or int(0.5 * summary["original"][kind])
     assert summary["budget"]["target"] == target
     assert 0.98 * target <= summary["compressed"][kind] <= target

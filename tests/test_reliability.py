@@ -659,8 +659,6 @@ def test_search_handles_half_precision_models():
     assert all(p.dtype == torch.bfloat16 for p in result.compressed_model().parameters())
 
 
-@pytest.mark.xfail(strict=True, reason="calibrate (helper-4): the hooks' forward pass feeds float32 data to a "
-                                       "bfloat16 model; cast with rankshrink.metrics.to_model(inputs, model)")
 def test_calibrate_handles_half_precision_models():
     from rankshrink.calibrate import calibrate
     from rankshrink.data import load_data
@@ -707,8 +705,6 @@ def test_surgery_load_refuses_a_mixed_output_set(tmp_path):
         load(DigitsCNN, out)
 
 
-@pytest.mark.xfail(strict=True, reason="cli/finetune (helper-4): summary.json does not record the seed "
-                                       "(issue 6, item 4); add \"seed\": args.seed")
 def test_finetune_summary_records_the_seed(tmp_path):
     from rankshrink.fileio import save_tensors
     from rankshrink.models import BUILTIN_MODELS

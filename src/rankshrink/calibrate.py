@@ -54,7 +54,7 @@ from .decompose.data_aware import STATS_NEEDED, InputStats
 from .errors import ConfigError, DataError, FileFormatError, LayerError
 from .factorized import layer_type, unsupported_reason
 from .fileio import load_tensors, save_tensors
-from .metrics import _device_of, eval_mode
+from .metrics import _device_of, eval_mode, to_model
 from .plan import Plan
 from .surgery import aliases, factorizable_layers, get_layer
 
@@ -353,7 +353,7 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
                     batch_index[0] = index
                     hit.clear()
                     try:
-                        model(inputs.to(device))
+                        model(to_model(inputs, model))
                     except _HookError as exc:
                         raise exc.error from None
                     except (RuntimeError, ValueError, TypeError, IndexError) as exc:

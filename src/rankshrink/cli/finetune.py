@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..finetune import finetune
     from ..metrics import accuracy
+    from ..fileio import output_set
     from ..models import load_model_spec
     from ..plan import Plan
     from ..surgery import apply, save
@@ -243,8 +244,10 @@ def run(args: argparse.Namespace) -> int:
     accuracies["factorized"] = {"val": result.val_before, "test": result.test_before}
     accuracies["finetuned"] = {"val": result.val_after, "test": result.test_after}
     summary = {"command": "finetune", "model": args.model, "data": spec, "objective": objective,
-               "plan": plan.to_dict(), "accuracy": accuracies, "finetune": result.to_dict()}
-    save(result.model, plan, out, force=True, extra_files={SUMMARY_FILE: summary})
+               "seed": args.seed, "plan": plan.to_dict(), "accuracy": accuracies, "finetune": result.to_dict()}
+    # --out was validated before training; it now holds only the checkpoint besides the user's files.
+    with output_set(out, force=True, summary=summary, summary_name=SUMMARY_FILE) as stage:
+        save(result.model, plan, stage, force=True)
     shutil.rmtree(checkpoint, ignore_errors=True)
 
     def pct(value):

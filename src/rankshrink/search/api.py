@@ -27,7 +27,7 @@ from .allocate import (MAX_GLOBAL_EVALUATIONS, budget_allocation, minimum_cost, 
 from .evaluate import EvaluationRecord, SearchInterrupted, thread_policy
 from .session import Session
 from .single import _check_tolerance
-from .space import COST_KINDS, CostModel, build_spaces
+from .space import COST_KINDS, CostModel, build_spaces, minimum_reachable
 
 __all__ = ["plan", "Budget", "SearchResult", "evaluation_bound"]
 
@@ -262,6 +262,13 @@ def _plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None,
     target = None
     if mode == "budget":
         target = budget.absolute(original)
+    if mode == "budget":  # fail fast, before any factorization
+        lowest = minimum_reachable(cost_model, kind=kind, layers=layers, methods=methods)
+        if target < lowest:
+            raise ConfigError(
+                f"the {kind} budget {target:,} is below the minimum reachable {lowest:,} "
+                f"({lowest / original[kind]:.1%} of the original {original[kind]:,}: every factorizable layer "
+                "at rank 1 with its cheapest method, plus everything that is not factorized); raise the budget.")
     try:
         spaces = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods, progress=progress)
         if mode == "budget" and spaces:

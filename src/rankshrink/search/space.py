@@ -197,6 +197,33 @@ def neighbour_rank(geometry: dict[str, Any], method: str, rank, step: int):
     return new
 
 
+def minimum_reachable(cost_model: CostModel, *, kind: str, layers: list[str] | None = None,
+                      methods: list[str] | None = None) -> int:
+    """The smallest ``kind`` cost any plan can reach, by formula only (no factorization).
+
+    Every factorizable layer at rank 1 of its cheapest method (if that is cheaper than
+    the layer), plus everything that is not factorized.
+    """
+    cap_objective = "macs" if kind == "macs" else "params"
+    total = cost_model.original[kind]
+    for row in cost_model.model_cost.layers:
+        if row.method is not None or (layers is not None and row.name not in layers):
+            continue
+        allowed = [m for m in methods_for(row.geometry) if not methods or m in methods]
+        dense = dense_cost(row.geometry, row.input_size)
+        esize = row.bytes // max(row.params, 1) if row.params else 4
+        value = {"params": dense.params, "macs": dense.macs * row.calls, "bytes": dense.params * esize}
+        best = value[kind]
+        for method in allowed:
+            if break_even_rank(row.geometry, method, row.input_size, objective=cap_objective) < 1:
+                continue
+            cost = factorized_cost(row.geometry, method, normalize_rank(row.geometry, method, 1), row.input_size)
+            best = min(best, {"params": cost.params, "macs": cost.macs * row.calls,
+                              "bytes": cost.params * esize}[kind])
+        total += best - value[kind]
+    return total
+
+
 def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: list[str] | None = None,
                  methods: list[str] | None = None, progress: bool = False) -> list[LayerSpace]:
     """Candidates for every factorizable layer (or those named in ``layers``), in model order."""
