@@ -9,7 +9,7 @@ import rankshrink
 from rankshrink.cli import main
 from rankshrink.cli.compress import parse_amount, parse_byte_budget, parse_tolerance
 from rankshrink.errors import ConfigError
-from rankshrink.fileio import save_tensors
+from rankshrink.fileio import save_tensors, verify_output_set
 from rankshrink.metrics import accuracy
 from rankshrink.models import DigitsCNN
 from rankshrink.plan import Plan
@@ -73,8 +73,9 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     text = capsys.readouterr().out
     assert "features.2" in text and "MACs" in text and "test accuracy" in text
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json", "summary.json"]
-    assert not (tmp_path / ".out.partial").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())  # no staging left
     summary = json.loads((out / "summary.json").read_text())
+    assert set(verify_output_set(out)["files"]) == {"model.safetensors", "plan.json"}  # one checked set
     for side in ("original", "compressed"):
         for key in ("accuracy", "test_accuracy", "params", "macs", "bytes"):
             assert isinstance(summary[side][key], (int, float)), (side, key)

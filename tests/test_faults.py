@@ -206,9 +206,6 @@ def test_killed_finetune_resumes_from_its_checkpoint(tmp_path, trained_weights):
 
 # --------------------------------------------------------------------------- output sets
 
-@pytest.mark.xfail(strict=True, reason="cli/compress.write_outputs (helper-3) does not use fileio.output_set yet: "
-                                       "with --force its files are replaced one by one and summary.json records "
-                                       "no checksums, so a run killed while writing can leave a mix")
 def test_compress_outputs_are_one_verifiable_set(tmp_path):
     from rankshrink.cli.compress import write_outputs
     from rankshrink.plan import Plan

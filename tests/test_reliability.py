@@ -646,8 +646,6 @@ if st is not None:
 # --------------------------------------------------------------------------- needed from other modules' owners
 # Each of these fails today and documents a change requested in a file this issue does not own.
 
-@pytest.mark.xfail(strict=True, reason="search (helper-3): Session/Distortion feed float32 data to a bfloat16 "
-                                       "model; cast inputs with rankshrink.metrics.to_model(inputs, model)")
 def test_search_handles_half_precision_models():
     from rankshrink.data import load_data
     from rankshrink.models import BUILTIN_MODELS
@@ -668,8 +666,6 @@ def test_calibrate_handles_half_precision_models():
     calibrate(model, load_data("builtin:digits").train, samples=64)
 
 
-@pytest.mark.xfail(strict=True, reason="search (helper-3): a NaN weight is reported as NaN inputs of the *next* "
-                                       "layer; call rankshrink.models.check_finite(model) when the Session starts")
 def test_search_names_the_layer_with_nan_weights():
     from rankshrink.data import load_data
     from rankshrink.errors import LayerError

@@ -37,8 +37,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +55,7 @@ from .fileio import load_tensors, save_tensors
 from .metrics import _device_of, eval_mode, to_model
 from .plan import Plan
 from .surgery import aliases, factorizable_layers, get_layer
+from ._callable import make_module_callable
 
 __all__ = ["Calibration", "CalibrationWarning", "calibrate", "DEFAULT_SAMPLES", "DEFAULT_BATCH_SIZE"]
 
@@ -404,11 +403,5 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
     return Calibration(stats, n_samples, alias_of)
 
 
-class _CallableModule(types.ModuleType):
-    """``rankshrink.calibrate(model, data)`` calls :func:`calibrate`; ``rankshrink.calibrate.calibrate`` still works."""
-
-    def __call__(self, *args, **kwargs):
-        return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``rankshrink.calibrate(...)`` calls the function; the module stays importable.
+make_module_callable(__name__, "rankshrink.calibrate:calibrate")

@@ -24,9 +24,7 @@ The module is callable: ``import rankshrink.finetune as ft; ft(model, data, 3)``
 from __future__ import annotations
 
 import copy
-import sys
 import time
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,6 +36,7 @@ from .data import Splits, _dataset_len
 from .errors import ConfigError, DataError
 from .factorized import Factorized
 from .metrics import accuracy
+from ._callable import make_module_callable
 
 __all__ = ["FinetuneResult", "RecoveryResult", "finetune", "factor_parameters", "compress_and_recover",
            "TRAIN_CHOICES", "DEFAULT_LR"]
@@ -279,11 +278,5 @@ def compress_and_recover(model: nn.Module, data: Splits, *, tolerance: float = 0
         search=found, finetune=tuned, attempts=attempts, seconds=time.perf_counter() - start)
 
 
-class _CallableModule(types.ModuleType):
-    """Lets ``rankshrink.finetune(...)`` call :func:`finetune` while the module stays importable."""
-
-    def __call__(self, *args, **kwargs):
-        return finetune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``rankshrink.finetune(...)`` calls the function; the module stays importable.
+make_module_callable(__name__, "rankshrink.finetune:finetune")

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping
 
 from .errors import PlanError
 from .factorized import ALL_METHODS
+from ._callable import make_module_callable
 from .fileio import atomic_write_json, read_json
 
 PLAN_FORMAT = "rankshrink-plan"
@@ -157,3 +158,7 @@ def _coerce_entry(name: str, entry: Any) -> LayerPlan:
     except PlanError as exc:
         raise PlanError(f"layer '{name}': {exc}") from None
     raise PlanError(f"layer '{name}': expected {{\"method\": ..., \"rank\": ...}}, got {entry!r}.")
+
+
+# ``rankshrink.plan(model, data, tolerance=... | budget=...)`` runs the rank search.
+make_module_callable(__name__, "rankshrink.search:plan")

@@ -6,10 +6,11 @@ values: a ratio of the original (``0.5`` or ``50%``; any value up to 1) or an
 absolute amount (a number above 1: ``120000``, ``1.2M``, ``350k``; bytes also
 ``256KB``, ``1.5MB``, ``2MiB``).
 
-Writes ``--out``/plan.json, model.safetensors and summary.json. The outputs are
-staged in a sibling directory and moved into place when complete, so an
-interrupted run leaves nothing half-written in ``--out``; evaluations finished
-before an interruption are cached, and rerunning the same command resumes.
+Writes ``--out``/plan.json, model.safetensors and summary.json as one set
+(:func:`rankshrink.fileio.output_set`): staged in a sibling directory and moved into
+place when complete, so an interrupted run leaves nothing half-written in ``--out``;
+summary.json records the other files' checksums. Evaluations finished before an
+interruption are cached, and rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -124,28 +124,19 @@ def _target(args: argparse.Namespace) -> dict:
 
 
 def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: bool) -> Path:
-    """Save weights, plan.json and summary.json so that ``out`` only ever holds complete outputs.
+    """Save weights, plan.json and summary.json as one all-or-nothing set (``fileio.output_set``).
 
-    A new (or empty) ``out`` is filled in a sibling staging directory that is renamed into
-    place at the end; with ``force`` on a non-empty ``out`` each file is replaced atomically
-    and summary.json, the completion marker, is written last.
+    A new (or empty) ``out`` appears in one rename; with ``force`` on a non-empty ``out``
+    the files are moved in with summary.json, the completion marker, last, and a killed
+    run is rolled forward by the next reader or writer. summary.json records every
+    other file's sha256 (``fileio.verify_output_set`` checks them).
     """
+    from ..fileio import output_set
     from ..surgery import save
 
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ConfigError(f"output directory '{out}' is not empty; pass --force to replace rankshrink's "
-                              "own files in it, or choose another --out.")
-        save(model, plan, out, force=True, extra_files={"summary.json": summary})
-        return out
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)  # left over by an interrupted run of ours
-    save(model, plan, staging, extra_files={"summary.json": summary})
-    if out.is_dir():
-        out.rmdir()  # empty
-    os.replace(staging, out)
+    with output_set(out, force=force, summary=summary) as stage:
+        save(model, plan, stage)
     return out
 
 

@@ -275,10 +275,10 @@ class Distortion:
     """
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 256):
-        from ..metrics import _device_of
+        from ..metrics import to_model
 
         self.model = model
-        self.inputs = inputs.to(_device_of(model))
+        self.inputs = to_model(inputs, model)
         self.batch_size = batch_size
         self.passes = 0
         self.seconds = 0.0

@@ -105,6 +105,10 @@ class Session:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}.")
+        from ..metrics import to_model
+        from ..models import check_finite
+
+        check_finite(model)  # names the layer with NaN/Inf weights before anything runs
         self.timings: dict[str, float] = {"calibrate": 0.0, "proxy": 0.0, "factorize": 0.0, "evaluate": 0.0}
         self.model = model
         self.seed = seed
@@ -124,7 +128,7 @@ class Session:
             if source is None:
                 raise ConfigError("without data, pass example_input (one batch) so costs can be counted.")
             example_input = next(iter(iterate_batches(source, 1)))[0]
-        self.example_input = example_input
+        self.example_input = to_model(example_input, model)  # half-precision models get cast inputs
 
         # Factorization objective: data-aware when there is training data to calibrate on.
         if objective == "auto":
