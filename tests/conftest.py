@@ -9,6 +9,17 @@ corrupts its cache cannot affect another).
 import shutil
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the whole suite: the models here are tiny, and on a shared
+    2-core machine busy-waiting OpenMP threads made them up to 50x slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -267,3 +267,20 @@ def test_size_and_speed_ratios_against_hand_values():
     assert size_ratio(dense, tucker) == pytest.approx(36864 / 4352)
     assert speed_ratio(dense, tucker) == pytest.approx(36864 / 4352)  # every factor runs at 8×8
     assert size_ratio(dense, Cost(0, 0, 0)) == math.inf and speed_ratio(dense, Cost(0, 0, 0)) == math.inf
+
+
+def test_tied_weights_counted_once_in_model_totals():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encode = nn.Linear(6, 6)
+            self.decode = nn.Linear(6, 6)
+            self.decode.weight = self.encode.weight
+
+        def forward(self, x):
+            return self.decode(self.encode(x))
+
+    costs = count(Tied(), torch.randn(1, 6))
+    assert costs.params == 36 + 6 + 6
+    assert costs.layer("encode").params == costs.layer("decode").params == 42  # each layer's own size
+    assert costs.other_params == 0

@@ -18,14 +18,6 @@ from rankshrink.decompose import (low_rank_factors, reconstruct_cp, reconstruct_
 from rankshrink.errors import DataError, LayerError, PlanError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, busy-waiting OpenMP threads make small
-    models up to 50× slower under load. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _correlated_rows(n: int, d: int, seed: int, decay: float = 3.0) -> torch.Tensor:
@@ -397,3 +389,20 @@ def test_digits_cnn_rank_8_first_linear_keeps_accuracy(digits):
     aware = accuracy(rs.apply(model, plan, calibration=calibrate(model, splits.train, ["classifier.1"])), splits.val)
     assert aware >= base - 0.02
     assert aware - plain >= 0.05
+
+
+def test_svd_options_reach_the_data_aware_path():
+    """svd_method/seed work with calibration statistics too (and unknown options are refused)."""
+    import rankshrink as rs
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24))
+    inputs = torch.randn(400, 32) @ torch.randn(32, 32)
+    cal = rs.calibrate(model, inputs)
+    exact = rs.factorize(model[0], "svd", 6, input_stats=cal["0"], svd_method="exact")
+    randomized = rs.factorize(model[0], "svd", 6, input_stats=cal["0"], svd_method="randomized", seed=3)
+    x = inputs[:50]
+    err_exact = (model(x) - exact(x)).norm()
+    err_randomized = (model(x) - randomized(x)).norm()
+    assert err_randomized <= err_exact * 1.01
+    with pytest.raises(rs.LayerError, match="Linear: unknown factorization option"):
+        rs.factorize(model[0], "svd", 6, input_stats=cal["0"], not_an_option=1)

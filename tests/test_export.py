@@ -2,7 +2,6 @@
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 from torch import nn
 

@@ -17,14 +17,6 @@ from rankshrink.errors import ConfigError
 from rankshrink.metrics import accuracy
 from rankshrink.train import train
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, busy-waiting OpenMP threads make small
-    models up to 50× slower under load. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 MODEL_FILE = '''

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
+
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -679,8 +679,6 @@ def test_search_names_the_layer_with_nan_weights():
         plan(model, load_data("builtin:digits"), budget={"params": 0.5}, progress=False, cache=False)
 
 
-@pytest.mark.xfail(strict=True, reason="surgery.load (helper-5) does not check the output set: it should call "
-                                       "fileio.verify_output_set(directory, names=[PLAN_FILE, WEIGHTS_FILE]) first")
 def test_surgery_load_refuses_a_mixed_output_set(tmp_path):
     from rankshrink.errors import FileFormatError
     from rankshrink.fileio import output_set, save_tensors

@@ -6,7 +6,6 @@ import copy
 import math
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -21,13 +20,6 @@ from rankshrink.models import MnistMLP
 from rankshrink.train import CHECKPOINT_NAME, distillation_loss, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models train faster on one thread, and far faster on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

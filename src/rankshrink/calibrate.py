@@ -52,7 +52,7 @@ from .decompose.data_aware import STATS_NEEDED, InputStats
 from .errors import ConfigError, DataError, FileFormatError, LayerError
 from .factorized import layer_type, unsupported_reason
 from .fileio import load_tensors, save_tensors
-from .metrics import _device_of, eval_mode, to_model
+from .metrics import eval_mode, to_model
 from .plan import Plan
 from .surgery import aliases, factorizable_layers, get_layer
 from ._callable import make_module_callable
@@ -339,7 +339,6 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(name, module)) for name, (module, _) in targets.items()]
-    device = _device_of(model)
     try:
         batches = iterate_batches(data, batch_size)
         bar = None

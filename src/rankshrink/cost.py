@@ -298,7 +298,9 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
             continue  # a factor of a block (CP's depthwise convs): counted with the block
         for size in seen_sizes.get(module_id, []):
             other = other + module_cost(module, size)[0]
-    counted = sum(l.params for l in layers)
+    # Parameters inside the rows' layers, each tensor once (tied weights appear in two rows).
+    counted = sum(p.numel() for p in {id(p): p for l in layers
+                                      for p in model.get_submodule(l.name).parameters()}.values())
     return ModelCost(layers, params, sum(by_dtype.values()), by_dtype,
                      sum(l.multiplies for l in layers) + other.multiplies,
                      sum(l.additions for l in layers) + other.additions,

@@ -247,10 +247,17 @@ def decompose_weight(weight: torch.Tensor, method: str, rank, *, input_stats=Non
     weight error; ``centered=True`` and ``damping=`` then apply (see
     :func:`rankshrink.decompose.data_aware.factor_weights`).
     """
+    data_keys = ("centered", "damping", "layer")
+    data_options = {key: options.pop(key) for key in data_keys if key in options}
+    options = decomposition_options(method, options)
     if input_stats is not None:
         from .decompose.data_aware import factor_weights
-        return factor_weights(weight, method, rank, input_stats, **options)
-    options = decomposition_options(method, options)
+        # The SVD-based methods take the SVD options (e.g. randomized); the data-aware
+        # Tucker-2/CP solvers have their own fixed schedule.
+        svd_options = dict(options) if method in ("svd", "weight", "spatial") else {}
+        if "method" in svd_options:  # factor_weights' own `method` is the factorization's
+            svd_options["svd_method"] = svd_options.pop("method")
+        return factor_weights(weight, method, rank, input_stats, **data_options, **svd_options)
     if method == "svd":
         left, right = decompose.low_rank_factors(weight, rank, **options)
         return [right, left]

@@ -18,7 +18,7 @@ from torch import nn
 from .errors import FileFormatError, LayerError, PlanError
 from .factorized import (Factorized, build_factorized, factorize, layer_geometry, methods_for,
                          normalize_rank, unsupported_reason)
-from .fileio import atomic_write_json, load_tensors, prepare_output_dir, read_json, save_tensors
+from .fileio import atomic_write_json, load_tensors, prepare_output_dir, save_tensors, verify_output_set
 from .plan import Plan
 
 WEIGHTS_FILE = "model.safetensors"
@@ -194,6 +194,8 @@ def load(factory: Callable[[], nn.Module] | nn.Module, directory: str | os.PathL
     planned layers are replaced by empty factor layers, then all weights load strictly.
     """
     directory = Path(directory)
+    # A set written by fileio.output_set records checksums: refuse a mix of two runs' files.
+    verify_output_set(directory, names=[PLAN_FILE, WEIGHTS_FILE])
     plan = Plan.load(directory / PLAN_FILE) if (directory / PLAN_FILE).exists() else None
     if plan is None:
         raise FileFormatError(f"'{directory}' has no {PLAN_FILE}; it is not a model saved by rankshrink.save().")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .svd import low_rank_factors, truncated_svd
+from .svd import low_rank_factors
 
 
 class SpatialFactors(NamedTuple):

@@ -670,6 +670,8 @@ def factor_weights(weight: torch.Tensor, method: str, rank, stats: InputStats, *
     :func:`rankshrink.factorized.decompose_weight`.
     """
     damping = _check_damping(damping)
+    if "svd_method" in options:  # 'exact' / 'randomized' / 'auto' for the SVD inside
+        options["method"] = options.pop("svd_method")
     chosen = stats_for_method(stats, method, weight.shape, layer=layer)
     if chosen.count == 0:
         raise ConfigError(f"{layer}: the statistics summarise no inputs (the calibration data never "
