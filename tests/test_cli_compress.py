@@ -173,3 +173,21 @@ def test_demo_json(tmp_path, capsys, digits, monkeypatch):
     assert summary["tolerance"] == 0.01
     assert summary["original"]["accuracy"] - summary["compressed"]["accuracy"] <= 0.01 + 1e-9
     assert summary["compressed"]["macs"] < 0.5 * summary["original"]["macs"]
+
+
+def test_compress_with_finetune_records_recovery(tmp_path):
+    """`compress --finetune N --distill`: the search's plan, then fine-tuned factors, never worse on validation."""
+    import json
+
+    from rankshrink.cli import main
+
+    out = tmp_path / "out"
+    code = main(["compress", "--model", "builtin:digits-cnn", "--max-macs", "0.15", "--methods", "svd,weight",
+                 "--finetune", "2", "--distill", "--out", str(out), "--quiet", "--no-cache"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    tuned = summary["finetune"]
+    assert tuned["distilled"] is True and tuned["epochs_run"] == 2
+    assert tuned["val_after"] >= tuned["val_before"]
+    assert summary["compressed"]["accuracy"] == tuned["val_after"]
+    assert summary["compressed"]["macs_ratio"] <= 0.15

@@ -110,6 +110,9 @@ def register(subparsers) -> None:
     cache.add_argument("--no-cache", action="store_true", help="do not read or write the evaluation cache")
     parser.add_argument("--seed", type=int, default=0, help="seed for factorizations and calibration sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .finetune import add_recovery_arguments
+
+    add_recovery_arguments(parser)  # --finetune EPOCHS [--distill] [--finetune-lr ...]
     parser.set_defaults(func=run)
 
 
@@ -144,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_data
     from ..fileio import check_output_dir
     from ..search import plan as search_plan
+    from .finetune import recover_from_args
     from .inputs import default_data_spec, load_model
 
     target = _target(args)  # bad values fail before any work
@@ -162,6 +166,17 @@ def run(args: argparse.Namespace) -> int:
     summary = result.summary()
     summary.update({"model": args.model, "weights": args.weights, "data": spec})
     print_report(result)
+    args.no_progress = args.quiet
+    recovery = recover_from_args(args, model, compressed, splits)  # None without --finetune
+    if recovery is not None:
+        # The direct problem after the indirect one: fine-tuning keeps the best validation
+        # epoch, so the tolerance met by the search still holds.
+        compressed = recovery.model
+        summary["finetune"] = recovery.to_dict()
+        summary["compressed"].update(accuracy=recovery.val_after, test_accuracy=recovery.test_after)
+        print(f"fine-tuned {recovery.epochs_run} epoch(s){' with distillation' if recovery.distilled else ''}: "
+              f"validation accuracy {_pct(recovery.val_before)} -> {_pct(recovery.val_after)}, "
+              f"test accuracy {_pct(recovery.test_before)} -> {_pct(recovery.test_after)}")
     write_outputs(compressed, result.plan, summary, args.out, force=args.force)
     print(f"wrote {args.out}/plan.json, model.safetensors, summary.json")
     return 0
