@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..errors import ConfigError
-from ..fileio import atomic_write_json, check_output_dir, save_tensors
+from ..fileio import atomic_write_json, check_output_dir, output_set, save_tensors
 from ..lora.config import LoraConfig
 from ..lora.io import CONFIG_NAME, WEIGHTS_NAME, adapter_size_bytes, load_adapter, save_adapter
 from ..lora.model import add_adapters, count_parameters, lora_layers, remove_adapters
@@ -129,21 +129,21 @@ def merge_adapter_command(*, model: str, weights: str | None, adapter: str, out:
     layers = sorted(lora_layers(adapted))
     merged = remove_adapters(adapted, merge=True, inplace=True)
     out_dir = Path(out)
-    if plan is not None:
-        from ..surgery import save
-
-        new_plan = plan
-        for name in plan:
-            module = merged.get_submodule(name)
-            if getattr(module, "rank", None) != plan[name].rank:
-                new_plan = new_plan.with_layer(name, plan[name].method, module.rank)
-        save(merged, new_plan, out_dir, force=True)
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_tensors(out_dir / MERGED_WEIGHTS, merged.state_dict(), metadata={"format": "pt"})
     summary = {"model": model, "weights": weights, "adapter": str(adapter), "merged_layers": layers,
                "parameters": sum(p.numel() for p in merged.parameters()), "out": str(out_dir)}
-    atomic_write_json(out_dir / MERGE_SUMMARY, summary)
+    # One verifiable set: staged, then renamed in with the summary (and checksums) last.
+    with output_set(out_dir, force=force, summary=summary, summary_name=MERGE_SUMMARY) as stage:
+        if plan is not None:
+            from ..surgery import save
+
+            new_plan = plan
+            for name in plan:
+                module = merged.get_submodule(name)
+                if getattr(module, "rank", None) != plan[name].rank:
+                    new_plan = new_plan.with_layer(name, plan[name].method, module.rank)
+            save(merged, new_plan, stage, force=True)
+        else:
+            save_tensors(stage / MERGED_WEIGHTS, merged.state_dict(), metadata={"format": "pt"})
     return summary
 
 
