@@ -237,7 +237,7 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
     factorized blocks are reported one row each; other layers with weights are listed
     in ``skipped`` with the reason. The model is run once in eval mode and restored.
     """
-    from .surgery import skipped_layers
+    from .surgery import inside_factorized, skipped_layers
 
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
@@ -273,7 +273,7 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
         sizes = seen_sizes.get(module_id, [])
         if not sizes:
             continue  # never called in forward (an unused branch): costs nothing
-        if any(isinstance(p, Factorized) for p in _ancestors(model, name)):
+        if inside_factorized(model, name):
             continue  # counted as part of its block
         cost = ZERO
         for size in sizes:
@@ -294,7 +294,7 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
         by_dtype[key] = by_dtype.get(key, 0) + tensor.numel() * tensor.element_size()
     other = ZERO
     for module_id, (name, module) in others.items():
-        if any(isinstance(p, Factorized) for p in _ancestors(model, name)):
+        if inside_factorized(model, name):
             continue  # a factor of a block (CP's depthwise convs): counted with the block
         for size in seen_sizes.get(module_id, []):
             other = other + module_cost(module, size)[0]
@@ -306,10 +306,3 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
                      sum(l.additions for l in layers) + other.additions,
                      other_params=params - counted, skipped=skipped_layers(model),
                      other_multiplies=other.multiplies, other_additions=other.additions)
-
-
-def _ancestors(model: nn.Module, name: str):
-    node = model
-    for part in name.split(".")[:-1]:
-        node = node.get_submodule(part)
-        yield node

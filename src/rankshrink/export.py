@@ -23,7 +23,6 @@ from torch import nn
 
 from .cost import count
 from .errors import ConfigError, RankshrinkError
-from .factorized import Factorized
 from .fileio import atomic_path
 from .plan import Plan
 
@@ -34,7 +33,7 @@ class ExportError(RankshrinkError, RuntimeError):
 
 def _require_onnx():
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401  (the exporter needs it; fail here with a clear message)
         import onnxruntime
     except ImportError:
         raise ExportError("ONNX export needs the 'onnx' and 'onnxruntime' packages: "
@@ -196,6 +195,3 @@ def drop_slower_layers(original: nn.Module, plan: Plan, example_input: torch.Ten
         metadata["dropped_as_slower"] = sorted(slow)
     return Plan(kept, metadata), speeds
 
-
-def factorized_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, Factorized)]

@@ -54,7 +54,7 @@ def skipped_layers(model: nn.Module) -> list[tuple[str, str]]:
     """(name, reason) for layers with weights that will not be factorized."""
     skipped = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, Factorized) or any(isinstance(p, Factorized) for p in _parents(model, name)):
+        if not name or isinstance(module, Factorized) or inside_factorized(model, name):
             continue
         reason = unsupported_reason(module)
         has_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
@@ -63,12 +63,17 @@ def skipped_layers(model: nn.Module) -> list[tuple[str, str]]:
     return skipped
 
 
-def _parents(model: nn.Module, name: str) -> Iterable[nn.Module]:
-    parts = name.split(".")
+def ancestors(model: nn.Module, name: str) -> Iterable[nn.Module]:
+    """The modules enclosing ``name``, outermost first (``model`` itself excluded)."""
     node = model
-    for part in parts[:-1]:
+    for part in name.split(".")[:-1]:
         node = node.get_submodule(part)
         yield node
+
+
+def inside_factorized(model: nn.Module, name: str) -> bool:
+    """Whether layer ``name`` is one of the factors of a :class:`Factorized` block."""
+    return any(isinstance(parent, Factorized) for parent in ancestors(model, name))
 
 
 def replace_layer(model: nn.Module, name: str, new: nn.Module) -> None:
