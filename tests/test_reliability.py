@@ -487,15 +487,23 @@ def test_trust_pickle_loads_a_whole_model_only_when_asked(tmp_path):
     assert set(load_state_dict(tmp_path / "really_torch.safetensors")) == set(model.state_dict())
 
 
-def test_apply_is_deterministic_and_records_its_seed(tmp_path):
-    from rankshrink.fileio import save_tensors, verify_output_set
+def _digits_inputs(directory: Path, layers: dict) -> tuple[Path, Path]:
+    """Untrained digits-CNN weights and a plan file with ``layers``, for CLI tests."""
+    from rankshrink.fileio import save_tensors
     from rankshrink.models import BUILTIN_MODELS
 
-    weights = tmp_path / "w.safetensors"
+    weights = directory / "w.safetensors"
     save_tensors(weights, BUILTIN_MODELS["digits-cnn"].create().state_dict())
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"layers": {"features.2": {"method": "cp", "rank": 6},
-                                           "classifier.1": {"method": "svd", "rank": 12}}}))
+    plan = directory / "plan.json"
+    plan.write_text(json.dumps({"layers": layers}))
+    return weights, plan
+
+
+def test_apply_is_deterministic_and_records_its_seed(tmp_path):
+    from rankshrink.fileio import verify_output_set
+
+    weights, plan = _digits_inputs(tmp_path, {"features.2": {"method": "cp", "rank": 6},
+                                              "classifier.1": {"method": "svd", "rank": 12}})
     outs = []
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
         out = tmp_path / name
@@ -511,13 +519,9 @@ def test_apply_is_deterministic_and_records_its_seed(tmp_path):
 
 
 def test_apply_force_replaces_only_its_own_files(tmp_path):
-    from rankshrink.fileio import save_tensors, verify_output_set
-    from rankshrink.models import BUILTIN_MODELS
+    from rankshrink.fileio import verify_output_set
 
-    weights = tmp_path / "w.safetensors"
-    save_tensors(weights, BUILTIN_MODELS["digits-cnn"].create().state_dict())
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"layers": {"classifier.1": {"method": "svd", "rank": 12}}}))
+    weights, plan = _digits_inputs(tmp_path, {"classifier.1": {"method": "svd", "rank": 12}})
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
@@ -700,13 +704,7 @@ def test_surgery_load_refuses_a_mixed_output_set(tmp_path):
 
 
 def test_finetune_summary_records_the_seed(tmp_path):
-    from rankshrink.fileio import save_tensors
-    from rankshrink.models import BUILTIN_MODELS
-
-    weights = tmp_path / "w.safetensors"
-    save_tensors(weights, BUILTIN_MODELS["digits-cnn"].create().state_dict())
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"layers": {"classifier.1": {"method": "svd", "rank": 8}}}))
+    weights, plan = _digits_inputs(tmp_path, {"classifier.1": {"method": "svd", "rank": 8}})
     out = tmp_path / "out"
     code, _, err = run_cli(["finetune", *DIGITS, "--weights", str(weights), "--plan", str(plan), "--epochs", "0",
                             "--objective", "weights", "--seed", "7", "--out", str(out), "--no-progress"])
