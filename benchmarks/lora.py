@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from rankshrink import lora  # noqa: E402
 from rankshrink.data import load_digits_splits  # noqa: E402
-from rankshrink.fileio import atomic_write_json, atomic_write_text, save_tensors  # noqa: E402
+from rankshrink.files import atomic_write_json, atomic_write_text, save_tensors  # noqa: E402
 from rankshrink.metrics import accuracy  # noqa: E402
 from rankshrink.models import MnistMLP  # noqa: E402
 from rankshrink.train import train  # noqa: E402

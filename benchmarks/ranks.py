@@ -40,11 +40,11 @@ import torch
 
 from rankshrink.cost import factorized_cost
 from rankshrink.data import load_data
-from rankshrink.factorized import full_rank, normalize_rank
+from rankshrink.methods import full_rank, normalize_rank
 from rankshrink.metrics import accuracy
 from rankshrink.models import load_builtin
 from rankshrink.plan import Plan
-from rankshrink.search import plan as search_plan
+from rankshrink.search import compress
 from rankshrink.search.evaluate import single_threaded
 from rankshrink.search.session import Session
 from rankshrink.search.space import CostModel
@@ -220,7 +220,7 @@ def run_model(name: str, model, splits, *, levels, quick: bool) -> list[dict]:
             if kind == "budget" and sensitivity == "probe":
                 continue
             t0 = time.perf_counter()
-            result = search_plan(model, splits, sensitivity=sensitivity, cache=False, progress=False, **kw)
+            result = compress(model, splits, sensitivity=sensitivity, cache=False, progress=False, **kw)
             seconds = time.perf_counter() - t0
             rows.append(b.row(f"search ({sensitivity})", setting, result.plan, result.requested, seconds,
                               value=result.value, tolerance=kw.get("tolerance")))
@@ -241,7 +241,7 @@ def run_model(name: str, model, splits, *, levels, quick: bool) -> list[dict]:
         rows.append(greedy_row)
         # Accuracy per MAC at equal MACs: the search's budget mode at exactly the greedy's MACs.
         t0 = time.perf_counter()
-        at = search_plan(model, splits, budget={"macs": greedy_row["macs_ratio"]}, cache=False, progress=False)
+        at = compress(model, splits, budget={"macs": greedy_row["macs_ratio"]}, cache=False, progress=False)
         rows.append(b.row("search at greedy's MACs", setting, at.plan, at.requested, time.perf_counter() - t0,
                           value=at.value))
         if table is not None:

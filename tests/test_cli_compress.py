@@ -9,7 +9,7 @@ import rankshrink
 from rankshrink.cli import main
 from rankshrink.cli.compress import parse_amount, parse_byte_budget, parse_tolerance
 from rankshrink.errors import ConfigError
-from rankshrink.fileio import save_tensors, verify_output_set
+from rankshrink.files import save_tensors, verify_output_set
 from rankshrink.metrics import accuracy
 from rankshrink.models import DigitsCNN
 from rankshrink.plan import Plan
@@ -90,9 +90,9 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     assert accuracy(rebuilt, splits.val) == pytest.approx(summary["compressed"]["accuracy"])
     assert accuracy(rebuilt, splits.test) == pytest.approx(summary["compressed"]["test_accuracy"])
     # The same search through the API (all from the cache now) builds the same model.
-    from rankshrink.search import plan as search_plan
+    from rankshrink.search import compress
 
-    again = search_plan(model, splits, tolerance=0.01, progress=False)
+    again = compress(model, splits, tolerance=0.01, progress=False)
     assert again.evaluations == 0 and again.plan.key() == plan.key()
     x = splits.val.tensors[0]
     with torch.no_grad():

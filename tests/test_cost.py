@@ -13,7 +13,8 @@ from rankshrink.cost import (Cost, break_even_rank, conv_cost, conv_output_size,
                              factorized_cost, linear_break_even, linear_cost, module_cost, size_ratio,
                              speed_ratio)
 from rankshrink.errors import ConfigError, DataError
-from rankshrink.factorized import factorize, full_rank, layer_geometry
+from rankshrink.factorized import layer_geometry
+from rankshrink.methods import factorize, full_rank
 
 
 def flops(model, x):
@@ -219,7 +220,7 @@ def test_linear_break_even():
         for bias in (True, False):
             geometry = layer_geometry(nn.Linear(n, m, bias=bias, device="meta"))
             assert break_even_rank(geometry, "svd") == linear_break_even(m, n)
-            assert break_even_rank(geometry, "svd", (5,), objective="macs") == linear_break_even(m, n)
+            assert break_even_rank(geometry, "svd", (5,), by="macs") == linear_break_even(m, n)
 
 
 @pytest.mark.parametrize("objective", ["params", "macs"])
@@ -238,7 +239,7 @@ def test_conv_break_even_is_last_cheaper_rank(layer, methods, objective):
         return cost.params if objective == "params" else cost.macs
 
     for method in methods:
-        r = break_even_rank(geometry, method, size, objective=objective)
+        r = break_even_rank(geometry, method, size, by=objective)
         assert 1 <= r < full_rank(geometry, method), method
         assert value(factorized_cost(geometry, method, r, size)) < value(dense), method
         assert value(factorized_cost(geometry, method, r + 1, size)) >= value(dense), method
@@ -246,10 +247,10 @@ def test_conv_break_even_is_last_cheaper_rank(layer, methods, objective):
 
 def test_break_even_errors():
     geometry = layer_geometry(nn.Linear(4, 4, device="meta"))
-    with pytest.raises(ConfigError, match="objective"):
-        break_even_rank(geometry, "svd", objective="bytes")
+    with pytest.raises(ConfigError, match="by must be"):
+        break_even_rank(geometry, "svd", by="bytes")
     with pytest.raises(ConfigError, match="input size"):
-        break_even_rank(geometry, "svd", objective="macs")
+        break_even_rank(geometry, "svd", by="macs")
 
 
 def test_size_and_speed_ratios_against_hand_values():

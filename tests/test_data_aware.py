@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import rankshrink as rs
-from rankshrink.calibrate import Calibration, CalibrationWarning, calibrate, conv_patches
-from rankshrink.decompose import data_aware as da
+from rankshrink.calibration import Calibration, CalibrationWarning, calibrate, conv_patches
+from rankshrink.decompose import activation as da
+from rankshrink.decompose.stats import InputStats, patch_moment_to_channel
 from rankshrink.decompose import (low_rank_factors, reconstruct_cp, reconstruct_spatial, reconstruct_tucker2,
                                   spatial_svd, weight_svd, reconstruct_weight)
 from rankshrink.errors import DataError, LayerError, PlanError
@@ -97,9 +98,9 @@ def test_zero_statistics_and_damping_are_safe():
 
 # --------------------------------------------------------------------------- factorize on real layers
 
-def _conv_stats(conv: nn.Module, x: torch.Tensor) -> da.InputStats:
+def _conv_stats(conv: nn.Module, x: torch.Tensor) -> InputStats:
     patches = conv_patches(conv, x).double()
-    s = da.InputStats("full", patches.shape[1], kernel_size=tuple(conv.kernel_size))
+    s = InputStats("full", patches.shape[1], kernel_size=tuple(conv.kernel_size))
     s.update(patches)
     return s
 
@@ -123,7 +124,7 @@ def test_bias_correction_is_the_affine_optimum():
     torch.manual_seed(1)
     layer = nn.Linear(10, 6).double()
     x = _correlated_rows(200, 10, seed=5) + 2.0  # a large mean
-    stats = da.InputStats("full", 10)
+    stats = InputStats("full", 10)
     stats.update(x)
     with_bias = (layer(x) - rs.factorize(layer, "svd", 3, input_stats=stats)(x)).norm().item()
     without = (layer(x) - rs.factorize(layer, "svd", 3, input_stats=stats, bias_correction=False)(x)).norm().item()
@@ -155,7 +156,7 @@ def test_spatial_refit_and_tucker_cp_use_the_data():
     # Channel-only statistics still drive Tucker-2 (no re-fit) and refuse SVD methods.
     channel = stats.to_channel()
     assert channel.dim == 6 and channel.count == stats.count * 9
-    assert torch.allclose(channel.second_moment(), da.patch_moment_to_channel(C, (3, 3)), rtol=1e-10)
+    assert torch.allclose(channel.second_moment(), patch_moment_to_channel(C, (3, 3)), rtol=1e-10)
     rs.factorize(conv, "tucker2", (5, 3), input_stats=channel)
     with pytest.raises(LayerError, match="full input"):
         rs.factorize(conv, "weight", 3, input_stats=channel)
@@ -167,7 +168,7 @@ def test_data_aware_factors_are_balanced_for_fine_tuning(method, rank):
     torch.manual_seed(3)
     layer = nn.Linear(30, 12) if method == "svd" else nn.Conv2d(6, 10, 3, padding=1)
     x = torch.rand(400, 30) if method == "svd" else torch.rand(40, 6, 10, 10)
-    stats = da.InputStats("full", 30) if method == "svd" else None
+    stats = InputStats("full", 30) if method == "svd" else None
     if stats is not None:
         stats.update(x)
     else:
@@ -272,17 +273,17 @@ def test_apply_with_calibration_and_round_trip(tmp_path):
         cal = calibrate(model, data)  # all layers: the unused branch is dropped with a warning
     assert "unused" not in cal and "fc" in cal
     plan = rs.Plan.from_mapping({"conv": ("weight", 3), "fc": ("svd", 4)})
-    small = rs.apply(model, plan, calibration=cal)
+    small = rs.apply(model, plan, calibration=cal, fit="activations")
     direct = rs.factorize(model.fc, "svd", 4, input_stats=cal["fc"])
     assert torch.equal(small.fc[0].weight, direct[0].weight)
-    plain = rs.apply(model, plan, calibration=cal, objective="weights")
+    plain = rs.apply(model, plan, calibration=cal, fit="weights")
     assert torch.equal(plain.fc[0].weight, rs.apply(model, plan).fc[0].weight)
     x = data.tensors[0]
     assert (small(x) - model(x)).norm() < (plain(x) - model(x)).norm()
     cal.save(tmp_path / "cal.safetensors")
     again = Calibration.load(tmp_path / "cal.safetensors")
     assert again.summary() == cal.summary() and again.samples == cal.samples
-    assert torch.equal(rs.apply(model, plan, calibration=again).fc[0].weight, small.fc[0].weight)
+    assert torch.equal(rs.apply(model, plan, calibration=again, fit="activations").fc[0].weight, small.fc[0].weight)
 
 
 def test_shared_module_is_calibrated_once_under_every_name():
@@ -298,7 +299,7 @@ def test_shared_module_is_calibrated_once_under_every_name():
     model = Shared()
     cal = calibrate(model, torch.rand(20, 5), ["a"])
     assert cal["a"].count == 40 and cal["a"].samples == 20 and cal["b"] is cal["a"]
-    small = rs.apply(model, rs.Plan.from_mapping({"a": ("svd", 2)}), calibration=cal)
+    small = rs.apply(model, rs.Plan.from_mapping({"a": ("svd", 2)}), calibration=cal, fit="activations")
     assert small.a is small.b
 
 
@@ -329,11 +330,11 @@ def test_bad_factorize_and_apply_input_is_named():
     cal = calibrate(model, _data(40), ["fc"])
     plan = rs.Plan.from_mapping({"conv": ("weight", 2)})
     with pytest.raises(DataError, match="no statistics for layer 'conv'.*calibrated layers: fc"):
-        rs.apply(model, plan, calibration=cal)
+        rs.apply(model, plan, calibration=cal, fit="activations")
     with pytest.raises(PlanError, match="needs calibration"):
-        rs.apply(model, plan, objective="activations")
-    with pytest.raises(LayerError, match="objective must be one of"):
-        rs.factorize(model.fc, "svd", 2, input_stats=cal["fc"], objective="outputs")
+        rs.apply(model, plan, fit="activations")
+    with pytest.raises(LayerError, match="fit must be one of"):
+        rs.factorize(model.fc, "svd", 2, input_stats=cal["fc"], fit="outputs")
     with pytest.raises(LayerError, match="layer 'head'.*144-dimensional"):
         rs.factorize(model.head, "svd", 2, input_stats=cal["fc"], name="layer 'head'")
 
@@ -365,7 +366,7 @@ def test_digits_cnn_activation_error_is_at_most_half_of_plain_svd(digits):
         moment = held_out[name].second_moment()
         errors = []
         for objective in ("weights", "activations"):
-            block = rs.factorize(layer, method, rank, input_stats=cal[name], objective=objective,
+            block = rs.factorize(layer, method, rank, input_stats=cal[name], fit=objective,
                                  bias_correction=False)
             errors.append(da.activation_error(layer.weight, block.dense_weight(), moment))
         assert errors[1] <= 0.5 * errors[0], (name, method, rank, errors)
@@ -373,7 +374,7 @@ def test_digits_cnn_activation_error_is_at_most_half_of_plain_svd(digits):
     layer = model.features[0]
     for rank in range(1, 9):
         errs = [da.activation_error(layer.weight, rs.factorize(layer, "weight", rank, input_stats=cal["features.0"],
-                                                               objective=o, bias_correction=False).dense_weight(),
+                                                               fit=o, bias_correction=False).dense_weight(),
                                     cal["features.0"].second_moment()) for o in ("weights", "activations")]
         assert errs[1] <= 0.8 * errs[0]
 
@@ -386,7 +387,7 @@ def test_digits_cnn_rank_8_first_linear_keeps_accuracy(digits):
     base = accuracy(model, splits.val)
     plan = rs.Plan.from_mapping({"classifier.1": ("svd", 8)})
     plain = accuracy(rs.apply(model, plan), splits.val)
-    aware = accuracy(rs.apply(model, plan, calibration=calibrate(model, splits.train, ["classifier.1"])), splits.val)
+    aware = accuracy(rs.apply(model, plan, calibration=calibrate(model, splits.train, ["classifier.1"]), fit="activations"), splits.val)
     assert aware >= base - 0.02
     assert aware - plain >= 0.05
 
@@ -398,8 +399,8 @@ def test_svd_options_reach_the_data_aware_path():
     model = torch.nn.Sequential(torch.nn.Linear(32, 24))
     inputs = torch.randn(400, 32) @ torch.randn(32, 32)
     cal = rs.calibrate(model, inputs)
-    exact = rs.factorize(model[0], "svd", 6, input_stats=cal["0"], svd_method="exact")
-    randomized = rs.factorize(model[0], "svd", 6, input_stats=cal["0"], svd_method="randomized", seed=3)
+    exact = rs.factorize(model[0], "svd", 6, input_stats=cal["0"], algorithm="exact")
+    randomized = rs.factorize(model[0], "svd", 6, input_stats=cal["0"], algorithm="randomized", seed=3)
     x = inputs[:50]
     err_exact = (model(x) - exact(x)).norm()
     err_randomized = (model(x) - randomized(x)).norm()

@@ -7,7 +7,7 @@ from torch import nn
 
 from rankshrink import Plan, apply
 from rankshrink.cli import main
-from rankshrink.export import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
+from rankshrink.deploy import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
 
 
 def _cnn():
@@ -56,7 +56,7 @@ def test_export_cli_writes_onnx_and_plan(tmp_path, capsys):
     from rankshrink.surgery import save
     model, _ = load_builtin("digits-cnn", progress=False)
     weights = tmp_path / "w.safetensors"
-    from rankshrink.fileio import save_tensors
+    from rankshrink.files import save_tensors
     save_tensors(weights, model.state_dict())
     plan = Plan.from_mapping({"classifier.1": ("svd", 8)})
     save(apply(model, plan), plan, tmp_path / "c")

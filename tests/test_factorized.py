@@ -1,4 +1,4 @@
-"""Layer builders: rankshrink.factorized (factorize, Factorized, build_factorized, ranks)."""
+"""Layer builders: the method registry (factorize, Factorized, each method's build, ranks)."""
 
 import copy
 
@@ -8,9 +8,16 @@ from torch import nn
 
 from rankshrink import Factorized, factorize
 from rankshrink.errors import LayerError
-from rankshrink.factorized import (CONV1D_METHODS, CONV2D_METHODS, EXACT_AT_FULL_RANK, build_factorized,
-                                   full_rank, layer_geometry, methods_for, normalize_rank,
-                                   unsupported_reason)
+from rankshrink.factorized import layer_geometry, unsupported_reason
+from rankshrink.methods import full_rank, get_method, method_names, methods_for, normalize_rank
+
+CONV2D_METHODS = methods_for(nn.Conv2d(1, 1, 1))
+CONV1D_METHODS = methods_for(nn.Conv1d(1, 1, 1))
+EXACT_AT_FULL_RANK = tuple(m for m in method_names() if get_method(m).exact_at_full_rank)
+
+
+def build_factorized(geometry, method, rank, **kw):
+    return get_method(method).build(geometry, normalize_rank(geometry, method, rank), **kw)
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
@@ -112,7 +119,7 @@ def test_cp_layer_reproduces_planted_kernel(method):
     with torch.no_grad():
         layer.weight.copy_(planted_cp((6, 5, 3, 3), 4, seed=2))
     x = torch.randn(2, 5, 8, 8, dtype=torch.float64)
-    block = factorize(layer, "cp", 4, cp_method=method)
+    block = factorize(layer, "cp", 4, algorithm=method)
     assert [type(m) for m in block] == [nn.Conv2d] * 4
     assert block[1].groups == block[2].groups == 4
     assert rel(block(x), layer(x)) < 1e-5
@@ -208,24 +215,31 @@ def test_factorize_leaves_layer_untouched_and_keeps_mode():
 
 def test_svd_method_option_reaches_the_decomposition():
     layer = make(nn.Linear, 300, 200, dtype=torch.float32)
-    a = factorize(layer, "svd", 20, svd_method="randomized", seed=1)
-    b = factorize(layer, "svd", 20, svd_method="exact")
+    a = factorize(layer, "svd", 20, algorithm="randomized", seed=1)
+    b = factorize(layer, "svd", 20, algorithm="exact")
     assert not torch.equal(a[0].weight, b[0].weight)
     assert rel(a.dense_weight(), layer.weight) <= rel(b.dense_weight(), layer.weight) * 1.05
 
 
 def test_options_routed_per_method_and_unknown_refused():
     from rankshrink.errors import ConfigError
+    from rankshrink.methods import select_options
 
     conv = make(nn.Conv2d, 4, 6, 3)
-    # One set of options serves every method: each decomposition takes only its own.
-    mixed = dict(svd_method="randomized", power_iters=2, cp_method="als", refine_iters=2, n_iter_max=50, seed=3)
+    # One set of options serves every method: top-level keys go to the methods that have them,
+    # a method's own name holds options for it alone.
+    mixed = {"power_iters": 2, "refine_iters": 2, "n_iter_max": 50, "seed": 3,
+             "spatial": {"algorithm": "randomized"}, "weight": {"algorithm": "randomized"}, "cp": {"algorithm": "als"}}
     for method in CONV2D_METHODS:
-        assert isinstance(factorize(conv, method, 3, **mixed), Factorized)
-    with pytest.raises(ConfigError, match="unknown factorization option"):
+        picked = select_options(method, mixed)
+        assert picked["seed"] == 3 and isinstance(factorize(conv, method, 3, **picked), Factorized)
+    assert select_options("cp", mixed)["algorithm"] == "als" and "power_iters" not in select_options("cp", mixed)
+    with pytest.raises(LayerError, match="unknown factorization option"):
         factorize(conv, "weight", 3, power_iter=2)
-    with pytest.raises(ConfigError, match="unknown CP method"):
-        factorize(conv, "cp", 3, cp_method="randomized")
+    with pytest.raises(ConfigError, match="unknown factorization option"):
+        select_options("weight", {"power_iter": 2})
+    with pytest.raises(LayerError, match="algorithm must be one of auto, als, compressed"):
+        factorize(conv, "cp", 3, algorithm="randomized")
 
 
 def test_unsupported_layers():
@@ -258,9 +272,11 @@ def test_method_and_rank_errors():
         factorize(conv1, "spatial", 2)
     with pytest.raises(LayerError, match="unknown method 'tt'"):
         factorize(conv2, "tt", 2)
-    for bad in (0, -1, 5, 2.0, True, None):
-        with pytest.raises(LayerError, match=r"outside 1\.\.4"):
+    for bad in (0, -1, 2.0, True, None):  # not a rank at all: refused by the config
+        with pytest.raises(LayerError, match=r"fc: rank must be a positive integer"):
             factorize(lin, "svd", bad, name="fc")
+    with pytest.raises(LayerError, match=r"outside 1\.\.4"):  # a rank, but not for this layer
+        factorize(lin, "svd", 5, name="fc")
     with pytest.raises(LayerError, match="fc"):
         factorize(lin, "svd", 0, name="fc")
     with pytest.raises(LayerError, match="tucker2"):

@@ -9,7 +9,7 @@
   file is never written.
 * ``finetune``: killed mid-epoch once a checkpoint exists; the rerun resumes from the
   checkpoint and repeats no finished epoch.
-* Multi-file outputs (``fileio.output_set`` as used by ``apply``): a process that dies
+* Multi-file outputs (``files.output_set`` as used by ``apply``): a process that dies
   (``os._exit``) between any two steps of replacing an existing output set leaves the
   old set or, after recovery, the new one - never a mix.
 """
@@ -30,7 +30,7 @@ import torch
 
 import rankshrink
 import rankshrink.models
-from rankshrink.fileio import file_sha256, save_tensors, verify_output_set
+from rankshrink.files import file_sha256, save_tensors, verify_output_set
 from rankshrink.models import DigitsCNN
 
 pytestmark = pytest.mark.slow
@@ -223,7 +223,7 @@ def test_compress_outputs_are_one_verifiable_set(tmp_path):
 
 def _replace_output_set_and_die(out: Path, crash_at: int) -> None:
     """In a forked child: replace ``out``'s set, dying (no cleanup at all) at os.replace number ``crash_at``."""
-    from rankshrink import fileio
+    from rankshrink import files
 
     calls = {"n": 0}
     real_replace = os.replace
@@ -235,7 +235,7 @@ def _replace_output_set_and_die(out: Path, crash_at: int) -> None:
         return real_replace(src, dst)
 
     os.replace = replace
-    with fileio.output_set(out, force=True, summary={"run": "new"}) as stage:
+    with files.output_set(out, force=True, summary={"run": "new"}) as stage:
         (stage / "model.safetensors").write_bytes(b"new weights")
         (stage / "plan.json").write_text('{"new": true}')
     os._exit(0)
@@ -244,7 +244,7 @@ def _replace_output_set_and_die(out: Path, crash_at: int) -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_output_set_killed_between_any_two_renames_is_old_or_new(tmp_path):
     """Die at every os.replace while replacing a complete set in a non-empty directory."""
-    from rankshrink.fileio import output_set, recover_output_dir
+    from rankshrink.files import output_set, recover_output_dir
 
     outcomes = []
     for crash_at in range(1, 12):
@@ -282,7 +282,7 @@ def test_output_set_killed_between_any_two_renames_is_old_or_new(tmp_path):
 
 
 def test_output_set_into_a_new_directory_appears_whole(tmp_path):
-    from rankshrink.fileio import output_set, staging_path
+    from rankshrink.files import output_set, staging_path
 
     out = tmp_path / "fresh"
     with pytest.raises(RuntimeError):

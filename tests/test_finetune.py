@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import rankshrink as rs
-import rankshrink.finetune as ft
-from rankshrink.calibrate import calibrate
+import rankshrink.finetuning as ft
+from rankshrink.calibration import calibrate
 from rankshrink.cli import main
 from rankshrink.data import load_data
 from rankshrink.errors import ConfigError
 from rankshrink.metrics import accuracy
 from rankshrink.train import train
+from rankshrink.workflow import compress_and_recover
 
 
 
@@ -63,7 +64,7 @@ PLAN = {"fc1": ("svd", 3), "conv": ("weight", 3)}
 
 def _factorized(model, splits, data_aware=False):
     cal = calibrate(model, splits.train, layers=list(PLAN)) if data_aware else None
-    return rs.apply(model, rs.Plan.from_mapping(PLAN), calibration=cal)
+    return rs.apply(model, rs.Plan.from_mapping(PLAN), calibration=cal, fit="activations" if data_aware else None)
 
 
 def test_finetune_trains_only_the_factors_and_recovers(setup):
@@ -111,11 +112,11 @@ def test_never_worse_on_validation_even_when_training_diverges(setup):
     assert accuracy(result.model, splits.val) >= start
 
 
-def test_callable_module_and_errors(setup):
+def test_top_level_verb_and_errors(setup):
     model, splits, _, _ = setup
     small = _factorized(model, splits)
-    result = rs.finetune(small, splits, 1, progress=False) if callable(rs.finetune) else ft(small, splits, 1, progress=False)
-    assert result.epochs_run == 1
+    result = rs.finetune(small, splits, 1, progress=False)
+    assert result.epochs_run == 1 and rs.finetune is ft.finetune
     with pytest.raises(ConfigError, match="no factorized layers"):
         ft.finetune(model, splits, 1, progress=False)
     with pytest.raises(ConfigError, match="train must be one of"):
@@ -137,10 +138,10 @@ def _cli(setup, out, *extra):
 def test_cli_finetune_writes_a_loadable_model_and_summary(setup, tmp_path, capsys):
     model, splits, model_file, _ = setup
     out = tmp_path / "out"
-    assert _cli(setup, out, "--epochs", "2", "--distill") == 0
+    assert _cli(setup, out, "--epochs", "2", "--distill", "--fit", "activations") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["accuracy"]) == {"original", "factorized", "finetuned"}
-    assert summary["objective"] == "activations" and summary["finetune"]["distilled"]
+    assert summary["fit"] == "activations" and summary["finetune"]["distilled"]
     assert summary["accuracy"]["finetuned"]["val"] >= summary["accuracy"]["factorized"]["val"]
     loaded = rs.load(model, out)
     assert accuracy(loaded, splits.val) == pytest.approx(summary["accuracy"]["finetuned"]["val"])
@@ -175,8 +176,8 @@ def test_cli_resumes_an_interrupted_run(setup, tmp_path, monkeypatch):
     assert calls and [p.name for p in resumed.iterdir()] == [".finetune-checkpoint"]
     monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
     assert _cli(setup, resumed, "--epochs", "2") == 0  # no --force needed to resume
-    a = rs.fileio.load_tensors(full / "model.safetensors")
-    b = rs.fileio.load_tensors(resumed / "model.safetensors")
+    a = rs.files.load_tensors(full / "model.safetensors")
+    b = rs.files.load_tensors(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -184,7 +185,7 @@ def test_cli_resumes_an_interrupted_run(setup, tmp_path, monkeypatch):
 
 def test_compress_and_recover_meets_the_tolerance(setup, tmp_path):
     model, splits, _, _ = setup
-    result = ft.compress_and_recover(model, splits, tolerance=0.02, search_tolerance=0.06, epochs=2,
+    result = compress_and_recover(model, splits, tolerance=0.02, search_tolerance=0.06, epochs=2,
                                      search_options={"cache": tmp_path / "cache", "layers": ["fc1"]},
                                      progress=False)
     acc = result.accuracy

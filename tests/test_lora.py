@@ -66,7 +66,7 @@ def convnet():
 
 
 def _factorized_model():
-    from rankshrink.factorized import factorize
+    from rankshrink.methods import factorize
 
     torch.manual_seed(0)
     lin = factorize(nn.Linear(16, 12), "svd", 4)

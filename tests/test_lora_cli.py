@@ -10,7 +10,7 @@ import torch
 
 from rankshrink import lora
 from rankshrink.errors import ConfigError, FileFormatError
-from rankshrink.fileio import load_tensors, save_tensors
+from rankshrink.files import load_tensors, save_tensors
 from rankshrink.cli.lora import add_lora_subparser, parse_targets
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import rankshrink.models as models
 from rankshrink.errors import ConfigError, FileFormatError, UnsafeFileError
-from rankshrink.fileio import save_tensors
+from rankshrink.files import save_tensors
 from rankshrink.metrics import accuracy
 from rankshrink.models import (
     BUILTIN_MODELS,
@@ -93,7 +93,7 @@ def test_builtin_digits_cnn_trains_and_caches(trained_digits, cache: Path, monke
     assert path.is_file() and path.parent == cache / "models"
     assert path.name == f"digits-cnn-{splits.fingerprint[:12]}-v1.safetensors"
 
-    monkeypatch.setattr(models, "train_model", _never_train)
+    monkeypatch.setattr(models.builtin, "train_model", _never_train)
     again, _ = load_builtin("digits-cnn", progress=False)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
@@ -110,7 +110,7 @@ def test_builtin_cache_with_other_recipe_or_corrupt_file_retrains(trained_digits
         calls.append(kwargs)
         raise KeyboardInterrupt  # stop before real training; we only need to know it started
 
-    monkeypatch.setattr(models, "train_model", fake_train)
+    monkeypatch.setattr(models.builtin, "train_model", fake_train)
     stale = builtin_weights_path("digits-cnn", splits.fingerprint, tmp_path)
     save_tensors(stale, model.state_dict(), metadata={"recipe": "{\"epochs\": 1}"})
     with pytest.raises(KeyboardInterrupt):
@@ -125,7 +125,7 @@ def test_builtin_cache_with_other_recipe_or_corrupt_file_retrains(trained_digits
 
 
 def test_builtin_without_training_is_untrained_and_leaves_cache_alone(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(models, "train_model", _never_train)
+    monkeypatch.setattr(models.builtin, "train_model", _never_train)
     model, splits = load_builtin("mnist-mlp", train=False, cache_dir=tmp_path)
     assert model.layers[0].in_features == 64 and splits.name == "digits"
     assert not (tmp_path / "models").exists()
@@ -223,7 +223,7 @@ def test_weights_loading_and_mismatches(factory_file: Path, tmp_path: Path) -> N
 
 
 def test_builtin_spec_with_weights(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(models, "train_model", _never_train)
+    monkeypatch.setattr(models.builtin, "train_model", _never_train)
     mlp = MnistMLP(num_features=64)
     path = tmp_path / "mlp.safetensors"
     save_tensors(path, mlp.state_dict())

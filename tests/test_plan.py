@@ -1,11 +1,12 @@
-"""Plans: rankshrink.plan (LayerPlan, Plan, versioned JSON)."""
+"""Plans: rankshrink.plan (Plan of method configs, versioned JSON)."""
 
 import json
 
 import pytest
 
 from rankshrink.errors import FileFormatError, PlanError
-from rankshrink.plan import PLAN_FORMAT, PLAN_VERSION, LayerPlan, Plan
+from rankshrink.methods import make_config as LayerPlan
+from rankshrink.plan import PLAN_FORMAT, PLAN_VERSION, Plan
 
 
 def sample_plan():
@@ -23,7 +24,9 @@ def test_json_round_trip():
     assert again.metadata == plan.metadata
     data = json.loads(plan.to_json())
     assert data["format"] == PLAN_FORMAT and data["version"] == PLAN_VERSION
-    assert data["layers"]["features.0"] == {"method": "tucker2", "rank": [8, 4]}
+    entry = data["layers"]["features.0"]
+    assert entry["method"] == "tucker2" and entry["rank"] == [8, 4] and entry["fit"] == "weights"
+    assert entry["options"] == {"damping": 0.0, "bias_correction": True, "seed": 0, "n_iter_max": 100, "tol": 1e-6}
 
 
 def test_save_load_round_trip(tmp_path):
@@ -64,11 +67,11 @@ def test_hand_edited_json():
     ({"method": "tucker2", "rank": [4, 2, 1]}, "pair"),
     ({"method": "tucker2", "rank": [4, 2.0]}, "pair"),
     ({"method": "tucker2", "rank": [True, 2]}, "pair"),
-    ({"method": "svd"}, "needs exactly the keys"),
-    ({"rank": 3}, "needs exactly the keys"),
-    ({}, "needs exactly the keys"),
-    ({"method": "svd", "rank": 3, "alpha": 1}, "needs exactly the keys"),
-    ({"method": "svd", "rank": 3, "Rank": 3}, "needs exactly the keys"),
+    ({"method": "svd"}, "needs the keys"),
+    ({"rank": 3}, "needs the keys"),
+    ({}, "needs the keys"),
+    ({"method": "svd", "rank": 3, "alpha": 1}, "needs the keys"),
+    ({"method": "svd", "rank": 3, "Rank": 3}, "needs the keys"),
     ("svd:3", "expected"),
     (3, "expected"),
     (["svd", 3, 1], "expected"),
@@ -86,7 +89,7 @@ def test_malformed_layer_entries_name_the_layer(entry, message):
 
 @pytest.mark.parametrize("data,message", [
     ({"format": "onnx", "version": 1, "layers": {}}, "'format' is 'onnx'"),
-    ({"format": PLAN_FORMAT, "version": 2, "layers": {}}, "version 2 is not supported"),
+    ({"format": PLAN_FORMAT, "version": 3, "layers": {}}, "version 3 is not supported"),
     ({"format": PLAN_FORMAT, "version": "1", "layers": {}}, "version '1' is not supported"),
     ({"format": PLAN_FORMAT, "version": 1}, "'layers' must be an object"),
     ({"format": PLAN_FORMAT, "version": 1, "layers": [["fc", "svd", 2]]}, "'layers' must be an object"),
@@ -117,9 +120,11 @@ def test_invalid_json_text_and_files(tmp_path):
 
 def test_layer_plan_and_plan_helpers():
     assert LayerPlan("tucker2", [3, 2]).rank == (3, 2)  # lists become tuples (hashable, comparable)
-    assert LayerPlan("tucker2", 3).to_json() == {"method": "tucker2", "rank": 3}
-    with pytest.raises(PlanError):
+    assert LayerPlan("tucker2", 3).to_json()["rank"] == 3
+    with pytest.raises(ValueError, match="positive integer"):
         LayerPlan("svd", 0)
+    with pytest.raises(PlanError, match="layer 'a'"):
+        Plan.from_mapping({"a": ("svd", 0)})
     plan = Plan.from_mapping({"a": ("svd", 2)})
     bigger = plan.with_layer("b", "weight", 3).with_layer("a", "svd", 4)
     assert plan["a"].rank == 2 and "b" not in plan          # original untouched

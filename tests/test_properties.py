@@ -9,8 +9,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rankshrink.cost import count
-from rankshrink.factorized import EXACT_AT_FULL_RANK, factorize, full_rank, layer_geometry, methods_for
-from rankshrink.plan import LayerPlan, Plan
+from rankshrink.factorized import layer_geometry
+from rankshrink.methods import factorize, full_rank, get_method, methods_for, select_options
+from rankshrink.methods import make_config as LayerPlan
+from rankshrink.plan import Plan
 
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -80,7 +82,7 @@ def test_full_rank_reproduces_layer(config):
         y = layer(x)
     scale = float(y.norm()) or 1.0
     for method in methods_for(layer):
-        if method not in EXACT_AT_FULL_RANK:
+        if not get_method(method).exact_at_full_rank:
             continue
         block = factorize(layer, method, full_rank(layer_geometry(layer), method))
         with torch.no_grad():
@@ -104,7 +106,7 @@ def test_any_rank_gives_right_shape_and_counted_macs_match(config, data):
         rank = data.draw(st.integers(1, top), label=f"{method} rank")
         if method == "tucker2" and data.draw(st.booleans(), label="pair"):
             rank = (data.draw(st.integers(1, layer.out_channels)), data.draw(st.integers(1, layer.in_channels)))
-        block = factorize(layer, method, rank, n_iter_max=20)
+        block = factorize(layer, method, rank, **select_options(method, {"n_iter_max": 20}))
         assert block(x).shape == y.shape, method
         model = nn.Sequential(block)
         counted = count(model, x)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from rankshrink.cost import break_even_rank
 from rankshrink.errors import ConfigError
 from rankshrink.ranks import (conv_evbmf_ranks, energy_rank, estimate_rank, evb_tau, evbmf, evbmf_rank,
-                              layer_estimates, method_matrix, unfold)
+                              layer_estimates, unfold)
 
 
 def planted(m: int, n: int, rank: int, *, sigma: float = 1.0, strength: float = 2.0, seed: int = 0):
@@ -88,7 +88,9 @@ def test_conv_unfoldings_recover_planted_mode_ranks():
     assert conv_evbmf_ranks(kernel) == (3, 2)
     assert estimate_rank(kernel, "tucker2") == (3, 2)
     assert estimate_rank(kernel, "cp") == 3
-    assert method_matrix(kernel, "spatial").shape == (16 * 3, 24 * 3)
+    # spatial SVD factorizes the kernel as an (S·kh) × (T·kw) matrix: keeping all energy is its rank
+    spatial_matrix = kernel.permute(1, 2, 0, 3).reshape(16 * 3, 24 * 3)
+    assert estimate_rank(kernel, "spatial", estimator="energy", keep=1.0) == int(torch.linalg.matrix_rank(spatial_matrix))
 
 
 def test_estimates_floor_at_one_and_cap_at_break_even():
@@ -109,10 +111,10 @@ def test_layer_estimates_respect_each_methods_break_even():
     geometry = {"type": "Conv2d", "in_channels": 16, "out_channels": 32, "kernel_size": [3, 3], "stride": [1, 1],
                 "padding": [1, 1], "dilation": [1, 1], "padding_mode": "zeros", "bias": True}
     kernel = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(0))
-    estimates = layer_estimates(kernel, geometry, input_size=(8, 8), objective="macs", estimator="energy", keep=1.0)
+    estimates = layer_estimates(kernel, geometry, input_size=(8, 8), by="macs", estimator="energy", keep=1.0)
     assert set(estimates) == {"spatial", "weight", "tucker2", "cp"}
     for method, est in estimates.items():
-        assert est.break_even == break_even_rank(geometry, method, (8, 8), objective="macs")
+        assert est.break_even == break_even_rank(geometry, method, (8, 8), by="macs")
         rank = max(est.rank) if isinstance(est.rank, tuple) else est.rank
         assert 1 <= rank <= max(est.break_even, 1)
         assert est.to_dict()["method"] == method

@@ -351,7 +351,7 @@ def error_line(err: str) -> str:
 
 
 def run_case(case: Case, files: dict[str, Path]) -> str:
-    from rankshrink.fileio import file_sha256
+    from rankshrink.files import file_sha256
 
     inputs = {p: file_sha256(p) for p in files.values() if p.is_file()}
     code, _, err = run_cli(case.argv(files))
@@ -450,12 +450,12 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_os_errors_are_one_line(tmp_path, monkeypatch):
     import errno
 
-    import rankshrink.fileio
+    import rankshrink.files
 
     def disk_full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(rankshrink.fileio, "atomic_write_json", disk_full)
+    monkeypatch.setattr(rankshrink.files, "atomic_write_json", disk_full)
     weights = tmp_path / "w.pt"
     from rankshrink.models import BUILTIN_MODELS
     torch.save(BUILTIN_MODELS["digits-cnn"].create().state_dict(), weights)
@@ -467,7 +467,7 @@ def test_os_errors_are_one_line(tmp_path, monkeypatch):
 
 def test_trust_pickle_loads_a_whole_model_only_when_asked(tmp_path):
     from rankshrink.errors import UnsafeFileError
-    from rankshrink.fileio import load_state_dict
+    from rankshrink.files import load_state_dict
     from rankshrink.models import BUILTIN_MODELS
 
     model = BUILTIN_MODELS["digits-cnn"].create()
@@ -480,7 +480,7 @@ def test_trust_pickle_loads_a_whole_model_only_when_asked(tmp_path):
     code, out, err = run_cli(["analyze", *DIGITS, "--weights", str(path), "--trust-pickle"])
     assert code == 0 and "features.2" in out, err
     # The format is read from the contents: a safetensors file named .pt loads.
-    from rankshrink.fileio import save_tensors
+    from rankshrink.files import save_tensors
     save_tensors(tmp_path / "really_safetensors.pt", model.state_dict())
     assert set(load_state_dict(tmp_path / "really_safetensors.pt")) == set(model.state_dict())
     torch.save(model.state_dict(), tmp_path / "really_torch.safetensors")
@@ -489,7 +489,7 @@ def test_trust_pickle_loads_a_whole_model_only_when_asked(tmp_path):
 
 def _digits_inputs(directory: Path, layers: dict) -> tuple[Path, Path]:
     """Untrained digits-CNN weights and a plan file with ``layers``, for CLI tests."""
-    from rankshrink.fileio import save_tensors
+    from rankshrink.files import save_tensors
     from rankshrink.models import BUILTIN_MODELS
 
     weights = directory / "w.safetensors"
@@ -500,7 +500,7 @@ def _digits_inputs(directory: Path, layers: dict) -> tuple[Path, Path]:
 
 
 def test_apply_is_deterministic_and_records_its_seed(tmp_path):
-    from rankshrink.fileio import verify_output_set
+    from rankshrink.files import verify_output_set
 
     weights, plan = _digits_inputs(tmp_path, {"features.2": {"method": "cp", "rank": 6},
                                               "classifier.1": {"method": "svd", "rank": 12}})
@@ -519,7 +519,7 @@ def test_apply_is_deterministic_and_records_its_seed(tmp_path):
 
 
 def test_apply_force_replaces_only_its_own_files(tmp_path):
-    from rankshrink.fileio import verify_output_set
+    from rankshrink.files import verify_output_set
 
     weights, plan = _digits_inputs(tmp_path, {"classifier.1": {"method": "svd", "rank": 12}})
     out = tmp_path / "out"
@@ -599,9 +599,10 @@ except ImportError:  # pragma: no cover
 if st is not None:
     @st.composite
     def model_and_plan(draw):
-        from rankshrink.factorized import full_rank, layer_geometry, methods_for
+        from rankshrink.factorized import layer_geometry
+        from rankshrink.methods import full_rank, methods_for
         from rankshrink.plan import Plan
-        from rankshrink.surgery import factorizable_layers
+        from rankshrink.layers import factorizable_layers
 
         name = draw(st.sampled_from(sorted(_models())))
         model = _models()[name]
@@ -635,7 +636,7 @@ if st is not None:
         params = [id(p) for p in model.parameters()]
         flags = [p.requires_grad for p in model.parameters()]
         mode = model.training
-        small = apply(model, plan, n_iter_max=20, seed=seed)
+        small = apply(model, plan.with_options(n_iter_max=20, seed=seed))
         assert small is not model
         after = model.state_dict()
         assert before.keys() == after.keys()
@@ -653,16 +654,16 @@ if st is not None:
 def test_search_handles_half_precision_models():
     from rankshrink.data import load_data
     from rankshrink.models import BUILTIN_MODELS
-    from rankshrink.search import plan
+    from rankshrink.search import compress as plan
 
     model = BUILTIN_MODELS["mnist-mlp"].create().to(torch.bfloat16)
-    result = plan(model, load_data("builtin:digits"), budget={"params": 0.5}, objective="weights",
+    result = plan(model, load_data("builtin:digits"), budget={"params": 0.5}, fit="weights",
                   progress=False, cache=False)
     assert all(p.dtype == torch.bfloat16 for p in result.compressed_model().parameters())
 
 
 def test_calibrate_handles_half_precision_models():
-    from rankshrink.calibrate import calibrate
+    from rankshrink.calibration import calibrate
     from rankshrink.data import load_data
     from rankshrink.models import BUILTIN_MODELS
 
@@ -674,7 +675,7 @@ def test_search_names_the_layer_with_nan_weights():
     from rankshrink.data import load_data
     from rankshrink.errors import LayerError
     from rankshrink.models import BUILTIN_MODELS
-    from rankshrink.search import plan
+    from rankshrink.search import compress as plan
 
     model = BUILTIN_MODELS["mnist-mlp"].create()
     with torch.no_grad():
@@ -685,7 +686,7 @@ def test_search_names_the_layer_with_nan_weights():
 
 def test_surgery_load_refuses_a_mixed_output_set(tmp_path):
     from rankshrink.errors import FileFormatError
-    from rankshrink.fileio import output_set, save_tensors
+    from rankshrink.files import output_set, save_tensors
     from rankshrink.models import DigitsCNN
     from rankshrink.plan import Plan
     from rankshrink.surgery import apply, load, save
@@ -707,7 +708,7 @@ def test_finetune_summary_records_the_seed(tmp_path):
     weights, plan = _digits_inputs(tmp_path, {"classifier.1": {"method": "svd", "rank": 8}})
     out = tmp_path / "out"
     code, _, err = run_cli(["finetune", *DIGITS, "--weights", str(weights), "--plan", str(plan), "--epochs", "0",
-                            "--objective", "weights", "--seed", "7", "--out", str(out), "--no-progress"])
+                            "--fit", "weights", "--seed", "7", "--out", str(out), "--no-progress"])
     assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["seed"] == 7
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rankshrink.errors import ConfigError
-from rankshrink.search import Budget, EvaluationCache, evaluation_bound, model_fingerprint, smallest_passing
+from rankshrink.fingerprint import module_fingerprint as model_fingerprint
+from rankshrink.search import Budget, EvaluationCache, evaluation_bound, smallest_passing
 from rankshrink.search.allocate import build_path, lower_hull
 from rankshrink.search.cache import CacheWarning, cache_key
 from rankshrink.search.space import Candidate, rank_grid

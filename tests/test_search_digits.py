@@ -12,8 +12,9 @@ from torch.utils.data import TensorDataset
 from rankshrink.cost import count
 from rankshrink.errors import ConfigError, DataError
 from rankshrink.metrics import accuracy
-from rankshrink.search import (CacheWarning, SearchInterrupted, brute_force_rank, evaluation_bound, plan,
+from rankshrink.search import (CacheWarning, SearchInterrupted, brute_force_rank, evaluation_bound,
                                smallest_rank)
+from rankshrink.search import compress as plan
 from rankshrink.search.evaluate import single_threaded
 from rankshrink.surgery import apply
 
@@ -59,8 +60,8 @@ def tolerance_results(digits, shared_cache):
                                                     ("features.0", "weight", "weights")])
 def test_bisection_matches_brute_force_on_one_layer(digits, layer, method, objective):
     model, splits = digits
-    fast = smallest_rank(model, layer, splits, tolerance=TOL, method=method, objective=objective, cache=False)
-    brute = brute_force_rank(model, layer, splits, tolerance=TOL, method=method, objective=objective)
+    fast = smallest_rank(model, layer, splits, tolerance=TOL, method=method, fit=objective, cache=False)
+    brute = brute_force_rank(model, layer, splits, tolerance=TOL, method=method, fit=objective)
     assert fast.break_even == brute.break_even
     assert fast.requested <= math.ceil(math.log2(fast.break_even)) + 2
     assert brute.evaluations == brute.break_even + 1
@@ -84,7 +85,7 @@ def test_one_layer_search_dense_when_nothing_passes(digits):
     model, splits = digits
     # A zero tolerance with a layer whose break-even rank still loses accuracy: stays dense
     # after two evaluations (original + break-even rank), or finds an exact rank.
-    result = smallest_rank(model, "classifier.3", splits, tolerance=0.0, cache=False, objective="weights")
+    result = smallest_rank(model, "classifier.3", splits, tolerance=0.0, cache=False, fit="weights")
     assert result.requested <= math.ceil(math.log2(result.break_even)) + 2
     if result.rank is None:
         assert result.requested == 2 and result.plan.layers == {}
@@ -114,7 +115,7 @@ def test_tolerance_search_respects_the_tolerance_within_the_evaluation_bound(dig
     counted = count(small, splits.val.tensors[0][:1])
     assert (counted.params, counted.macs, counted.bytes) == (result.compressed["params"], result.compressed["macs"],
                                                              result.compressed["bytes"])
-    assert result.objective == "activations"
+    assert result.fit == "activations"
     assert result.test["original"] is not None and result.test["compressed"] is not None
     assert all(r.value == pytest.approx(1 - (r.drop or 0) - (1 - result.baseline)) for r in result.records)
     summary = result.summary()
@@ -125,7 +126,7 @@ def test_tolerance_search_respects_the_tolerance_within_the_evaluation_bound(dig
 
 def test_the_model_is_not_modified(digits, tolerance_results):
     model, splits = digits
-    from rankshrink.search import model_fingerprint
+    from rankshrink.fingerprint import module_fingerprint as model_fingerprint
 
     before = model_fingerprint(model)
     tolerance_results["proxy"].compressed_model()
@@ -220,10 +221,10 @@ def test_factorization_step_is_injectable(digits):
         return apply(m, p)
 
     result = plan(model, splits, tolerance=TOL, methods=["svd"], apply_fn=my_apply, cache=False, progress=False)
-    assert seen and result.objective == "weights"
-    weights_only = plan(model, splits, tolerance=TOL, methods=["svd"], objective="weights", cache=False,
+    assert seen and result.fit == "weights"
+    weights_only = plan(model, splits, tolerance=TOL, methods=["svd"], fit="weights", cache=False,
                         progress=False)
-    assert weights_only.objective == "weights"
+    assert weights_only.fit == "weights"
 
 
 # --------------------------------------------------------------------------- bad inputs

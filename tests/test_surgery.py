@@ -10,8 +10,8 @@ from torch import nn
 import rankshrink as rs
 from rankshrink.errors import FileFormatError, LayerError, PlanError
 from rankshrink.factorized import Factorized
-from rankshrink.surgery import (PLAN_FILE, WEIGHTS_FILE, aliases, factorizable_layers, get_layer, replace_layer,
-                                validate_plan)
+from rankshrink.layers import aliases, factorizable_layers, get_layer
+from rankshrink.surgery import PLAN_FILE, WEIGHTS_FILE, replace_layer, validate_plan
 
 
 class Block(nn.Module):
@@ -259,7 +259,7 @@ def test_load_errors(tmp_path):
     rs.Plan.from_mapping({"heads.0": ("svd", 3)}).save(tmp_path / PLAN_FILE)
     with pytest.raises(FileFormatError, match="unexpected key 'stem.0.0.weight'"):
         rs.load(Net, tmp_path)
-    from rankshrink.fileio import load_tensors, save_tensors
+    from rankshrink.files import load_tensors, save_tensors
 
     state = load_tensors(tmp_path / WEIGHTS_FILE)
     del state["block.norm.running_mean"]

@@ -1,38 +1,92 @@
 """rankshrink: shrink trained PyTorch networks with low-rank factorization; adapt them with LoRA.
 
-The public API follows the data flow model + data → analyse → plan → apply →
-fine-tune → export/report::
+One verb per stage of the data flow model + data → analyse → compress → apply →
+finetune → export::
 
     import rankshrink as rs
-    costs = rs.count(model, example_batch)                 # params, bytes, MACs per layer
-    plan = rs.Plan.from_mapping({"classifier.1": ("svd", 16)})
-    small = rs.apply(model, plan)                          # a new model; `model` is untouched
-    rs.save(small, plan, "out/")                           # safetensors + plan.json
-    again = rs.load(MyModel, "out/")
-    found = rs.plan(model, splits, tolerance=0.01)         # rank search (or budget={"macs": 0.3})
-    cal = rs.calibrate(model, splits)                      # input statistics for data-aware factors
-    tuned = rs.finetune(found.compressed_model(), splits, 3, teacher=model)
+    rs.analyze(model, example_batch)                        # costs, spectra, break-even ranks per layer
+    result = rs.compress(model, splits, tolerance=0.01)     # or budget={"macs": 0.3}
+    result.model, result.plan, result.summary()
+    small = rs.apply(model, result.plan, data=splits)       # the same model again, from the plan
+    tuned = rs.finetune(small, splits, 3, teacher=model).model
+    rs.export(tuned, example_batch, "model.onnx")           # checked against PyTorch on ONNX Runtime
+    rs.save(tuned, result.plan, "out/"); again = rs.load(MyModel, "out/")
 
-``rankshrink.plan``, ``.calibrate`` and ``.finetune`` are modules that can be called
-like the function they are named after (``from rankshrink.plan import Plan`` works too).
+Also: ``rs.count`` (params, bytes, MACs), ``rs.factorize`` (one layer), ``rs.calibrate``
+(input statistics for activation fits), ``rs.Plan``, the method configs
+(``rs.SVDConfig`` ...), ``rs.SearchConfig``, ``rs.TrainConfig`` and ``rankshrink.lora``.
+
+Names are imported on first use, so ``import rankshrink`` (and the command line's
+``--help``) does not pay for torch until something needs it.
 """
 
-from . import calibrate, finetune, lora, plan  # modules that are also callable: rankshrink.plan(...)
-from .cost import Cost, ModelCost, break_even_rank, count, linear_break_even, size_ratio, speed_ratio
-from .errors import (ConfigError, DataError, FileFormatError, LayerError, PlanError, RankshrinkError,
-                     UnsafeFileError)
-from .factorized import Factorized, factorize
-from .plan import LayerPlan, Plan
-from .search import plan as search_plan
-from .surgery import apply, factorizable_layers, load, save, skipped_layers
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "plan", "search_plan", "calibrate", "finetune", "lora",
-    "apply", "break_even_rank", "count", "factorizable_layers", "factorize", "linear_break_even", "load",
-    "save", "size_ratio", "skipped_layers", "speed_ratio",
-    "Cost", "Factorized", "LayerPlan", "ModelCost", "Plan",
-    "ConfigError", "DataError", "FileFormatError", "LayerError", "PlanError", "RankshrinkError",
-    "UnsafeFileError",
-]
+from ._version import __version__
+
+# Public name -> the module that defines it (imported when the name is first used).
+_EXPORTS = {
+    "analyze": "analysis", "Analysis": "analysis",
+    "compress": "search", "CompressResult": "search", "SearchConfig": "search", "Budget": "search",
+    "apply": "surgery", "save": "surgery", "load": "surgery",
+    "finetune": "finetuning", "FinetuneResult": "finetuning",
+    "export": "deploy",
+    "calibrate": "calibration", "Calibration": "calibration",
+    "count": "cost", "Cost": "cost", "ModelCost": "cost", "break_even_rank": "cost",
+    "linear_break_even": "cost", "size_ratio": "cost", "speed_ratio": "cost",
+    "factorize": "methods", "method_names": "methods", "MethodConfig": "methods", "SVDConfig": "methods",
+    "SpatialConfig": "methods", "WeightConfig": "methods", "Tucker2Config": "methods", "CPConfig": "methods",
+    "Factorized": "factorized",
+    "factorizable_layers": "layers", "skipped_layers": "layers",
+    "Plan": "plan",
+    "TrainConfig": "train",
+    "ConfigError": "errors", "DataError": "errors", "FileFormatError": "errors", "LayerError": "errors",
+    "PlanError": "errors", "RankshrinkError": "errors", "UnsafeFileError": "errors",
+}
+_SUBPACKAGES = ("lora", "methods", "search", "deploy", "decompose", "models", "data", "files", "plan", "surgery",
+                "cost", "calibration", "finetuning", "workflow", "train", "metrics", "errors", "fingerprint",
+                "report", "analysis", "ranks", "layers", "factorized", "validation", "cli")
+
+__all__ = ["__version__", "analyze", "Analysis", "compress", "CompressResult", "SearchConfig", "Budget", "apply",
+    "save", "load", "finetune", "FinetuneResult", "export", "calibrate", "Calibration", "count", "Cost", "ModelCost",
+    "break_even_rank", "linear_break_even", "size_ratio", "speed_ratio", "factorize", "method_names", "MethodConfig",
+    "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig", "Factorized", "factorizable_layers",
+    "skipped_layers", "Plan", "TrainConfig", "ConfigError", "DataError", "FileFormatError", "LayerError",
+    "PlanError", "RankshrinkError", "UnsafeFileError", "lora"]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is not None:
+        value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'rankshrink' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
+
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from . import lora
+    from .analysis import Analysis, analyze
+    from .calibration import Calibration, calibrate
+    from .cost import Cost, ModelCost, break_even_rank, count, linear_break_even, size_ratio, speed_ratio
+    from .deploy import export
+    from .errors import (ConfigError, DataError, FileFormatError, LayerError, PlanError, RankshrinkError,
+                         UnsafeFileError)
+    from .factorized import Factorized
+    from .finetuning import FinetuneResult, finetune
+    from .layers import factorizable_layers, skipped_layers
+    from .methods import (CPConfig, MethodConfig, SpatialConfig, SVDConfig, Tucker2Config, WeightConfig, factorize,
+                          method_names)
+    from .plan import Plan
+    from .search import Budget, CompressResult, SearchConfig, compress
+    from .surgery import apply, load, save
+    from .train import TrainConfig

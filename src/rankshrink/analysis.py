@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import ModelCost, break_even_rank, count
+from .cost import ModelCost, break_even_rank, count, linear_break_even
 from .decompose import energy_kept, singular_values
-from .factorized import methods_for
+from .methods import methods_for
 
 ENERGY_LEVELS = (0.9, 0.99)
 
@@ -30,6 +30,7 @@ class LayerAnalysis:
     break_even: dict[str, dict[str, int]]   # method -> {"params": r, "macs": r}
     singular_values: list[float]            # of the weight as (out, in·k…) matrix, descending
     rank_for_energy: dict[str, int]          # "90%" -> smallest rank keeping that share of Σσ²
+    spectrum_break_even: int = 0             # break-even rank (params) of that matrix's truncated SVD
 
     def energy_at(self, rank: int) -> float:
         return energy_kept(torch.tensor(self.singular_values, dtype=torch.float64), rank)
@@ -38,7 +39,8 @@ class LayerAnalysis:
         return {"name": self.name, "type": self.type, "weight_shape": list(self.weight_shape),
                 "params": self.params, "macs": self.macs, "input_size": list(self.input_size),
                 "methods": list(self.methods), "break_even": self.break_even,
-                "rank_for_energy": self.rank_for_energy, "singular_values": self.singular_values}
+                "rank_for_energy": self.rank_for_energy, "spectrum_break_even": self.spectrum_break_even,
+                "singular_values": self.singular_values}
 
 
 @dataclass
@@ -76,11 +78,13 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> Analysis:
         weight = module.weight.detach()
         spectrum = singular_values(weight.reshape(weight.shape[0], -1))
         methods = methods_for(entry.geometry)
-        break_even = {m: {"params": break_even_rank(entry.geometry, m, entry.input_size, objective="params"),
-                          "macs": break_even_rank(entry.geometry, m, entry.input_size, objective="macs")}
+        break_even = {m: {"params": break_even_rank(entry.geometry, m, entry.input_size, by="params"),
+                          "macs": break_even_rank(entry.geometry, m, entry.input_size, by="macs")}
                       for m in methods}
+        rows, cols = weight.shape[0], weight[0].numel()
         layers.append(LayerAnalysis(
             entry.name, entry.type, tuple(weight.shape), entry.params, entry.macs, entry.input_size, methods,
             break_even, [float(s) for s in spectrum],
-            {f"{round(level * 100)}%": rank_for_energy(spectrum, level) for level in ENERGY_LEVELS}))
+            {f"{round(level * 100)}%": rank_for_energy(spectrum, level) for level in ENERGY_LEVELS},
+            linear_break_even(rows, cols)))
     return Analysis(layers, costs, costs.skipped)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError
-from .factorized import Factorized, build_factorized, full_rank, layer_geometry, unsupported_reason
+from .factorized import Factorized, layer_geometry, unsupported_reason
 
 
 @dataclass(frozen=True)
@@ -110,32 +110,36 @@ def dense_cost(geometry: dict[str, Any], input_size) -> Cost:
 
 def factorized_cost(geometry: dict[str, Any], method: str, rank, input_size) -> Cost:
     """Cost of the factorization of ``geometry`` by ``method`` at ``rank`` (no weights computed)."""
-    block = build_factorized(geometry, method, rank, device="meta")
-    return module_cost(block, tuple(input_size))[0]
+    from .methods import get_method
+
+    return get_method(method).cost(geometry, rank, input_size)
 
 
-def break_even_rank(geometry: dict[str, Any], method: str, input_size=None, *,
-                    objective: str = "params") -> int:
+def break_even_rank(geometry: dict[str, Any], method: str, input_size=None, *, by: str = "params") -> int:
     """Largest rank whose factorization is strictly cheaper than the dense layer (0 if none).
 
-    ``objective``: 'params' or 'macs' (MACs need ``input_size``). Costs grow with rank,
+    ``by``: 'params' or 'macs' (MACs need ``input_size``). Costs grow with rank,
     so this is a bisection over 1..full rank. Tucker-2 uses equal ranks (r, r) capped by
     the channel counts.
     """
-    if objective not in ("params", "macs"):
-        raise ConfigError(f"objective must be 'params' or 'macs', got {objective!r}.")
+    if by not in ("params", "macs"):
+        raise ConfigError(f"by must be 'params' or 'macs', got {by!r}.")
     if input_size is None:
-        if objective == "macs":
+        if by == "macs":
             raise ConfigError("break-even rank for MACs needs the layer's input size.")
         input_size = (1,) * (1 if geometry["type"] in ("Linear", "Conv1d") else 2)
         if geometry["type"] != "Linear":
             input_size = tuple(max(1, (k - 1) * d + 1) for k, d in zip(geometry["kernel_size"], geometry["dilation"]))
 
     def value(cost: Cost) -> int:
-        return cost.params if objective == "params" else cost.macs
+        return cost.params if by == "params" else cost.macs
 
+    from .methods import get_method
+
+    impl = get_method(method)
+    impl.check_layer(geometry)
     limit = value(dense_cost(geometry, input_size))
-    top = full_rank(geometry, method)
+    top = impl.full_rank(geometry)
     lo, hi = 0, top  # invariant: rank lo is cheaper (or lo == 0); find the last cheaper rank
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -237,7 +241,7 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
     factorized blocks are reported one row each; other layers with weights are listed
     in ``skipped`` with the reason. The model is run once in eval mode and restored.
     """
-    from .surgery import inside_factorized, skipped_layers
+    from .layers import inside_factorized, skipped_layers
 
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:

@@ -1,17 +1,25 @@
-"""The Plan: which layers to factorize, with which method, at which rank.
+"""The Plan: which layers to factorize, and with which method config (method, rank, fit, options).
 
-A plan is the hand-off between the analysis/search stages and model surgery. It
-is plain data, serialised as versioned, human-editable JSON::
+A plan is the hand-off between the analysis/search stages and model surgery, and it
+reproduces its model: every entry is a full method config (see :mod:`rankshrink.methods`),
+and a plan whose entries fit activations records how their calibration was drawn.
+It is plain data, serialised as versioned, human-editable JSON::
 
     {
       "format": "rankshrink-plan",
-      "version": 1,
+      "version": 2,
       "layers": {
         "features.0":   {"method": "tucker2", "rank": [8, 4]},
-        "classifier.1": {"method": "svd", "rank": 12}
+        "classifier.1": {"method": "svd", "rank": 12, "fit": "activations",
+                         "options": {"algorithm": "auto", "seed": 0}}
       },
+      "calibration": {"samples": 512, "seed": 0, "batch_size": 128},
       "metadata": {"model": "builtin:digits-cnn"}
     }
+
+``fit`` defaults to 'weights' and ``options`` to the method's defaults, so a hand-written
+entry needs only ``method`` and ``rank``. Version-1 files (entries of method and rank
+only) load as weight fits.
 """
 
 from __future__ import annotations
@@ -21,59 +29,45 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from .errors import PlanError
-from .factorized import ALL_METHODS
-from ._callable import make_module_callable
-from .fileio import atomic_write_json, read_json
+from .errors import ConfigError, LayerError, PlanError
+from .files import atomic_write_json, read_json
+from .methods import MethodConfig, config_from_json, make_config
+
+__all__ = ["Plan", "PLAN_FORMAT", "PLAN_VERSION", "DEFAULT_CALIBRATION"]
 
 PLAN_FORMAT = "rankshrink-plan"
-PLAN_VERSION = 1
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """One layer's entry: a method and a rank (tucker2: (R_out, R_in) or one int)."""
-
-    method: str
-    rank: int | tuple[int, int]
-
-    def __post_init__(self):
-        if self.method not in ALL_METHODS:
-            raise PlanError(f"unknown method {self.method!r}; known methods are {', '.join(ALL_METHODS)}.")
-        rank = self.rank
-        if isinstance(rank, list):
-            rank = tuple(rank)
-            object.__setattr__(self, "rank", rank)
-        valid_int = isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1
-        valid_pair = (isinstance(rank, tuple) and len(rank) == 2 and self.method == "tucker2"
-                      and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rank))
-        if not (valid_int or valid_pair):
-            pair = " or a pair [R_out, R_in]" if self.method == "tucker2" else ""
-            raise PlanError(f"rank must be a positive integer{pair}, got {self.rank!r}.")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank}
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# How an activation fit's statistics are drawn when a plan does not say: the training split,
+# a seeded random subset of this many samples, in batches of this size.
+DEFAULT_CALIBRATION = {"samples": 512, "seed": 0, "batch_size": 128}
 
 
 @dataclass
 class Plan:
-    """Ordered mapping of qualified layer names (``features.0``) to :class:`LayerPlan`."""
+    """Ordered mapping of qualified layer names (``features.0``) to method configs.
 
-    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    ``calibration``: how the statistics of the entries that fit activations are drawn
+    (``samples``, ``seed``, ``batch_size`` and, when known, the ``data`` fingerprint of
+    the split they came from); None means :data:`DEFAULT_CALIBRATION`.
+    """
+
+    layers: dict[str, MethodConfig] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
 
-    def __post_init__(self):
-        layers = {}
-        for name, entry in dict(self.layers).items():
-            layers[name] = _coerce_entry(name, entry)
-        self.layers = layers
+    def __post_init__(self) -> None:
+        self.layers = {name: _coerce_entry(name, entry) for name, entry in dict(self.layers).items()}
+        if self.calibration is not None:
+            self.calibration = _check_calibration(self.calibration)
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> "Plan":
-        """Build from ``{"fc1": ("svd", 8)}`` or ``{"fc1": {"method": "svd", "rank": 8}}``."""
-        return cls(dict(mapping), dict(metadata or {}))
+    def from_mapping(cls, mapping: Mapping[str, Any], metadata: Mapping[str, Any] | None = None, *,
+                     calibration: Mapping[str, Any] | None = None) -> "Plan":
+        """Build from ``{"fc1": ("svd", 8)}``, ``{"fc1": {"method": "svd", "rank": 8}}`` or configs."""
+        return cls(dict(mapping), dict(metadata or {}), None if calibration is None else dict(calibration))
 
-    def __getitem__(self, name: str) -> LayerPlan:
+    def __getitem__(self, name: str) -> MethodConfig:
         return self.layers[name]
 
     def __contains__(self, name: object) -> bool:
@@ -88,22 +82,54 @@ class Plan:
     def items(self):
         return self.layers.items()
 
-    def with_layer(self, name: str, method: str, rank) -> "Plan":
+    def with_layer(self, name: str, method: str | MethodConfig, rank: Any = None, **options: Any) -> "Plan":
         """A copy with one entry set (added or replaced)."""
         layers = dict(self.layers)
-        layers[name] = LayerPlan(method, rank)
-        return Plan(layers, dict(self.metadata))
+        layers[name] = _coerce_entry(name, make_config(method, rank, **options) if rank is not None or options
+                                     else method)
+        return Plan(layers, dict(self.metadata), None if self.calibration is None else dict(self.calibration))
+
+    def with_fit(self, fit: str) -> "Plan":
+        """A copy with every entry fitted to ``fit`` ('weights' or 'activations')."""
+        from .validation import check_choice
+        from .methods import FITS
+
+        check_choice(fit, "fit", FITS)
+        return Plan({name: entry.replace(fit=fit) for name, entry in self.layers.items()}, dict(self.metadata),
+                    None if self.calibration is None else dict(self.calibration))
+
+    def with_options(self, **options: Any) -> "Plan":
+        """A copy with ``options`` (e.g. ``seed=3``) set on every entry that has them."""
+        layers = {}
+        for name, entry in self.layers.items():
+            own = {k: v for k, v in options.items() if k in entry.option_names()}
+            try:
+                layers[name] = entry.replace(**own) if own else entry
+            except (ConfigError, LayerError) as exc:
+                raise PlanError(f"layer '{name}': {exc}") from None
+        return Plan(layers, dict(self.metadata), None if self.calibration is None else dict(self.calibration))
+
+    @property
+    def activation_layers(self) -> list[str]:
+        """The entries fitted to activations: applying them needs calibration data."""
+        return [name for name, entry in self.layers.items() if entry.fit == "activations"]
+
+    def calibration_settings(self) -> dict[str, Any]:
+        return {**DEFAULT_CALIBRATION, **(self.calibration or {})}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION,
-                "layers": {name: entry.to_json() for name, entry in self.layers.items()},
-                "metadata": self.metadata}
+        data: dict[str, Any] = {"format": PLAN_FORMAT, "version": PLAN_VERSION,
+                                "layers": {name: entry.to_json() for name, entry in self.layers.items()}}
+        if self.calibration is not None:
+            data["calibration"] = dict(self.calibration)
+        data["metadata"] = self.metadata
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def key(self) -> str:
-        """Canonical text of the layers alone (metadata excluded): a cache key."""
+        """Canonical text of the layers alone (metadata excluded, order ignored): a cache key."""
         return json.dumps({n: e.to_json() for n, e in sorted(self.layers.items())}, sort_keys=True)
 
     @classmethod
@@ -113,16 +139,24 @@ class Plan:
         if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
             raise PlanError(f"{source}: 'format' is {data.get('format')!r}, expected {PLAN_FORMAT!r}.")
         version = data.get("version", PLAN_VERSION)
-        if version != PLAN_VERSION:
-            raise PlanError(f"{source}: plan version {version!r} is not supported (this rankshrink reads version {PLAN_VERSION}).")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise PlanError(f"{source}: plan version {version!r} is not supported (this rankshrink reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}).")
         layers = data.get("layers")
         if not isinstance(layers, Mapping):
             raise PlanError(f"{source}: 'layers' must be an object mapping layer names to {{\"method\", \"rank\"}}.")
         metadata = data.get("metadata", {})
         if not isinstance(metadata, Mapping):
             raise PlanError(f"{source}: 'metadata' must be an object.")
+        calibration = data.get("calibration")
+        if calibration is not None and not isinstance(calibration, Mapping):
+            raise PlanError(f"{source}: 'calibration' must be an object such as {json.dumps(DEFAULT_CALIBRATION)}.")
+        if version == 1:  # version 1 had no fits: every entry is a weight fit
+            for name, entry in layers.items():
+                if isinstance(entry, Mapping) and ("fit" in entry or "options" in entry):
+                    raise PlanError(f"{source}: layer '{name}': 'fit' and 'options' need plan version 2.")
         try:
-            return cls(dict(layers), dict(metadata))
+            return cls(dict(layers), dict(metadata), None if calibration is None else dict(calibration))
         except PlanError as exc:
             raise PlanError(f"{source}: {exc}") from None
 
@@ -142,23 +176,38 @@ class Plan:
         return cls.from_dict(read_json(path, "plan file"), f"plan file '{path}'")
 
 
-def _coerce_entry(name: str, entry: Any) -> LayerPlan:
+def _coerce_entry(name: Any, entry: Any) -> MethodConfig:
     if not isinstance(name, str) or not name:
         raise PlanError(f"layer names must be non-empty strings, got {name!r}.")
     try:
-        if isinstance(entry, LayerPlan):
+        if isinstance(entry, MethodConfig):
             return entry
         if isinstance(entry, Mapping):
-            unknown = set(entry) - {"method", "rank"}
-            if unknown or "method" not in entry or "rank" not in entry:
-                raise PlanError(f"needs exactly the keys 'method' and 'rank', got {sorted(entry)}.")
-            return LayerPlan(entry["method"], entry["rank"])
+            return config_from_json(entry)
         if isinstance(entry, (tuple, list)) and len(entry) == 2:
-            return LayerPlan(entry[0], entry[1])
-    except PlanError as exc:
+            return make_config(entry[0], entry[1])
+    except (ConfigError, LayerError, TypeError) as exc:
         raise PlanError(f"layer '{name}': {exc}") from None
     raise PlanError(f"layer '{name}': expected {{\"method\": ..., \"rank\": ...}}, got {entry!r}.")
 
 
-# ``rankshrink.plan(model, data, tolerance=... | budget=...)`` runs the rank search.
-make_module_callable(__name__, "rankshrink.search:plan")
+def _check_calibration(calibration: Mapping[str, Any]) -> dict[str, Any]:
+    from .validation import check_int
+
+    known = {"samples", "seed", "batch_size", "data"}
+    unknown = sorted(set(calibration) - known)
+    if unknown:
+        raise PlanError(f"'calibration' has unknown key(s) {', '.join(map(repr, unknown))}; known: "
+                        f"{', '.join(sorted(known))}.")
+    try:
+        if calibration.get("samples") is not None:
+            check_int(calibration["samples"], "calibration.samples", minimum=1, error=PlanError)
+        for key in ("seed", "batch_size"):
+            if key in calibration:
+                check_int(calibration[key], f"calibration.{key}", minimum=0 if key == "seed" else 1,
+                          error=PlanError)
+    except PlanError:
+        raise
+    if "data" in calibration and not isinstance(calibration["data"], str):
+        raise PlanError("calibration.data must be a data fingerprint (a string).")
+    return dict(calibration)

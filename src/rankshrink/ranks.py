@@ -15,9 +15,10 @@ break-even cap); no ``nn.Module`` is touched and no model is evaluated.
   number of kept components is the rank estimate.
 * :func:`energy_rank` -- the smallest rank keeping a fraction ``p`` of Σσ².
 * :func:`estimate_rank` / :func:`layer_estimates` -- those estimates for one
-  factorization method of a layer (``svd``, ``spatial``, ``weight``, ``tucker2``,
-  ``cp``), floored at 1 and capped at the break-even rank (the largest rank whose
-  factorization is still cheaper than the dense layer).
+  factorization method of a layer (each method says which matrices it factorizes,
+  see :mod:`rankshrink.methods`), floored at 1 and capped at the break-even rank
+  (the largest rank whose factorization is still cheaper than the dense layer).
+* :func:`rank_grid` -- the ranks a search tries: all small ones, then geometric steps.
 
 Differences from the seeds' ``EVBMF``/``est_rank``: the threshold uses the exact
 ``τ`` (the seeds use the bound ``2.5129 √α``, exact only for square matrices),
@@ -39,7 +40,7 @@ from .errors import ConfigError
 
 __all__ = [
     "EVBMFResult", "RankEstimate", "evbmf", "evbmf_rank", "evb_tau", "energy_rank",
-    "unfold", "conv_evbmf_ranks", "method_matrix", "estimate_rank", "layer_estimates",
+    "unfold", "conv_evbmf_ranks", "channel_mode_estimates", "rank_grid", "estimate_rank", "layer_estimates",
 ]
 
 ESTIMATORS = ("evbmf", "energy")
@@ -239,20 +240,27 @@ def conv_evbmf_ranks(kernel: torch.Tensor) -> tuple[int, int]:
     return evbmf_rank(unfold(kernel, 0)), evbmf_rank(unfold(kernel, 1))
 
 
-def method_matrix(weight: torch.Tensor, method: str) -> torch.Tensor:
-    """The matrix whose truncated SVD a method computes (``svd``, ``weight``, ``spatial``)."""
-    if method == "svd":
-        if weight.dim() != 2:
-            raise ConfigError(f"method 'svd' needs a Linear weight (2-D), got shape {tuple(weight.shape)}.")
-        return weight
-    if method == "weight":
-        return weight.reshape(weight.shape[0], -1)
-    if method == "spatial":
-        if weight.dim() != 4:
-            raise ConfigError("method 'spatial' needs a Conv2d kernel (T, S, kh, kw).")
-        T, S, kh, kw = weight.shape
-        return weight.permute(1, 2, 0, 3).reshape(S * kh, T * kw)
-    raise ConfigError(f"method {method!r} has no single matrix; use conv_evbmf_ranks for tucker2/cp.")
+def channel_mode_estimates(kernel: torch.Tensor, keep: float = 0.9) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(EVBMF, energy) rank pairs of a conv kernel's output- and input-channel unfoldings."""
+    if kernel.dim() not in (3, 4):
+        raise ConfigError(f"expected a conv kernel (T, S, k[, k]), got shape {tuple(kernel.shape)}.")
+    modes = [unfold(kernel, 0), unfold(kernel, 1)]
+    ev = (evbmf_rank(modes[0]), evbmf_rank(modes[1]))
+    en = (energy_rank(torch.linalg.svdvals(modes[0].detach().double()), keep),
+          energy_rank(torch.linalg.svdvals(modes[1].detach().double()), keep))
+    return ev, en
+
+
+def rank_grid(top: int, *, dense_up_to: int = 16, ratio: float = 1.1) -> list[int]:
+    """1..min(top, dense_up_to), then ranks growing by ``ratio``, always ending at ``top``."""
+    if top < 1:
+        return []
+    ranks = list(range(1, min(top, dense_up_to) + 1))
+    r = ranks[-1]
+    while r < top:
+        r = min(top, max(r + 1, int(math.ceil(r * ratio))))
+        ranks.append(r)
+    return ranks
 
 
 # --------------------------------------------------------------------------- per method
@@ -287,19 +295,9 @@ class RankEstimate:
 
 
 def _raw_estimates(weight: torch.Tensor, method: str, keep: float) -> tuple[Any, Any]:
-    if method in ("svd", "weight", "spatial"):
-        matrix = method_matrix(weight, method)
-        return evbmf_rank(matrix), energy_rank(torch.linalg.svdvals(matrix.detach().double()), keep)
-    if method in ("tucker2", "cp"):
-        if weight.dim() not in (3, 4):
-            raise ConfigError(f"method '{method}' needs a conv kernel, got shape {tuple(weight.shape)}.")
-        modes = [unfold(weight, 0), unfold(weight, 1)]
-        ev = tuple(evbmf_rank(m) for m in modes)
-        en = tuple(energy_rank(torch.linalg.svdvals(m.detach().double()), keep) for m in modes)
-        if method == "tucker2":
-            return ev, en
-        return max(ev), max(en)  # CP: one rank for both channel modes
-    raise ConfigError(f"unknown method {method!r}; known methods are svd, spatial, weight, tucker2, cp.")
+    from .methods import get_method
+
+    return get_method(method).rank_estimates(weight, keep)
 
 
 def _cap(rank: Any, cap: int | None) -> tuple[Any, bool]:
@@ -332,16 +330,16 @@ def estimate_rank(weight: torch.Tensor, method: str, *, estimator: str = "evbmf"
 
 
 def layer_estimates(weight: torch.Tensor, geometry: dict[str, Any], *, input_size=None,
-                    objective: str = "params", estimator: str = "evbmf", keep: float = 0.9,
+                    by: str = "params", estimator: str = "evbmf", keep: float = 0.9,
                     methods: tuple[str, ...] | None = None) -> dict[str, RankEstimate]:
     """Rank estimates for every applicable method of one layer, capped at break-even.
 
     ``geometry`` is :func:`rankshrink.factorized.layer_geometry` of the layer;
-    ``objective`` ('params' or 'macs', the latter needs ``input_size``) sets which
+    ``by`` ('params' or 'macs', the latter needs ``input_size``) sets which
     cost the break-even cap compares.
     """
     from .cost import break_even_rank
-    from .factorized import methods_for
+    from .methods import methods_for
 
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown rank estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}.")
@@ -353,7 +351,7 @@ def layer_estimates(weight: torch.Tensor, geometry: dict[str, Any], *, input_siz
                           f"use {', '.join(allowed)}.")
     result = {}
     for method in chosen:
-        cap = break_even_rank(geometry, method, input_size, objective=objective)
+        cap = break_even_rank(geometry, method, input_size, by=by)
         ev, en = _raw_estimates(weight, method, keep)
         rank, capped = _cap(ev if estimator == "evbmf" else en, cap)
         result[method] = RankEstimate(method, ev, en, cap, rank, estimator, capped, cap < 1)

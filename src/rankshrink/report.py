@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .analysis import Analysis
 from .errors import ConfigError
-from .fileio import atomic_path, atomic_write_json, atomic_write_text, prepare_output_dir
+from .files import atomic_path, atomic_write_json, atomic_write_text, prepare_output_dir
 
 
 def _pyplot():
@@ -40,9 +40,8 @@ def plot_spectra(analysis: Analysis, path: Path) -> bool:
     for layer in analysis.layers:
         values = [v / layer.singular_values[0] for v in layer.singular_values] if layer.singular_values[0] else []
         line, = ax.semilogy(range(1, len(values) + 1), values, label=layer.name)
-        # the spectrum is that of the (out, in·k…) matrix, i.e. of the 'weight' SVD for convs
-        method = "weight" if "weight" in layer.methods else layer.methods[0]
-        cap = layer.break_even[method]["params"]
+        # the spectrum is that of the (out, in·k…) matrix; its own truncated SVD's break-even rank
+        cap = layer.spectrum_break_even
         if 1 <= cap <= len(values):
             ax.axvline(cap, color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("rank")

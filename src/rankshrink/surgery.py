@@ -1,79 +1,44 @@
-"""Model surgery: find layers by qualified name and replace them in a copy.
+"""Model surgery: the only code that rewrites module trees.
 
-This is the only module that walks and rewrites module trees. The input model is
-never modified: :func:`apply` deep-copies it first.
+:func:`build` is the one way a model is made from a plan: it validates the whole plan,
+copies the model (unless told otherwise) and puts a block at every planned layer, under
+every name a shared module is reachable by. Who makes the blocks differs, nothing else:
+
+* :func:`apply` -- factorizes each layer by its config (calibrating on ``data`` when an
+  entry fits activations);
+* :func:`empty_skeleton` / :func:`load` -- empty factor layers of the right shapes,
+  then a saved state dict;
+* the search's evaluator -- memoised blocks (:mod:`rankshrink.search.evaluate`);
+* LoRA -- wrappers around layers (:func:`replace_layer`).
+
+The input model is never modified unless ``inplace=True``.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import FileFormatError, LayerError, PlanError
-from .factorized import (Factorized, build_factorized, factorize, layer_geometry, methods_for,
-                         normalize_rank, unsupported_reason)
-from .fileio import atomic_write_json, load_tensors, prepare_output_dir, save_tensors, verify_output_set
+from .factorized import layer_geometry, unsupported_reason
+from .files import atomic_write_json, load_tensors, prepare_output_dir, save_tensors, verify_output_set
+from .layers import aliases, get_layer, tied_parameters
+from .methods import MethodConfig, factorize, get_method
 from .plan import Plan
+
+__all__ = ["WEIGHTS_FILE", "PLAN_FILE", "replace_layer", "validate_plan", "build", "apply", "empty_skeleton",
+           "save", "load", "load_state_dict_checked"]
 
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
 
-
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name``, or a PlanError suggesting close names."""
-    if name and name in dict(model.named_modules(remove_duplicate=False)):  # any alias of a shared module
-        return model.get_submodule(name)
-    candidates = [n for n, m in model.named_modules() if n and unsupported_reason(m) is None]
-    close = difflib.get_close_matches(name, candidates, n=3)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    listing = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")
-    raise PlanError(f"layer '{name}' does not exist in {type(model).__name__}.{hint} "
-                    f"Factorizable layers: {listing or 'none'}.")
-
-
-def aliases(model: nn.Module) -> dict[int, list[str]]:
-    """Module id -> every qualified name it is reachable under (shared modules have several)."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
-
-
-def factorizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer that can be factorized, in model order, each once."""
-    return [(n, m) for n, m in model.named_modules() if n and unsupported_reason(m) is None]
-
-
-def skipped_layers(model: nn.Module) -> list[tuple[str, str]]:
-    """(name, reason) for layers with weights that will not be factorized."""
-    skipped = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, Factorized) or inside_factorized(model, name):
-            continue
-        reason = unsupported_reason(module)
-        has_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
-        if reason is not None and has_weight:
-            skipped.append((name, reason))
-    return skipped
-
-
-def ancestors(model: nn.Module, name: str) -> Iterable[nn.Module]:
-    """The modules enclosing ``name``, outermost first (``model`` itself excluded)."""
-    node = model
-    for part in name.split(".")[:-1]:
-        node = node.get_submodule(part)
-        yield node
-
-
-def inside_factorized(model: nn.Module, name: str) -> bool:
-    """Whether layer ``name`` is one of the factors of a :class:`Factorized` block."""
-    return any(isinstance(parent, Factorized) for parent in ancestors(model, name))
+# Makes the block for one planned layer: (qualified name, dense module, config, normalised rank) -> block.
+BlockMaker = Callable[[str, nn.Module, MethodConfig, Any], nn.Module]
 
 
 def replace_layer(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -86,20 +51,7 @@ def replace_layer(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, child, new)
 
 
-def _tied_parameters(model: nn.Module, module: nn.Module, name: str) -> list[str]:
-    """Names of other modules sharing a parameter tensor with ``module`` (tied weights)."""
-    own = {id(p) for p in module.parameters(recurse=False)}
-    same_module = set(aliases(model).get(id(module), []))
-    tied = []
-    for other_name, other in model.named_modules(remove_duplicate=False):
-        if other_name in same_module or other is module:
-            continue
-        if any(id(p) in own for p in other.parameters(recurse=False)):
-            tied.append(other_name)
-    return tied
-
-
-def validate_plan(model: nn.Module, plan: Plan) -> dict[str, object]:
+def validate_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
     """Check every entry against ``model`` before touching anything.
 
     Returns name -> normalised rank. Raises PlanError/LayerError naming the first
@@ -118,65 +70,113 @@ def validate_plan(model: nn.Module, plan: Plan) -> dict[str, object]:
             raise PlanError(f"layers '{seen[id(module)]}' and '{name}' are the same shared module; "
                             "list it once in the plan (it is replaced everywhere it is used).")
         seen[id(module)] = name
-        tied = _tied_parameters(model, module, name)
+        tied = tied_parameters(model, module)
         if tied:
             raise LayerError(f"layer '{name}' shares its weights with {', '.join(tied)} (tied weights); "
                              "factorizing it alone would silently untie them. Remove it from the plan.")
         geometry = layer_geometry(module)
-        if entry.method not in methods_for(geometry):
-            raise LayerError(f"layer '{name}': method '{entry.method}' does not apply to {geometry['type']}; "
-                             f"use one of {', '.join(methods_for(geometry))}.")
-        ranks[name] = normalize_rank(geometry, entry.method, entry.rank, layer=f"layer '{name}'")
+        method = get_method(entry.method)
+        method.check_layer(geometry, f"layer '{name}'")
+        ranks[name] = method.normalize_rank(geometry, entry.rank, layer=f"layer '{name}'")
     return ranks
 
 
-def apply(model: nn.Module, plan: Plan, *, inplace: bool = False, progress: bool = False,
-          calibration=None, **options) -> nn.Module:
+def build(model: nn.Module, plan: Plan, make_block: BlockMaker, *, inplace: bool = False,
+          progress: bool = False) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) with ``make_block``'s block at every layer of ``plan``.
+
+    The whole plan is validated first; a shared module is replaced everywhere it is used.
+    ``make_block`` receives the layer of the *original* model (never modified).
+    """
+    ranks = validate_plan(model, plan)
+    target = model if inplace else copy.deepcopy(model)
+    where = aliases(target)
+    items: Any = list(plan.items())
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(items, desc="factorizing", unit="layer")
+    for name, entry in items:
+        source = model.get_submodule(name)
+        module = target.get_submodule(name)
+        block = make_block(name, source, entry, ranks[name])
+        for alias in where[id(module)]:  # a shared module is replaced everywhere it is used
+            replace_layer(target, alias, block)
+    return target
+
+
+def empty_skeleton(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
+    """``model`` with the planned layers replaced by empty factor layers of the right shapes."""
+    def empty(name: str, module: nn.Module, entry: MethodConfig, rank: Any) -> nn.Module:
+        weight = module.weight
+        return get_method(entry.method).build(layer_geometry(module), rank, dtype=weight.dtype, device=weight.device)
+
+    return build(model, plan, empty, inplace=inplace)
+
+
+def apply(model: nn.Module, plan: Plan | dict, *, data: Any = None, calibration=None, fit: str | None = None,
+          inplace: bool = False, progress: bool = False) -> nn.Module:
     """A copy of ``model`` with every layer in ``plan`` replaced by its factorization.
 
-    The whole plan is validated before any work. ``options`` are passed to
-    :func:`rankshrink.factorize` (e.g. ``seed``). With ``inplace=True`` the model
-    itself is changed (useful for models too large to copy).
-
-    ``calibration`` (from :func:`rankshrink.calibrate.calibrate` on this model) makes
-    every factorization activation-optimal for its layer's inputs; ``objective``
-    ('activations', the default with a calibration, or 'weights') and the data-aware
-    options ``damping``/``bias_correction`` pass through to ``factorize``.
+    The whole plan is validated before any work. Entries that fit activations need
+    the layers' input statistics: ``calibration`` (from :func:`rankshrink.calibrate` on
+    this model), or ``data`` to calibrate on (a :class:`~rankshrink.data.Splits`, whose
+    training split is used, or a data set), drawn as the plan's ``calibration``
+    settings say, so the result equals the model the plan was found with. ``fit``
+    ('weights' or 'activations') re-fits every entry that way instead of as planned.
+    With ``inplace=True`` the model itself is changed (for models too large to copy).
     """
     if isinstance(plan, dict):
         plan = Plan.from_mapping(plan)
+    if fit is not None:
+        plan = plan.with_fit(fit)
     validate_plan(model, plan)
-    objective = options.get("objective")
+    fitted = plan.activation_layers
+    if fitted and calibration is None:
+        if data is None:
+            shown = ", ".join(fitted[:4]) + (" ..." if len(fitted) > 4 else "")
+            raise PlanError(f"the plan fits {len(fitted)} layer(s) to activations ({shown}), which needs calibration "
+                            "data: pass data= (CLI: --data SPEC) to calibrate on, or re-fit them to the weights "
+                            "(fit='weights'; CLI: --fit weights).")
+        calibration = calibrate_for_plan(model, plan, data, progress=progress)
     layer_stats: dict[str, object] = {}
-    if objective == "activations" and calibration is None:
-        raise PlanError("objective='activations' needs calibration data: pass calibration=rankshrink.calibrate."
-                        "calibrate(model, data), or use objective='weights'.")
-    if calibration is not None and objective != "weights":
+    if fitted:
         names = aliases(model)
-        for name in plan:
+        for name in fitted:
             module = model.get_submodule(name)
             found = next((calibration.get(alias) for alias in [name, *names.get(id(module), [])]
                           if calibration.get(alias) is not None), None)
             if found is None:
                 calibration[name]  # raises DataError naming the layer and what was calibrated
             layer_stats[name] = found
-    target = model if inplace else copy.deepcopy(model)
-    where = aliases(target)
-    items = list(plan.items())
-    iterator = items
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(items, desc="factorizing", unit="layer")
-    for name, entry in iterator:
-        module = target.get_submodule(name)
-        if layer_stats:
-            block = factorize(module, entry.method, entry.rank, name=f"layer '{name}'",
-                              input_stats=layer_stats[name], **options)
-        else:
-            block = factorize(module, entry.method, entry.rank, name=f"layer '{name}'", **options)
-        for alias in where[id(module)]:  # a shared module is replaced everywhere it is used
-            replace_layer(target, alias, block)
-    return target
+
+    def factorized(name: str, module: nn.Module, entry: MethodConfig, rank: Any) -> nn.Module:
+        return factorize(module, entry, name=f"layer '{name}'", input_stats=layer_stats.get(name))
+
+    return build(model, plan, factorized, inplace=inplace, progress=progress)
+
+
+def calibrate_for_plan(model: nn.Module, plan: Plan, data: Any, *, progress: bool = False):
+    """The input statistics of the plan's activation-fitted layers, drawn as the plan records."""
+    import warnings
+
+    from .calibration import CalibrationWarning, calibrate
+    from .data import Splits
+
+    settings = plan.calibration_settings()
+    dataset = data.train if isinstance(data, Splits) else data
+    recorded = settings.get("data")
+    if recorded:
+        from .fingerprint import dataset_fingerprint
+
+        if dataset_fingerprint(dataset) != recorded:
+            warnings.warn("the calibration data differs from the data the plan's activation fits were made on; "
+                          "the factors will differ from the ones the plan was found with.", UserWarning,
+                          stacklevel=3)
+    with warnings.catch_warnings():
+        # The search calibrated without these warnings too; small layers are expected to be under-sampled.
+        warnings.filterwarnings("ignore", category=CalibrationWarning, message=".*input vectors.*")
+        return calibrate(model, dataset, layers=plan.activation_layers, samples=settings["samples"],
+                         batch_size=settings["batch_size"], seed=settings["seed"], progress=progress)
 
 
 def save(model: nn.Module, plan: Plan, directory: str | os.PathLike, *, force: bool = False,
@@ -199,7 +199,7 @@ def load(factory: Callable[[], nn.Module] | nn.Module, directory: str | os.PathL
     planned layers are replaced by empty factor layers, then all weights load strictly.
     """
     directory = Path(directory)
-    # A set written by fileio.output_set records checksums: refuse a mix of two runs' files.
+    # A set written by files.output_set records checksums: refuse a mix of two runs' files.
     verify_output_set(directory, names=[PLAN_FILE, WEIGHTS_FILE])
     plan = Plan.load(directory / PLAN_FILE) if (directory / PLAN_FILE).exists() else None
     if plan is None:
@@ -207,18 +207,10 @@ def load(factory: Callable[[], nn.Module] | nn.Module, directory: str | os.PathL
     base = copy.deepcopy(factory) if isinstance(factory, nn.Module) else factory()
     if not isinstance(base, nn.Module):
         raise PlanError(f"the factory returned {type(base).__name__}, not an nn.Module.")
-    ranks = validate_plan(base, plan)
-    where = aliases(base)
-    for name, entry in plan.items():
-        module = base.get_submodule(name)
-        weight = module.weight
-        block = build_factorized(layer_geometry(module), entry.method, ranks[name],
-                                 dtype=weight.dtype, device=weight.device)
-        for alias in where[id(module)]:
-            replace_layer(base, alias, block)
+    skeleton = empty_skeleton(base, plan, inplace=True)
     state = load_tensors(directory / WEIGHTS_FILE)
-    load_state_dict_checked(base, state, directory / WEIGHTS_FILE)
-    return base.eval()
+    load_state_dict_checked(skeleton, state, directory / WEIGHTS_FILE)
+    return skeleton.eval()
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:

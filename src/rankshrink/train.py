@@ -31,6 +31,7 @@ Design points shared by all three uses:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import sys
@@ -45,19 +46,65 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import _dataset_len, _tensor_source, iterate_batches
+from .data import _dataset_len, iterate_batches
 from .errors import ConfigError, DataError, FileFormatError
-from .fileio import atomic_path
+from .files import atomic_path
+from .fingerprint import dataset_fingerprint, module_fingerprint
 from .metrics import _device_of, accuracy, check_logits, eval_mode, to_model
+from .validation import check_bool, check_choice, check_int, check_number, check_optional_int
 
-__all__ = ["TrainResult", "train", "distillation_loss", "CHECKPOINT_NAME"]
+__all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "train_checkpoint.pt"
 _CHECKPOINT_FORMAT = "rankshrink-train-checkpoint"
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SCHEDULES = ("cosine", "constant")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train: schedule, optimizer, distillation and stopping (every field checked on creation).
+
+    ``schedule``: 'cosine' (per step from ``lr`` towards 0 over all epochs) or 'constant'.
+    ``optimizer``: 'adam', 'adamw' or 'sgd' (momentum 0.9). ``patience``: stop after that
+    many epochs without a validation improvement. With a teacher the loss is
+    ``(1 − distill_weight)·CE + distill_weight·T²·KL`` at ``T = distill_temperature``.
+    ``keep_best``: return the best-validating weights (the starting ones count as epoch 0).
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    patience: int | None = None
+    distill_temperature: float = 2.0
+    distill_weight: float = 0.5
+    seed: int = 0
+    keep_best: bool = True
+
+    def __post_init__(self) -> None:
+        check_int(self.epochs, "epochs", minimum=0)
+        check_number(self.lr, "lr", minimum=0, low_open=True)
+        check_int(self.batch_size, "batch_size", minimum=1)
+        check_choice(self.optimizer, "optimizer", _OPTIMIZERS)
+        check_number(self.weight_decay, "weight_decay", minimum=0)
+        check_choice(self.schedule, "schedule", _SCHEDULES)
+        check_optional_int(self.patience, "patience", minimum=1)
+        check_number(self.distill_temperature, "distill_temperature", minimum=0, low_open=True)
+        check_number(self.distill_weight, "distill_weight", minimum=0, maximum=1)
+        check_int(self.seed, "seed", minimum=0)
+        check_bool(self.keep_best, "keep_best")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
 
 
 @dataclass
@@ -112,30 +159,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 # --------------------------------------------------------------------------- helpers
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def _module_digest(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(_tensor_bytes(tensor))
-    return digest.hexdigest()
-
-
-def _data_digest(dataset: Dataset) -> str:
-    source = _tensor_source(dataset)
-    digest = hashlib.sha256(f"{type(dataset).__name__}|{_dataset_len(dataset)}|".encode())
-    if source is not None:
-        tensors, index_map = source
-        for tensor in tensors + ((index_map,) if index_map is not None else ()):
-            digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            digest.update(_tensor_bytes(tensor))
-    return digest.hexdigest()
-
-
 def _select_parameters(model: nn.Module, parameters: Iterable[nn.Parameter] | None) -> list[tuple[str, nn.Parameter]]:
     named = list(model.named_parameters())
     if parameters is None:
@@ -177,29 +200,6 @@ def _better(new: float | None, old: float | None) -> bool:
     if new is None or math.isnan(new):
         return False
     return old is None or math.isnan(old) or new > old
-
-
-def _validate(epochs: int, lr: float, batch_size: int, optimizer: str, weight_decay: float,
-              schedule: str, distill_temperature: float, distill_weight: float,
-              patience: int | None) -> None:
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}.")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"lr must be a positive number, got {lr!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if optimizer not in _OPTIMIZERS:
-        raise ConfigError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}; got {optimizer!r}.")
-    if schedule not in _SCHEDULES:
-        raise ConfigError(f"schedule must be one of {', '.join(_SCHEDULES)}; got {schedule!r}.")
-    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}.")
-    if not distill_temperature > 0:
-        raise ConfigError(f"distill_temperature must be > 0, got {distill_temperature!r}.")
-    if not 0.0 <= distill_weight <= 1.0:
-        raise ConfigError(f"distill_weight must be in [0, 1], got {distill_weight!r}.")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise ConfigError(f"patience must be a positive integer or None, got {patience!r}.")
 
 
 def _make_optimizer(kind: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -266,26 +266,23 @@ def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the loop
 
 def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = None,
-          epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, optimizer: str = "adam",
-          weight_decay: float = 0.0, schedule: str = "cosine",
-          parameters: Iterable[nn.Parameter] | None = None,
-          teacher: nn.Module | None = None, distill_temperature: float = 2.0,
-          distill_weight: float = 0.5, patience: int | None = None,
-          metric: Callable[[nn.Module], float] | None = None, seed: int = 0,
-          checkpoint_dir: str | Path | None = None, progress: bool = True,
-          keep_best: bool = True) -> TrainResult:
+          config: TrainConfig | None = None, parameters: Iterable[nn.Parameter] | None = None,
+          teacher: nn.Module | None = None, metric: Callable[[nn.Module], float] | None = None,
+          checkpoint_dir: str | Path | None = None, progress: bool = True, **options: Any) -> TrainResult:
     """Train ``model`` in place on (inputs, labels) ``train_data`` with cross-entropy.
 
+    ``config`` (a :class:`TrainConfig`) says how; its fields can also be passed as keywords
+    (``train(model, data, epochs=3, lr=1e-3)``), which override ``config``'s.
     ``metric(model) -> float`` (higher is better, called in eval mode) defaults to
-    accuracy on ``val_data``. ``teacher`` adds distillation (see
-    :func:`distillation_loss`). ``patience`` stops after that many epochs without a
-    validation improvement. The cosine schedule anneals per step from ``lr`` towards 0
-    over all epochs; SGD uses momentum 0.9. The returned model (the same object) is in
-    eval mode. See the module docstring for frozen parameters, BatchNorm, divergence
-    and checkpoints.
+    accuracy on ``val_data``. ``teacher`` adds distillation (see :func:`distillation_loss`).
+    ``parameters`` restricts what trains. The returned model (the same object) is in eval
+    mode. See the module docstring for frozen parameters, BatchNorm, divergence and checkpoints.
     """
-    _validate(epochs, lr, batch_size, optimizer, weight_decay, schedule, distill_temperature,
-              distill_weight, patience)
+    unknown = sorted(set(options) - set(TrainConfig.field_names()))
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {', '.join(map(repr, unknown))}; the options are "
+                          f"{', '.join(TrainConfig.field_names())}.")
+    config = (config or TrainConfig()).replace(**options)
     n = _dataset_len(train_data)
     if n == 0:
         raise DataError("the training data set is empty.")
@@ -295,7 +292,7 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
     if evaluate is None and val_data is not None:
         def evaluate(m: nn.Module) -> float:
             return accuracy(m, val_data, nonfinite="wrong")
-    if patience is not None and evaluate is None:
+    if config.patience is not None and evaluate is None:
         raise ConfigError("patience needs validation: pass val_data or metric.")
 
     trained = _select_parameters(model, parameters)
@@ -304,29 +301,19 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
     device = _device_of(model)
     single_batch_risk = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen_norms
                             for m in model.modules())
-    steps_per_epoch = math.ceil(n / batch_size) - (1 if single_batch_risk and n % batch_size == 1 and n > 1 else 0)
-    total_steps = steps_per_epoch * epochs
+    steps_per_epoch = math.ceil(n / config.batch_size) - (
+        1 if single_batch_risk and n % config.batch_size == 1 and n > 1 else 0)
+    total_steps = steps_per_epoch * config.epochs
 
     def lr_at(step: int) -> float:
-        if schedule == "constant" or total_steps == 0:
-            return float(lr)
-        return float(lr) * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        if config.schedule == "constant" or total_steps == 0:
+            return float(config.lr)
+        return float(config.lr) * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    config: dict[str, Any] = {}
+    identity: dict[str, Any] = {}
     if checkpoint_path is not None:
-        config = {
-            "optimizer": optimizer, "lr": float(lr), "batch_size": batch_size,
-            "weight_decay": float(weight_decay), "schedule": schedule,
-            "epochs": epochs if schedule == "cosine" else None, "seed": seed, "patience": patience,
-            "trained_parameters": hashlib.sha256("\n".join(name for name, _ in trained).encode()).hexdigest(),
-            "initial_model": _module_digest(model),
-            "teacher": _module_digest(teacher) if teacher is not None else None,
-            "distillation": [float(distill_temperature), float(distill_weight)] if teacher is not None else None,
-            "train_data": _data_digest(train_data),
-            "val_data": _data_digest(val_data) if val_data is not None else None,
-            "metric": "custom" if metric is not None else ("accuracy" if val_data is not None else None),
-        }
+        identity = _run_identity(config, model, trained, teacher, train_data, val_data, metric)
 
     saved_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     cuda_devices = [device] if device.type == "cuda" else []
@@ -335,16 +322,18 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in trained_ids)
-        opt = _make_optimizer(optimizer, [p for _, p in trained], float(lr), float(weight_decay))
-        gen = torch.Generator().manual_seed(seed)
+        opt = _make_optimizer(config.optimizer, [p for _, p in trained], float(config.lr), float(config.weight_decay))
+        gen = torch.Generator().manual_seed(config.seed)
+        epoch = _Epoch(model, train_data, opt, gen, lr_at, frozen_norms, single_batch_risk, device, teacher,
+                       config, evaluate)
         with torch.random.fork_rng(devices=cuda_devices), eval_mode(*([teacher] if teacher is not None else [])):
             # Seed only the generators fork_rng restores, so the caller's RNGs stay untouched.
-            torch.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(config.seed)
             for cuda_device in cuda_devices:
                 with torch.cuda.device(cuda_device):
-                    torch.cuda.manual_seed(seed)
+                    torch.cuda.manual_seed(config.seed)
             if checkpoint_path is not None and checkpoint_path.exists():
-                payload = _load_checkpoint(checkpoint_path, config)
+                payload = _load_checkpoint(checkpoint_path, identity)
                 model.load_state_dict(payload["model"])
                 opt.load_state_dict(payload["optimizer"])
                 gen.set_state(payload["shuffle_rng"])
@@ -358,14 +347,12 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
                     state.initial_val = float(evaluate(model))
                 state.best_val, state.best_epoch, state.best_state = state.initial_val, 0, _clone_state(model)
 
-            bar = _progress_bar(progress, epochs, state.epoch)
+            bar = _progress_bar(progress, config.epochs, state.epoch)
             try:
-                while state.epoch < epochs and not state.stopped_early:
-                    _run_epoch(model, train_data, opt, gen, state, lr_at, batch_size, frozen_norms,
-                               single_batch_risk, device, teacher, distill_temperature,
-                               distill_weight, evaluate, patience)
+                while state.epoch < config.epochs and not state.stopped_early:
+                    epoch.run(state)
                     if checkpoint_path is not None:
-                        _save_checkpoint(checkpoint_path, config, model, opt, gen, state, cuda_devices)
+                        _save_checkpoint(checkpoint_path, identity, model, opt, gen, state, cuda_devices)
                     if bar is not None:
                         last = state.history[-1]
                         postfix = {"loss": f"{last['train_loss']:.4f}"}
@@ -376,7 +363,7 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
             finally:
                 if bar is not None:
                     bar.close()
-        if keep_best and state.best_state is not None:
+        if config.keep_best and state.best_state is not None:
             model.load_state_dict(state.best_state)
     finally:
         for p, flag in saved_requires_grad:
@@ -388,6 +375,26 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
                        diverged=state.diverged)
 
 
+def _run_identity(config: TrainConfig, model: nn.Module, trained: list[tuple[str, nn.Parameter]],
+                  teacher: nn.Module | None, train_data: Dataset, val_data: Dataset | None,
+                  metric: Callable | None) -> dict[str, Any]:
+    """Everything that shapes a run, by content: a checkpoint resumes only the very same run."""
+    return {
+        "optimizer": config.optimizer, "lr": float(config.lr), "batch_size": config.batch_size,
+        "weight_decay": float(config.weight_decay), "schedule": config.schedule,
+        "epochs": config.epochs if config.schedule == "cosine" else None, "seed": config.seed,
+        "patience": config.patience,
+        "trained_parameters": hashlib.sha256("\n".join(name for name, _ in trained).encode()).hexdigest(),
+        "initial_model": module_fingerprint(model),
+        "teacher": module_fingerprint(teacher) if teacher is not None else None,
+        "distillation": ([float(config.distill_temperature), float(config.distill_weight)]
+                         if teacher is not None else None),
+        "train_data": dataset_fingerprint(train_data),
+        "val_data": dataset_fingerprint(val_data) if val_data is not None else None,
+        "metric": "custom" if metric is not None else ("accuracy" if val_data is not None else None),
+    }
+
+
 def _progress_bar(enabled: bool, epochs: int, start: int) -> Any:
     if not enabled:
         return None
@@ -397,75 +404,87 @@ def _progress_bar(enabled: bool, epochs: int, start: int) -> Any:
                 leave=False, dynamic_ncols=True)
 
 
-def _run_epoch(model: nn.Module, train_data: Dataset, opt: torch.optim.Optimizer,
-               gen: torch.Generator, state: _RunState, lr_at: Callable[[int], float],
-               batch_size: int, frozen_norms: list[nn.Module], single_batch_risk: bool,
-               device: torch.device, teacher: nn.Module | None, temperature: float,
-               distill_weight: float, evaluate: Callable[[nn.Module], float] | None,
-               patience: int | None) -> None:
-    """One epoch plus its validation; updates ``state`` (epoch, history, best, stopping)."""
-    started = time.perf_counter()
-    epoch = state.epoch + 1
-    before = _clone_state(model)  # fallback if this epoch diverges
-    epoch_lr = lr_at(state.step)
-    model.train()
-    for module in frozen_norms:
-        module.eval()
-    order = torch.randperm(_dataset_len(train_data), generator=gen)
-    loss_sum, seen, diverged = 0.0, 0, False
-    for inputs, labels in iterate_batches(train_data, batch_size, order=order,
-                                          drop_last_single=single_batch_risk):
-        inputs, labels = to_model(inputs, model), labels.to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(state.step)
-        logits = model(inputs)
-        if not isinstance(logits, torch.Tensor):
-            raise DataError(f"the model returned {type(logits).__name__}, not a tensor of logits.")
-        check_logits(logits, labels)
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(inputs)
-            loss = distillation_loss(logits, teacher_logits, labels, temperature=temperature,
-                                     weight=distill_weight)
-        else:
-            loss = F.cross_entropy(logits, labels)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            diverged = True
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        state.step += 1
-        loss_sum += value * labels.shape[0]
-        seen += labels.shape[0]
-    if not diverged:
-        diverged = not all(bool(torch.isfinite(p).all()) for group in opt.param_groups
-                           for p in group["params"])
-    model.eval()
+@dataclass
+class _Epoch:
+    """What one epoch of a run needs; :meth:`run` trains one epoch and validates it."""
 
-    val: float | None = None
-    if diverged:
-        warnings.warn(f"training diverged in epoch {epoch} (non-finite loss or weights at "
-                      f"lr={epoch_lr:g}); stopping and restoring earlier weights. Lower the "
-                      "learning rate.", RuntimeWarning, stacklevel=3)
-        model.load_state_dict(before)
-        state.diverged = state.stopped_early = True
-    elif evaluate is not None:
-        with eval_mode(model):
-            val = float(evaluate(model))
-        if _better(val, state.best_val):
-            state.best_val, state.best_epoch, state.bad_epochs = val, epoch, 0
-            state.best_state = _clone_state(model)
-        else:
-            state.bad_epochs += 1
-            if patience is not None and state.bad_epochs >= patience:
-                state.stopped_early = True
-    state.epoch = epoch
-    state.history.append({
-        "epoch": epoch,
-        "train_loss": loss_sum / seen if seen and not diverged else math.nan,
-        "val_metric": val,
-        "lr": epoch_lr,
-        "seconds": time.perf_counter() - started,
-    })
+    model: nn.Module
+    train_data: Dataset
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    lr_at: Callable[[int], float]
+    frozen_norms: list[nn.Module]
+    single_batch_risk: bool
+    device: torch.device
+    teacher: nn.Module | None
+    config: TrainConfig
+    evaluate: Callable[[nn.Module], float] | None
+
+    def run(self, state: _RunState) -> None:
+        """One epoch plus its validation; updates ``state`` (epoch, history, best, stopping)."""
+        model, opt, config = self.model, self.opt, self.config
+        started = time.perf_counter()
+        epoch = state.epoch + 1
+        before = _clone_state(model)  # fallback if this epoch diverges
+        epoch_lr = self.lr_at(state.step)
+        model.train()
+        for module in self.frozen_norms:
+            module.eval()
+        order = torch.randperm(_dataset_len(self.train_data), generator=self.gen)
+        loss_sum, seen, diverged = 0.0, 0, False
+        for inputs, labels in iterate_batches(self.train_data, config.batch_size, order=order,
+                                              drop_last_single=self.single_batch_risk):
+            inputs, labels = to_model(inputs, model), labels.to(self.device)
+            for group in opt.param_groups:
+                group["lr"] = self.lr_at(state.step)
+            logits = model(inputs)
+            if not isinstance(logits, torch.Tensor):
+                raise DataError(f"the model returned {type(logits).__name__}, not a tensor of logits.")
+            check_logits(logits, labels)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(inputs)
+                loss = distillation_loss(logits, teacher_logits, labels, temperature=config.distill_temperature,
+                                         weight=config.distill_weight)
+            else:
+                loss = F.cross_entropy(logits, labels)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                diverged = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state.step += 1
+            loss_sum += value * labels.shape[0]
+            seen += labels.shape[0]
+        if not diverged:
+            diverged = not all(bool(torch.isfinite(p).all()) for group in opt.param_groups
+                               for p in group["params"])
+        model.eval()
+
+        val: float | None = None
+        if diverged:
+            warnings.warn(f"training diverged in epoch {epoch} (non-finite loss or weights at "
+                          f"lr={epoch_lr:g}); stopping and restoring earlier weights. Lower the "
+                          "learning rate.", RuntimeWarning, stacklevel=4)
+            model.load_state_dict(before)
+            state.diverged = state.stopped_early = True
+        elif self.evaluate is not None:
+            with eval_mode(model):
+                val = float(self.evaluate(model))
+            if _better(val, state.best_val):
+                state.best_val, state.best_epoch, state.bad_epochs = val, epoch, 0
+                state.best_state = _clone_state(model)
+            else:
+                state.bad_epochs += 1
+                if config.patience is not None and state.bad_epochs >= config.patience:
+                    state.stopped_early = True
+        state.epoch = epoch
+        state.history.append({
+            "epoch": epoch,
+            "train_loss": loss_sum / seen if seen and not diverged else math.nan,
+            "val_metric": val,
+            "lr": epoch_lr,
+            "seconds": time.perf_counter() - started,
+        })

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze
-    from ..fileio import atomic_write_json
+    from ..files import atomic_write_json
 
     model = load_model(args)
     batch = example_batch(args, model)

@@ -17,32 +17,50 @@ def register(subparsers) -> None:
     parser.add_argument("--plan", required=True, help="plan JSON file (see docs/ARCHITECTURE.md)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
-    parser.add_argument("--data", help="data SPEC for the size report (default: the model's own)")
+    parser.add_argument("--data", help="data SPEC: calibration data for entries fitted to activations (their "
+                                       "training split, drawn as the plan records), and the size report; "
+                                       "default: a built-in model's own")
     parser.add_argument("--input-shape", help="per-sample input shape for the size report, e.g. 1,28,28")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for randomized factorizations (CP, randomized SVD); default 0")
+    parser.add_argument("--fit", "--objective", dest="fit", choices=("weights", "activations"),
+                        help="re-fit every entry to the weights or to the activations (default: as the plan says)")
+    parser.add_argument("--seed", type=int,
+                        help="seed for randomized factorizations (CP, randomized SVD), replacing the plan's")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cost import count
     from ..errors import ConfigError
-    from ..fileio import check_output_dir, output_set, recover_output_dir
+    from ..files import check_output_dir, output_set, recover_output_dir
     from ..plan import Plan
     from ..surgery import apply, save
-    from .inputs import example_batch, load_model
+    from .inputs import default_data_spec, example_batch, load_model
 
     plan = Plan.load(args.plan)
     recover_output_dir(args.out)  # finish what a killed earlier run left, then check
     check_output_dir(args.out, force=args.force)  # fail before any work
     model = load_model(args)
-    compressed = apply(model, plan, progress=True, seed=args.seed)  # validates the whole plan first
+    if args.fit is not None:
+        plan = plan.with_fit(args.fit)
+    if args.seed is not None:
+        plan = plan.with_options(seed=args.seed)
+    data = None
+    if plan.activation_layers:
+        spec = args.data or default_data_spec(args.model)
+        if spec is None:
+            raise ConfigError(f"the plan fits {len(plan.activation_layers)} layer(s) to activations, which needs "
+                              "calibration data: pass --data SPEC (the data the plan was made with), or re-fit "
+                              "them to the weights with --fit weights.")
+        from ..data import load_data
+
+        data = load_data(spec)
+    compressed = apply(model, plan, data=data, progress=True)  # validates the whole plan first
     try:
         batch = example_batch(args, model)
     except ConfigError:
         batch = None
     summary = {"format": "rankshrink-apply-summary", "version": 1, "model": args.model, "weights": args.weights,
-               "seed": args.seed, "plan": plan.to_dict()}
+               "seed": _seed_of(plan), "fit": args.fit, "data": args.data, "plan": plan.to_dict()}
     if batch is not None:
         before, after = count(model, batch), count(compressed, batch)
         summary.update(original=before.to_dict(), compressed=after.to_dict())
@@ -56,3 +74,9 @@ def run(args: argparse.Namespace) -> int:
         save(compressed, plan, staging)
     print(f"wrote {args.out}/model.safetensors, plan.json, summary.json")
     return 0
+
+
+def _seed_of(plan):
+    """The seed the plan's factorizations use (a list when its entries differ; 0 for an empty plan)."""
+    seeds = sorted({entry.seed for entry in plan.layers.values()})
+    return seeds[0] if len(seeds) == 1 else (seeds or 0)

@@ -7,7 +7,7 @@ absolute amount (a number above 1: ``120000``, ``1.2M``, ``350k``; bytes also
 ``256KB``, ``1.5MB``, ``2MiB``).
 
 Writes ``--out``/plan.json, model.safetensors and summary.json as one set
-(:func:`rankshrink.fileio.output_set`): staged in a sibling directory and moved into
+(:func:`rankshrink.files.output_set`): staged in a sibling directory and moved into
 place when complete, so an interrupted run leaves nothing half-written in ``--out``;
 summary.json records the other files' checksums. Evaluations finished before an
 interruption are cached, and rerunning the same command resumes.
@@ -26,7 +26,6 @@ from .common import add_model_arguments, format_bytes, format_count, parse_bytes
 
 _COUNT_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
 METRICS = ("accuracy", "agreement", "per-class", "worst-class")
-METHODS = ("svd", "spatial", "weight", "tucker2", "cp")
 
 
 def parse_tolerance(text: str) -> float:
@@ -71,10 +70,12 @@ def parse_byte_budget(text: str) -> float:
 
 
 def parse_methods(text: str) -> list[str]:
+    from ..methods import method_names
+
     methods = [m.strip().lower() for m in re.split(r"[,\s]+", text) if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if not methods or unknown:
-        raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; "
+        raise ConfigError(f"--methods takes a comma-separated list of {', '.join(method_names())}; "
                           f"got {text!r}.")
     return methods
 
@@ -98,9 +99,13 @@ def register(subparsers) -> None:
                         help="what the tolerance is measured in (agreement: with the original's predictions)")
     parser.add_argument("--minimize", default="macs", choices=("macs", "params", "bytes"),
                         help="what --tolerance mode makes smallest (default: macs)")
-    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    parser.add_argument("--objective", default="auto", choices=("auto", "activations", "weights"),
-                        help="factor fit: activations (data-aware, the default with data) or weights")
+    from ..methods import method_names
+    from ..search.config import FIT_CHOICES
+
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(method_names())} (default: all)")
+    parser.add_argument("--fit", "--objective", dest="fit", default="auto", choices=FIT_CHOICES,
+                        help="factor fit: activations (data-aware, the default with data) or weights "
+                             "(--objective is an alias)")
     parser.add_argument("--sensitivity", default="auto", choices=("auto", "probe", "proxy"),
                         help="per-layer sensitivity from evaluations (probe) or from the distortion proxy alone")
     parser.add_argument("--out", required=True, help="output directory")
@@ -127,14 +132,14 @@ def _target(args: argparse.Namespace) -> dict:
 
 
 def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: bool) -> Path:
-    """Save weights, plan.json and summary.json as one all-or-nothing set (``fileio.output_set``).
+    """Save weights, plan.json and summary.json as one all-or-nothing set (``files.output_set``).
 
     A new (or empty) ``out`` appears in one rename; with ``force`` on a non-empty ``out``
     the files are moved in with summary.json, the completion marker, last, and a killed
     run is rolled forward by the next reader or writer. summary.json records every
-    other file's sha256 (``fileio.verify_output_set`` checks them).
+    other file's sha256 (``files.verify_output_set`` checks them).
     """
-    from ..fileio import output_set
+    from ..files import output_set
     from ..surgery import save
 
     out = Path(out)
@@ -145,8 +150,8 @@ def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: 
 
 def run(args: argparse.Namespace) -> int:
     from ..data import load_data
-    from ..fileio import check_output_dir
-    from ..search import plan as search_plan
+    from ..files import check_output_dir
+    from ..search import compress
     from .finetune import recover_from_args
     from .inputs import default_data_spec, load_model
 
@@ -159,10 +164,9 @@ def run(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else (args.cache or True)
     model = load_model(args)
     splits = load_data(spec)
-    result = search_plan(model, splits, metric=args.metric, minimize=args.minimize, methods=methods,
-                         objective=args.objective, sensitivity=args.sensitivity, cache=cache,
-                         progress=not args.quiet, seed=args.seed, **target)
-    compressed = result.compressed_model()
+    result = compress(model, splits, metric=args.metric, minimize=args.minimize, methods=methods, fit=args.fit,
+                      sensitivity=args.sensitivity, cache=cache, progress=not args.quiet, seed=args.seed, **target)
+    compressed = result.model
     summary = result.summary()
     summary.update({"model": args.model, "weights": args.weights, "data": spec})
     print_report(result)

@@ -27,9 +27,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fileio import atomic_write_json
+    from ..files import atomic_write_json
     from ..models import load_builtin
-    from ..search import plan
+    from ..search import compress
     from ..search.evaluate import single_threaded
     from .compress import parse_tolerance, print_report
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = time.perf_counter() - start
     print(f"digits CNN on {splits.name}: {len(splits.train)} train / {len(splits.val)} validation / "
           f"{len(splits.test)} test images ({loaded:.1f} s to train or load)")
-    result = plan(model, splits, tolerance=tolerance, cache=not args.no_cache, progress=not args.quiet)
+    result = compress(model, splits, tolerance=tolerance, cache=not args.no_cache, progress=not args.quiet)
     print_report(result)
     total = time.perf_counter() - start
     summary = result.summary()

@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..export import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
+    from ..deploy import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
     from ..surgery import PLAN_FILE, load
     from .inputs import example_batch, load_model
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--batch, --runs and --threads must be at least 1.")
     original = load_model(args)
     if args.compressed:
-        from ..fileio import verify_output_set
+        from ..files import verify_output_set
         verify_output_set(args.compressed)  # a set cut short by a killed run is refused, not half-read
     model = load(original, args.compressed) if args.compressed else original
     example = example_batch(args, original)

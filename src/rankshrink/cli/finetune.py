@@ -3,8 +3,9 @@
 Three ways to say what to fine-tune:
 
 * ``--weights ORIGINAL.pt --plan plan.json``: the original weights; the plan is applied
-  first (activation-optimal factors calibrated on the training split, unless
-  ``--objective weights``), then fine-tuned.
+  first (exactly as :func:`rankshrink.apply` does: entries fitted to activations are
+  calibrated on the training split as the plan records; ``--fit`` re-fits them all),
+  then fine-tuned.
 * ``--weights DIR``: a directory written by ``rankshrink apply``/``compress``/``finetune``
   (``model.safetensors`` + ``plan.json``); ``--plan`` is optional and must match.
 * ``--weights DIR/model.safetensors --plan DIR/plan.json``: the same, as files.
@@ -49,17 +50,15 @@ def register(subparsers) -> None:
     _add_training_arguments(parser, prefix="")
     parser.add_argument("--teacher-weights", help="original (uncompressed) weights for --distill when --weights "
                                                   "holds a compressed model")
-    parser.add_argument("--objective", choices=("activations", "weights"), default="activations",
-                        help="how to factorize when --weights holds the original model (default: activations, "
-                             "calibrated on the training split)")
-    parser.add_argument("--calibration-samples", type=int, default=512,
-                        help="training samples for calibration (default 512)")
+    parser.add_argument("--fit", "--objective", dest="fit", choices=("activations", "weights"),
+                        help="when --weights holds the original model: re-fit every plan entry to the activations "
+                             "or the weights (default: as the plan says)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
-    from ..finetune import DEFAULT_LR, TRAIN_CHOICES
+    from ..finetuning import DEFAULT_LR, TRAIN_CHOICES
 
     dest = prefix.replace("-", "_")
     parser.add_argument("--distill", action="store_true",
@@ -91,7 +90,7 @@ def add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
 def recover_from_args(args: argparse.Namespace, original, compressed, splits, *, checkpoint_dir=None):
     """Run :func:`rankshrink.finetune.finetune` as ``add_recovery_arguments`` asked; None when ``--finetune 0``."""
     from ..errors import ConfigError
-    from ..finetune import finetune
+    from ..finetuning import finetune
 
     epochs = getattr(args, "finetune", 0) or 0
     if epochs < 0:
@@ -139,29 +138,13 @@ def _check_out(out: str, force: bool) -> bool:
                       "in it, or choose another --out.")
 
 
-def _skeleton(base, plan):
-    """``base`` with the planned layers replaced by empty factor layers (what ``surgery.load`` builds)."""
-    from ..factorized import build_factorized, layer_geometry
-    from ..surgery import aliases, replace_layer, validate_plan
-
-    ranks = validate_plan(base, plan)
-    where = aliases(base)
-    for name, entry in plan.items():
-        module = base.get_submodule(name)
-        block = build_factorized(layer_geometry(module), entry.method, ranks[name], dtype=module.weight.dtype,
-                                 device=module.weight.device)
-        for alias in where[id(module)]:
-            replace_layer(base, alias, block)
-    return base
-
-
 def _load_compressed(args, plan):
     """(compressed model, plan, original or None) from --weights/--plan, as the module notes describe."""
     from ..errors import ConfigError, FileFormatError
-    from ..fileio import load_state_dict
+    from ..files import load_state_dict
     from ..models import load_model_spec
     from ..plan import Plan
-    from ..surgery import PLAN_FILE, WEIGHTS_FILE, load, load_state_dict_checked
+    from ..surgery import PLAN_FILE, WEIGHTS_FILE, empty_skeleton, load, load_state_dict_checked
 
     weights = args.weights
     if weights is not None and Path(weights).is_dir():
@@ -183,7 +166,7 @@ def _load_compressed(args, plan):
         return None, plan, original
     except FileFormatError as as_original:
         state = load_state_dict(weights, trust_pickle=args.trust_pickle)
-        skeleton = _skeleton(_fresh_model(args.model), plan)
+        skeleton = empty_skeleton(_fresh_model(args.model), plan, inplace=True)
         try:
             load_state_dict_checked(skeleton, state, weights)
         except FileFormatError as as_compressed:
@@ -193,12 +176,11 @@ def _load_compressed(args, plan):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibrate import calibrate
     from ..data import load_data
     from ..errors import ConfigError
-    from ..finetune import finetune
+    from ..finetuning import finetune
     from ..metrics import accuracy
-    from ..fileio import output_set
+    from ..files import output_set
     from ..models import load_model_spec
     from ..plan import Plan
     from ..surgery import apply, save
@@ -215,14 +197,12 @@ def run(args: argparse.Namespace) -> int:
     splits = load_data(spec)
     progress = not args.no_progress
     compressed, plan, original = _load_compressed(args, plan)
-    objective = "loaded"
+    fit = "loaded"
     if compressed is None:
-        calibration = None
-        if args.objective == "activations":
-            calibration = calibrate(original, splits.train, layers=plan, samples=args.calibration_samples,
-                                    seed=args.seed, progress=progress)
-        compressed = apply(original, plan, calibration=calibration, objective=args.objective, progress=progress)
-        objective = args.objective
+        if args.fit is not None:
+            plan = plan.with_fit(args.fit)
+        compressed = apply(original, plan, data=splits, progress=progress)  # the same model apply builds
+        fit = args.fit or "as planned"
     teacher = None
     if args.distill:
         teacher = original if original is not None else load_model_spec(args.model, args.teacher_weights,
@@ -243,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         accuracies["original"] = {"val": accuracy(reference, splits.val), "test": accuracy(reference, splits.test)}
     accuracies["factorized"] = {"val": result.val_before, "test": result.test_before}
     accuracies["finetuned"] = {"val": result.val_after, "test": result.test_after}
-    summary = {"command": "finetune", "model": args.model, "data": spec, "objective": objective,
+    summary = {"command": "finetune", "model": args.model, "data": spec, "fit": fit,
                "seed": args.seed, "plan": plan.to_dict(), "accuracy": accuracies, "finetune": result.to_dict()}
     # --out was validated before training; it now holds only the checkpoint besides the user's files.
     with output_set(out, force=True, summary=summary, summary_name=SUMMARY_FILE) as stage:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..errors import ConfigError
-from ..fileio import atomic_write_json, check_output_dir, output_set, save_tensors
+from ..files import atomic_write_json, check_output_dir, output_set, save_tensors
 from ..lora.config import LoraConfig
 from ..lora.io import CONFIG_NAME, WEIGHTS_NAME, adapter_size_bytes, load_adapter, save_adapter
 from ..lora.model import add_adapters, count_parameters, lora_layers, remove_adapters

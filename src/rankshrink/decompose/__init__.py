@@ -1,14 +1,20 @@
-"""Pure factorization maths: tensors in, factors out. No ``nn.Module`` here."""
+"""Pure factorization maths: tensors in, factors out. No ``nn.Module`` here.
 
-from .conv import (CPFactors, SpatialFactors, Tucker2Factors, WeightFactors, cp, cp_max_rank,
-                   reconstruct_cp, reconstruct_spatial, reconstruct_tucker2, reconstruct_weight,
-                   spatial_full_rank, spatial_svd, tucker2, tucker2_ranks, weight_full_rank, weight_svd)
-from .data_aware import (ActivationSVD, InputStats, Whitening, activation_cp, activation_error,
-                         activation_low_rank_factors, activation_spatial_svd, activation_svd,
-                         activation_tucker2, activation_weight_svd, bias_shift, optimal_activation_error,
-                         relative_activation_error, whitened_singular_values, whitening)
-from .svd import (SVDResult, choose_svd_method, energy_kept, low_rank_factors, singular_values,
-                  tail_energy, truncated_svd)
+* :mod:`.svd` -- exact and randomized truncated SVD, spectra and energies.
+* :mod:`.conv` -- kernel factorizations: spatial SVD, weight SVD, Tucker-2 and CP (TensorLy underneath).
+* :mod:`.stats` -- streaming input statistics of a layer and their whitening.
+* :mod:`.activation` -- activation-optimal versions of the above, from input statistics.
+"""
+
+from .activation import (ActivationSVD, activation_cp, activation_error, activation_low_rank_factors,
+                         activation_spatial_svd, activation_svd, activation_tucker2, activation_weight_svd,
+                         bias_shift, optimal_activation_error, relative_activation_error, whitened_singular_values)
+from .conv import (CPFactors, SpatialFactors, Tucker2Factors, WeightFactors, cp, cp_max_rank, reconstruct_cp,
+                   reconstruct_spatial, reconstruct_tucker2, reconstruct_weight, spatial_full_rank, spatial_svd,
+                   tucker2, tucker2_ranks, weight_full_rank, weight_svd)
+from .stats import InputStats, Whitening, statistics_of_kind, whitening
+from .svd import (SVDResult, choose_svd_method, energy_kept, low_rank_factors, singular_values, tail_energy,
+                  truncated_svd)
 
 __all__ = [
     "CPFactors", "SpatialFactors", "Tucker2Factors", "WeightFactors", "SVDResult",
@@ -19,5 +25,5 @@ __all__ = [
     "ActivationSVD", "InputStats", "Whitening", "activation_cp", "activation_error",
     "activation_low_rank_factors", "activation_spatial_svd", "activation_svd", "activation_tucker2",
     "activation_weight_svd", "bias_shift", "optimal_activation_error", "relative_activation_error",
-    "whitened_singular_values", "whitening",
+    "statistics_of_kind", "whitened_singular_values", "whitening",
 ]

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..surgery import replace_layer
 from ..errors import FileFormatError, LayerError
-from ..fileio import atomic_write_json, load_tensors, read_json, save_tensors
+from ..files import atomic_write_json, load_tensors, read_json, save_tensors
 from .config import LoraConfig, alpha_for
 from .layer import LoraLayerBase, layer_digest, unsupported_reason, wrap_layer
 from .model import _layers_with, _ShapeProbe, fingerprint, mark_only_adapters_trainable, set_adapter
@@ -207,7 +208,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
                                  lora_alpha=config.alpha_for(layer_name), use_rslora=config.use_rslora,
                                  lora_dropout=config.lora_dropout)
         if wrapper is not module:
-            model.set_submodule(layer_name, wrapper)
+            replace_layer(model, layer_name, wrapper)
     if activate:
         set_adapter(model, name)
     if trainable:

@@ -25,7 +25,6 @@ layer is in eval mode.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from typing import Any, Iterable
@@ -36,6 +35,9 @@ from torch import nn
 
 from ..decompose import low_rank_factors, weight_svd
 from ..errors import ConfigError, LayerError
+from ..factorized import Factorized
+from ..fingerprint import state_fingerprint
+from ..methods import get_method
 from .config import scaling_for
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -44,9 +46,8 @@ SUPPORTED_TYPE_NAMES = ("Linear", "Conv1d", "Conv2d", "Factorized")
 
 
 def is_factorized(module: nn.Module) -> bool:
-    """True for a ``rankshrink.factorized.Factorized`` block (duck-typed, no import needed)."""
-    return (isinstance(module, nn.Sequential) and hasattr(module, "geometry")
-            and hasattr(module, "dense_weight") and hasattr(module, "method"))
+    """True for a :class:`rankshrink.factorized.Factorized` block."""
+    return isinstance(module, Factorized)
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -72,12 +73,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 def layer_digest(module: nn.Module) -> str:
     """SHA-256 of a layer's tensors (names, shapes, dtypes and bytes): its fingerprint."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_fingerprint(module.state_dict(), sort=True)
 
 
 def _geometry_of(module: nn.Module) -> dict[str, Any]:
@@ -463,12 +459,11 @@ class ConvWithLoRA(LoraLayerBase):
 class FactorizedWithLoRA(LoraLayerBase):
     """A compressed (``Factorized``) layer plus LoRA adapters shaped like the layer it replaced.
 
-    Merging folds an adapter into the factors exactly by widening the rank (``svd``:
-    Linear→Linear, ``weight``: k-conv→1×1), rank ``R`` becoming ``R + r``;
-    unmerging slices it back off. Other methods keep their adapters unmerged.
+    Merging folds an adapter into the factors exactly where the block's method can
+    (:meth:`rankshrink.methods.Method.merge_adapter`; the two-factor SVD methods widen the
+    rank, ``R`` becoming ``R + r``); unmerging takes it back out. Blocks of other methods
+    keep their adapters unmerged.
     """
-
-    MERGEABLE = ("svd", "weight")
 
     def __init__(self, base_layer: nn.Module, *, layer_name: str = "") -> None:
         super().__init__(base_layer, layer_name=layer_name)
@@ -499,11 +494,14 @@ class FactorizedWithLoRA(LoraLayerBase):
 
     def _check_mergeable(self, name: str) -> None:
         method = self.base_layer.method
-        if method not in self.MERGEABLE:
+        if not get_method(method).can_merge_adapter:
+            from ..methods import method_names
+
+            mergeable = [m for m in method_names() if get_method(m).can_merge_adapter]
             raise LayerError(
                 f"adapter '{name}' cannot be merged into factorized layer '{self.layer_name}' (method '{method}'): "
-                f"only {' and '.join(self.MERGEABLE)} blocks can absorb a low-rank update exactly. Keep the adapter "
-                "unmerged, or target only svd/weight-factorized and dense layers."
+                f"only {' and '.join(mergeable)} blocks can absorb a low-rank update exactly. Keep the adapter "
+                f"unmerged, or target only {'/'.join(mergeable)}-factorized and dense layers."
             )
 
     def merge(self, names: Iterable[str] | None = None) -> list[str]:
@@ -513,57 +511,21 @@ class FactorizedWithLoRA(LoraLayerBase):
 
     @torch.no_grad()
     def _merge_one(self, name: str) -> None:
-        first, last = self.base_layer[0], self.base_layer[-1]
         A, B = self.lora_A[name].detach(), self.lora_B[name].detach()
-        start = first.weight.shape[0]
-        new_first = _widened(first, torch.cat([first.weight.detach(), A.to(first.weight.dtype)], 0), out_dim=True)
-        scaled_B = (B.to(torch.float64) * self.scaling[name]).to(last.weight.dtype)
-        new_last = _widened(last, torch.cat([last.weight.detach(), scaled_B], 1), out_dim=False)
-        self.base_layer[0], self.base_layer[-1] = new_first, new_last
-        self._merge_slices[name] = (start, start + A.shape[0])
-        self._set_rank(new_first.weight.shape[0])
+        self._merge_slices[name] = get_method(self.base_layer.method).merge_adapter(
+            self.base_layer, A, B, self.scaling[name])
 
     @torch.no_grad()
     def _unmerge_one(self, name: str) -> None:
-        first, last = self.base_layer[0], self.base_layer[-1]
         start, stop = self._merge_slices.pop(name)
-        keep = torch.cat([torch.arange(0, start), torch.arange(stop, first.weight.shape[0])])
-        self.base_layer[0] = _widened(first, first.weight.detach()[keep].clone(), out_dim=True)
-        self.base_layer[-1] = _widened(last, last.weight.detach()[:, keep].clone(), out_dim=False)
+        get_method(self.base_layer.method).unmerge_adapter(self.base_layer, (start, stop))
         width = stop - start
         for other, (a, b) in list(self._merge_slices.items()):
             if a >= stop:
                 self._merge_slices[other] = (a - width, b - width)
-        self._set_rank(self.base_layer[0].weight.shape[0])
-
-    def _set_rank(self, rank: int) -> None:
-        if isinstance(self.base_layer.rank, int):
-            self.base_layer.rank = rank
 
     def _add_to_base(self, delta: torch.Tensor, sign: float) -> None:  # pragma: no cover - guarded above
         raise LayerError(f"factorized layer '{self.layer_name}' has no dense weight to update.")
-
-
-def _widened(layer: nn.Module, weight: torch.Tensor, *, out_dim: bool) -> nn.Module:
-    """A copy of Linear/Conv ``layer`` whose weight is ``weight`` (rank axis resized)."""
-    requires_grad = layer.weight.requires_grad
-    if isinstance(layer, nn.Linear):
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None,
-                        dtype=weight.dtype, device=weight.device)
-    else:
-        new = type(layer)(weight.shape[1], weight.shape[0], layer.kernel_size, stride=layer.stride,
-                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                          bias=layer.bias is not None, padding_mode=layer.padding_mode,
-                          dtype=weight.dtype, device=weight.device)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.detach())
-    new.weight.requires_grad_(requires_grad)
-    if layer.bias is not None:
-        new.bias.requires_grad_(layer.bias.requires_grad)
-    new.train(layer.training)
-    return new
 
 
 def wrap_layer(module: nn.Module, *, layer_name: str = "") -> LoraLayerBase:

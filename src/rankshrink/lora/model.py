@@ -10,7 +10,7 @@ Which functions copy and which act in place:
   :func:`mark_only_adapters_trainable`) changes adapter state of an already adapted
   model in place, and returns that model for chaining.
 
-Layers are replaced with ``nn.Module.set_submodule``; only the named layers change.
+Layers are replaced with :func:`rankshrink.surgery.replace_layer`; only the named layers change.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..surgery import replace_layer
 from ..errors import ConfigError, LayerError
 from .config import LoraConfig, Target
 from .layer import SUPPORTED_TYPE_NAMES, LoraLayerBase, is_factorized, layer_digest, unsupported_reason, wrap_layer
@@ -188,7 +189,7 @@ def add_adapters(model: nn.Module, config: LoraConfig | None = None, name: str =
                             lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                             init_lora_weights=config.init_lora_weights, generator=generator)
         if wrapper is not module:
-            model.set_submodule(layer_name, wrapper)
+            replace_layer(model, layer_name, wrapper)
         if activate:
             wrapper.set_active([name])
     if activate:
@@ -234,7 +235,7 @@ def remove_adapters(model: nn.Module, *, merge: bool = False, inplace: bool = Fa
             pending = [n for n in wrapper.active_adapters if n not in wrapper.merged_adapters]
             if pending and not wrapper.adapters_disabled:
                 wrapper.merge(pending)
-        model.set_submodule(layer_name, wrapper.unwrap())
+        replace_layer(model, layer_name, wrapper.unwrap())
     return model
 
 

@@ -37,24 +37,19 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..plan import Plan
+from .config import MAX_GLOBAL_EVALUATIONS
 from .single import passes_within, smallest_passing
 from .space import Candidate, CostModel, LayerSpace, make_candidate, neighbour_rank
 
 __all__ = ["Allocation", "lower_hull", "build_path", "plan_of", "tolerance_allocation", "budget_allocation",
            "minimum_cost", "MAX_GLOBAL_EVALUATIONS"]
 
-MAX_GLOBAL_EVALUATIONS = 10
 _BIG = 1e30
 
 
 def plan_of(choices: dict[str, Candidate]) -> Plan:
     """The plan for the factorized (non-dense) choices."""
-    layers = {}
-    for name, cand in choices.items():
-        if cand.method is not None:
-            rank = list(cand.rank) if isinstance(cand.rank, tuple) else cand.rank
-            layers[name] = (cand.method, rank)
-    return Plan.from_mapping(layers)
+    return Plan.from_mapping({name: cand.config for name, cand in choices.items() if cand.config is not None})
 
 
 def _d(c: Candidate) -> float:
@@ -123,12 +118,12 @@ def _subsample(items: list, n_max: int) -> list:
 def _estimate_guess(space: LayerSpace, probe: list[Candidate], kind: str) -> int | None:
     """Index in ``probe`` nearest (in cost) to the cheapest data-free EVBMF estimate, if any."""
     from ..cost import factorized_cost
-    from ..factorized import normalize_rank
+    from ..methods import get_method
 
     costs = []
     for method, est in space.estimates.items():
         try:
-            rank = normalize_rank(space.geometry, method, est.rank)
+            rank = get_method(method).normalize_rank(space.geometry, est.rank)
             cost = factorized_cost(space.geometry, method, rank, space.input_size)
         except Exception:
             continue

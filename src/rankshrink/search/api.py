@@ -1,14 +1,14 @@
-"""``rankshrink.search.plan``: choose every layer's method and rank for a model.
+"""``rankshrink.compress``: choose every layer's method, rank and fit for a model.
 
 Two modes, one call::
 
-    result = plan(model, splits, tolerance=0.01)          # smallest model within 1 point
-    result = plan(model, splits, budget={"macs": 0.3})     # best model within 30% of the MACs
-    small = result.compressed_model()
-    result.plan.save("plan.json")
+    result = compress(model, splits, tolerance=0.01)          # smallest model within 1 point
+    result = compress(model, splits, budget={"macs": 0.3})     # best model within 30% of the MACs
+    result.model                                              # the compressed model
+    result.plan.save("plan.json")                             # reproduces it with rankshrink.apply
 
-See :mod:`rankshrink.search.allocate` for the algorithm and
-:mod:`rankshrink.search.single` for the one-layer search.
+See :mod:`rankshrink.search.allocate` for the algorithm, :mod:`rankshrink.search.single`
+for the one-layer search and :class:`~rankshrink.search.config.SearchConfig` for the options.
 """
 
 from __future__ import annotations
@@ -16,63 +16,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from torch import nn
 
 from ..errors import ConfigError
 from ..plan import Plan
-from .allocate import (MAX_GLOBAL_EVALUATIONS, budget_allocation, minimum_cost, plan_of, polish_budget,
-                       tolerance_allocation)
+from .allocate import budget_allocation, minimum_cost, plan_of, polish_budget, tolerance_allocation
+from .config import MAX_GLOBAL_EVALUATIONS, Budget, SearchConfig, check_tolerance
 from .evaluate import EvaluationRecord, SearchInterrupted, thread_policy
 from .session import Session
-from .single import _check_tolerance
-from .space import COST_KINDS, CostModel, build_spaces, minimum_reachable
+from .space import CostModel, build_spaces, minimum_reachable
 
-__all__ = ["plan", "Budget", "SearchResult", "evaluation_bound"]
-
-SENSITIVITIES = ("auto", "probe", "proxy")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A hard cost limit: ``kind`` ('macs', 'params' or 'bytes') at ``value``.
-
-    A value in (0, 1] is a ratio of the original model's cost; a value above 1 is an
-    absolute count (MACs, parameters or bytes).
-    """
-
-    kind: str
-    value: float
-
-    def __post_init__(self):
-        if self.kind not in COST_KINDS:
-            raise ConfigError(f"budget kind must be one of {', '.join(COST_KINDS)}, got {self.kind!r}.")
-        v = self.value
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ConfigError(f"a {self.kind} budget must be a positive number (a ratio in (0, 1] or an absolute "
-                              f"count), got {v!r}.")
-
-    @property
-    def relative(self) -> bool:
-        return self.value <= 1
-
-    def absolute(self, original: Mapping[str, int]) -> int:
-        if self.relative:
-            return int(math.floor(self.value * original[self.kind]))
-        return int(math.floor(self.value))
-
-    @classmethod
-    def parse(cls, budget: Any) -> "Budget":
-        if isinstance(budget, Budget):
-            return budget
-        if isinstance(budget, Mapping) and len(budget) == 1:
-            (kind, value), = budget.items()
-            return cls(str(kind), value)
-        if isinstance(budget, (tuple, list)) and len(budget) == 2:
-            return cls(str(budget[0]), budget[1])
-        raise ConfigError(f"budget must be {{'macs'|'params'|'bytes': value}}, a (kind, value) pair or a Budget; "
-                          f"got {budget!r}.")
+__all__ = ["compress", "CompressResult", "evaluation_bound"]
 
 
 def evaluation_bound(r_max: int, layers: int) -> int:
@@ -81,8 +37,8 @@ def evaluation_bound(r_max: int, layers: int) -> int:
 
 
 @dataclass
-class SearchResult:
-    """What :func:`plan` found, and how.
+class CompressResult:
+    """What :func:`compress` found, and how: ``.model``, ``.plan`` and ``.summary()``.
 
     ``value``/``baseline``: the metric of the compressed/original model on the
     validation split; ``test``: test-split accuracy of both (reports only) when the
@@ -109,12 +65,13 @@ class SearchResult:
     seconds: float
     timings: dict[str, float]
     r_max: int
-    objective: str
+    fit: str
     seed: int
     probes: dict[str, Any] = field(default_factory=dict)
     test: dict[str, float | None] | None = None
     report: dict[str, dict[str, float | None]] = field(default_factory=dict)
     _session: Any = field(default=None, repr=False, compare=False)
+    _model: Any = field(default=None, repr=False, compare=False)
 
     @property
     def drop(self) -> float:
@@ -128,11 +85,21 @@ class SearchResult:
         """compressed / original cost."""
         return self.compressed[kind] / self.original[kind] if self.original[kind] else 1.0
 
+    @property
+    def model(self) -> nn.Module:
+        """The compressed model (a new module, built once; the original is untouched)."""
+        if self._model is None:
+            if self._session is None:
+                raise ConfigError("this result was loaded without its model; use rankshrink.apply(model, "
+                                  "result.plan, data=...).")
+            self._model = self._session.factorizer.build(self.plan, share=False)
+        return self._model
+
     def compressed_model(self) -> nn.Module:
-        """The compressed model (a new module; the original is untouched)."""
-        if self._session is None:
-            raise ConfigError("this result was loaded without its model; use rankshrink.apply(model, result.plan).")
-        return self._session.factorizer.build(self.plan, share=False)
+        """A fresh copy of the compressed model."""
+        import copy
+
+        return copy.deepcopy(self.model)
 
     def summary(self) -> dict[str, Any]:
         """The JSON-friendly report ``rankshrink compress`` writes as summary.json.
@@ -151,12 +118,12 @@ class SearchResult:
                     info[f"{kind}_ratio"] = self.ratio(kind)
             return info
 
-        return {"format": "rankshrink-compress-summary", "version": 1, "mode": self.mode, "metric": self.metric,
+        return {"format": "rankshrink-compress-summary", "version": 2, "mode": self.mode, "metric": self.metric,
                 "tolerance": self.tolerance, "budget": self.budget, "minimize": self.minimize,
                 "original": side("original", self.original, self.baseline),
                 "compressed": side("compressed", self.compressed, self.value),
                 "drop": self.drop, "evaluations": self.evaluations, "evaluations_cached": self.evaluations_cached,
-                "seed": self.seed, "objective": self.objective, "monotone": self.monotone, "notes": self.notes,
+                "seed": self.seed, "fit": self.fit, "monotone": self.monotone, "notes": self.notes,
                 "layers": [{k: layer[k] for k in ("name", "type", "method", "rank", "params", "macs", "bytes",
                                                   "dense_params", "dense_macs")} for layer in self.layers],
                 "search_seconds": round(self.seconds, 3), "timings": self.timings,
@@ -168,20 +135,15 @@ class SearchResult:
                 "original": self.original, "compressed": self.compressed, "layers": self.layers,
                 "plan": self.plan.to_dict(), "evaluations": self.evaluations,
                 "evaluations_cached": self.evaluations_cached, "monotone": self.monotone, "notes": self.notes,
-                "seconds": self.seconds, "timings": self.timings, "r_max": self.r_max, "objective": self.objective,
+                "seconds": self.seconds, "timings": self.timings, "r_max": self.r_max, "fit": self.fit,
                 "seed": self.seed, "test": self.test, "probes": self.probes,
                 "records": [r.to_dict() for r in self.records]}
 
 
-def plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None, budget: Any = None,
-         metric: Any = "accuracy", minimize: str = "macs", methods: list[str] | None = None,
-         layers: list[str] | None = None, objective: str = "auto", sensitivity: str = "auto",
-         factorize_options: dict | None = None, apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None,
-         calibration=None, cache: Any = True, progress: bool = True, seed: int = 0,
-         calibration_samples: int = 512, proxy_samples: int = 256,
-         max_global_evaluations: int = MAX_GLOBAL_EVALUATIONS, example_input=None, report_test: bool = True,
-         threads: int | None = None) -> SearchResult:
-    """Choose a method and rank for every factorizable layer of ``model``.
+def compress(model: nn.Module, data: Any = None, *, tolerance: float | None = None, budget: Any = None,
+             config: SearchConfig | None = None, apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None,
+             calibration=None, example_input=None, **options: Any) -> CompressResult:
+    """Choose a method, rank and fit for every factorizable layer of ``model``.
 
     Exactly one of:
 
@@ -195,68 +157,44 @@ def plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None, 
 
     ``data``: a :class:`rankshrink.data.Splits` (the metric runs on ``val``;
     calibration and the distortion proxy use ``train``; ``test`` is only reported),
-    or one data set used for everything. ``metric``: 'accuracy', 'agreement' (with the
-    original's predictions, no labels needed), 'per-class', 'worst-class' or a
-    callable ``model -> float`` (higher is better). ``methods``: restrict the methods
-    tried ('svd', 'spatial', 'weight', 'tucker2', 'cp'); ``layers``: restrict the
-    layers. ``objective``: 'activations' (data-aware factors; the default when there
-    is training data), 'weights', or 'auto'. ``sensitivity``: 'probe' (each layer gets
-    a one-layer bisection that caps it and calibrates its sensitivity; the default in
-    tolerance mode) or 'proxy' (the distortion proxy alone: at most 10 evaluations
-    besides the original's; the default in budget mode, where only the final model is
-    evaluated).
-    ``apply_fn(model, plan) -> model`` replaces the factorization step.
-    ``cache``: True (``user_cache_dir()/search``), False, a directory, or an
-    :class:`~rankshrink.search.cache.EvaluationCache`; a rerun, or a resumed
-    interrupted run, repeats no finished evaluation. ``seed`` fixes factorization and
-    calibration sampling. ``threads``: torch/BLAS threads during the search (default:
-    1 for models up to 4M parameters, where a second thread gains little and on a busy
-    machine costs a lot; None leaves them alone for larger models). Raises
-    :class:`SearchInterrupted` (a KeyboardInterrupt) on Ctrl-C, after which a rerun
-    resumes from the cache.
+    or one data set used for everything. ``config`` (a :class:`SearchConfig`) holds the
+    options; its fields can be passed as keywords too (``metric=``, ``methods=``,
+    ``fit=``, ``cache=``, ``seed=`` ...), overriding the config's. ``apply_fn(model,
+    plan) -> model`` replaces the factorization step; ``calibration`` (from
+    :func:`rankshrink.calibrate`) replaces the search's own; ``example_input`` (one batch)
+    sizes the cost model when there is no data. A rerun, or a resumed interrupted run,
+    repeats no finished evaluation (the cache); Ctrl-C raises :class:`SearchInterrupted`.
     """
-    with thread_policy(model, threads):
-        return _plan(model, data, tolerance=tolerance, budget=budget, metric=metric, minimize=minimize,
-                     methods=methods, layers=layers, objective=objective, sensitivity=sensitivity,
-                     factorize_options=factorize_options, apply_fn=apply_fn, calibration=calibration, cache=cache,
-                     progress=progress, seed=seed, calibration_samples=calibration_samples,
-                     proxy_samples=proxy_samples, max_global_evaluations=max_global_evaluations,
-                     example_input=example_input, report_test=report_test)
+    config = (config or SearchConfig()).replace(**options)
+    with thread_policy(model, config.threads):
+        return _compress(model, data, tolerance=tolerance, budget=budget, config=config, apply_fn=apply_fn,
+                         calibration=calibration, example_input=example_input)
 
 
-def _plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None, budget: Any = None,
-         metric: Any = "accuracy", minimize: str = "macs", methods: list[str] | None = None,
-         layers: list[str] | None = None, objective: str = "auto", sensitivity: str = "auto",
-         factorize_options: dict | None = None, apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None,
-         calibration=None, cache: Any = True, progress: bool = True, seed: int = 0,
-         calibration_samples: int = 512, proxy_samples: int = 256,
-         max_global_evaluations: int = MAX_GLOBAL_EVALUATIONS, example_input=None,
-         report_test: bool = True) -> SearchResult:
+def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: Any, config: SearchConfig,
+              apply_fn, calibration, example_input) -> CompressResult:
     start = time.perf_counter()
     if (tolerance is None) == (budget is None):
         raise ConfigError("give exactly one of tolerance= (largest allowed metric drop) or budget= "
                           "({'macs'|'params'|'bytes': value}).")
     if tolerance is not None:
-        tolerance = _check_tolerance(tolerance)
+        tolerance = check_tolerance(tolerance)
         mode = "tolerance"
-        kind = minimize
-        if kind not in COST_KINDS:
-            raise ConfigError(f"minimize must be one of {', '.join(COST_KINDS)}, got {minimize!r}.")
+        kind = config.minimize
     else:
         budget = Budget.parse(budget)
         mode = "budget"
         kind = budget.kind
-    if sensitivity not in SENSITIVITIES:
-        raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}.")
+    sensitivity = config.sensitivity
     if sensitivity == "auto":
         sensitivity = "probe" if mode == "tolerance" else "proxy"
-    if not isinstance(max_global_evaluations, int) or max_global_evaluations < 1:
-        raise ConfigError(f"max_global_evaluations must be a positive integer, got {max_global_evaluations!r}.")
+    layers = list(config.layers) if config.layers is not None else None
+    methods = list(config.methods) if config.methods is not None else None
+    progress = config.progress
+    seed = config.seed
+    max_global_evaluations = config.max_global_evaluations
 
-    session = Session(model, data, metric=metric, objective=objective, calibration_samples=calibration_samples,
-                      proxy_samples=proxy_samples, factorize_options=factorize_options, apply_fn=apply_fn,
-                      cache=cache, progress=progress, seed=seed, example_input=example_input,
-                      calibration=calibration)
+    session = Session(model, data, config, apply_fn=apply_fn, example_input=example_input, calibration=calibration)
     cost_model = CostModel(model, session.example_input)
     original = dict(cost_model.original)
     target = None
@@ -316,16 +254,20 @@ def _plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None,
                            "dense_params": space.dense.params, "dense_macs": space.dense.macs,
                            "distortion": cand.distortion, "break_even": dict(space.break_even)})
     final_plan = plan_of(choices)
+    if final_plan.activation_layers:
+        final_plan.calibration = session.plan_calibration
     value = allocation.value if allocation.value is not None else baseline
     final_plan.metadata.update({"mode": mode, "metric": session.metric.name, "baseline": baseline, "value": value,
-                                "objective": session.objective, "seed": seed})
+                                "fit": session.fit, "seed": seed})
+    if apply_fn is not None:
+        final_plan.metadata["apply_fn"] = f"{getattr(apply_fn, '__module__', '')}.{getattr(apply_fn, '__qualname__', '')}"
     if mode == "tolerance":
         final_plan.metadata["tolerance"] = tolerance
     else:
         final_plan.metadata["budget"] = {"kind": budget.kind, "value": budget.value, "target": target}
     test = None
     report: dict[str, dict[str, float | None]] = {}
-    if report_test:
+    if config.report_test:
         small = session.factorizer.build(final_plan)
         is_accuracy = session.metric.key == "accuracy" and session.metric.dataset is session.data.val
         report = {"original": {"accuracy": baseline if is_accuracy else _maybe(session.val_accuracy, model),
@@ -339,7 +281,7 @@ def _plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None,
     if mode == "budget" and target and compressed[kind] > target:  # defensive: must never happen
         raise ConfigError(f"internal error: the allocation costs {compressed[kind]} {kind}, over the budget {target}.")
     session.timings["evaluate"] = sum(r.seconds for r in evaluator.records)
-    return SearchResult(
+    return CompressResult(
         plan=final_plan, mode=mode, metric=session.metric.name, baseline=baseline, value=value,
         tolerance=tolerance,
         budget=None if budget is None else {"kind": budget.kind, "value": budget.value, "target": target,
@@ -347,7 +289,7 @@ def _plan(model: nn.Module, data: Any = None, *, tolerance: float | None = None,
         minimize=kind, original=original, compressed=compressed, layers=layers_out,
         evaluations=evaluator.evaluations, evaluations_cached=evaluator.cached, records=list(evaluator.records),
         monotone=allocation.monotone, notes=notes, seconds=time.perf_counter() - start,
-        timings={k: round(v, 4) for k, v in session.timings.items()}, r_max=r_max, objective=session.objective,
+        timings={k: round(v, 4) for k, v in session.timings.items()}, r_max=r_max, fit=session.fit,
         seed=seed, probes=allocation.probes, test=test, report=report, _session=session)
 
 

@@ -4,11 +4,11 @@ Each evaluation is stored as one small JSON file, written atomically (temporary
 file, fsync, rename), under ``<root>/evaluations/<key[:2]>/<key>.json``. The key is
 the sha256 of everything the value depends on:
 
-* the model fingerprint (:func:`model_fingerprint`: sha256 over every state-dict
-  tensor's name, shape, dtype and bytes),
+* the model fingerprint (:func:`rankshrink.fingerprint.module_fingerprint`: sha256 over
+  every state-dict tensor's name, shape, dtype and bytes),
 * the plan (:meth:`rankshrink.plan.Plan.key`, the canonical text of its layers),
 * the metric (its key, e.g. 'accuracy') and the data fingerprint,
-* the factorization options (objective, calibration fingerprint, seed, ...).
+* the factorization options (fit, calibration fingerprint, seed, ...).
 
 Every entry carries a checksum of its key and value. An entry that cannot be
 parsed, whose checksum or key does not match, is reported with a
@@ -24,18 +24,15 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import torch
-from torch import nn
+from ..files import atomic_write_text, user_cache_dir
+from ..fingerprint import jsonable, object_fingerprint
 
-from ..fileio import atomic_write_text, user_cache_dir
-
-__all__ = ["CacheWarning", "EvaluationCache", "model_fingerprint", "cache_key", "default_cache_dir",
-           "fingerprint_object"]
+__all__ = ["CacheWarning", "EvaluationCache", "cache_key", "default_cache_dir"]
 
 _FORMAT = "rankshrink-evaluation"
-_VERSION = 1
+_VERSION = 2
 
 
 class CacheWarning(UserWarning):
@@ -47,37 +44,9 @@ def default_cache_dir() -> Path:
     return user_cache_dir() / "search"
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the state dict: each tensor's name, shape, dtype and raw bytes, in order."""
-    digest = hashlib.sha256(b"rankshrink-model-v1")
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(json.dumps([name, list(t.shape), str(t.dtype)]).encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return repr(obj)
-
-
-def fingerprint_object(obj: Any) -> str:
-    """sha256 of the canonical JSON of plain data (dicts sorted; unknown objects by repr)."""
-    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()
-
-
 def cache_key(model_fp: str, plan_key: str, metric_key: str, data_fp: str, options_fp: str) -> str:
     """The entry key: sha256 of the five parts."""
-    return fingerprint_object({"format": _FORMAT, "version": _VERSION, "model": model_fp, "plan": plan_key,
+    return object_fingerprint({"format": _FORMAT, "version": _VERSION, "model": model_fp, "plan": plan_key,
                                "metric": metric_key, "data": data_fp, "factorize": options_fp})
 
 
@@ -146,7 +115,7 @@ class EvaluationCache:
         if self.root is None:
             return
         entry = {"format": _FORMAT, "version": _VERSION, "key": key, "value": float(value),
-                 **_jsonable(info), "checksum": _checksum(key, value)}
+                 **jsonable(info), "checksum": _checksum(key, value)}
         atomic_write_text(self.path(key), json.dumps(entry, sort_keys=True) + "\n")
         self.writes += 1
 
@@ -173,7 +142,7 @@ class EvaluationCache:
     def put_json(self, namespace: str, key: str, body: Any) -> None:
         if self.root is None:
             return
-        body = _jsonable(body)
+        body = jsonable(body)
         path = self.root / namespace / key[:2] / f"{key}.json"
         atomic_write_text(path, json.dumps({"key": key, "body": body, "checksum": _body_checksum(key, body)},
                                            sort_keys=True) + "\n")

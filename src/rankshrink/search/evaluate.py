@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from ..factorized import Factorized, factorize
+from ..factorized import Factorized
+from ..layers import factorizable_layers
+from ..methods import FITS, MethodConfig, factorize, make_config, select_options
 from ..metrics import eval_mode
 from ..plan import Plan
-from ..surgery import aliases, factorizable_layers, replace_layer, validate_plan
+from ..surgery import build
 from .cache import EvaluationCache, cache_key
 from .metrics import Metric
 
@@ -91,36 +93,46 @@ class SearchInterrupted(KeyboardInterrupt):
 class Factorizer:
     """Plan -> compressed model, memoising each layer's factorized block.
 
-    ``calibration``: a :class:`rankshrink.calibrate.Calibration` of ``model``;
-    ``objective``: 'activations' (needs the calibration) or 'weights'. ``options``
-    go to :func:`rankshrink.factorize` (``seed``, ``damping``, ...). ``apply_fn``, if
-    given, replaces all of this: ``apply_fn(model, plan) -> compressed model``.
+    ``calibration``: a :class:`rankshrink.calibration.Calibration` of ``model``; ``fit``:
+    'activations' (needs the calibration) or 'weights'. ``options`` are method options
+    shared by every layer (see :func:`rankshrink.methods.select_options`). ``apply_fn``,
+    if given, replaces all of this: ``apply_fn(model, plan) -> compressed model``.
     """
 
-    def __init__(self, model: nn.Module, *, calibration=None, objective: str = "weights",
+    def __init__(self, model: nn.Module, *, calibration=None, fit: str = "weights",
                  options: dict[str, Any] | None = None,
                  apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None):
-        if objective not in ("weights", "activations"):
-            raise ConfigError(f"objective must be 'weights' or 'activations', got {objective!r}.")
-        if objective == "activations" and calibration is None and apply_fn is None:
-            raise ConfigError("objective='activations' needs calibration data; pass data or use "
-                              "objective='weights'.")
+        if fit not in FITS:
+            raise ConfigError(f"fit must be one of {', '.join(FITS)}, got {fit!r}.")
+        if fit == "activations" and calibration is None and apply_fn is None:
+            raise ConfigError("fit='activations' needs calibration data; pass data or use fit='weights'.")
         self.model = model
         self.calibration = calibration
-        self.objective = objective
+        self.fit = fit
         self.options = dict(options or {})
         self.apply_fn = apply_fn
         self.modules = dict(factorizable_layers(model))
-        self._memo: dict[tuple, Factorized] = {}
+        self._memo: dict[tuple, nn.Module] = {}
+        self._configs: dict[tuple, MethodConfig] = {}
         self.seconds = 0.0
 
-    def _key(self, name: str, method: str, rank) -> tuple:
+    def config(self, method: str, rank: Any) -> MethodConfig:
+        """The plan entry for ``method`` at ``rank`` with this search's fit and options."""
         rank = tuple(rank) if isinstance(rank, list) else rank
-        return name, method, rank
+        key = (method, rank)
+        found = self._configs.get(key)
+        if found is None:
+            fit = self.fit if self.apply_fn is None else "weights"
+            found = make_config(method, rank, fit=fit, **select_options(method, self.options))
+            self._configs[key] = found
+        return found
 
-    def block(self, name: str, method: str, rank) -> nn.Module:
+    def block(self, name: str, method: str, rank: Any) -> nn.Module:
         """The factorized replacement of layer ``name`` (memoised; do not modify it)."""
-        key = self._key(name, method, rank)
+        return self.block_for(name, self.config(method, rank))
+
+    def block_for(self, name: str, entry: MethodConfig) -> nn.Module:
+        key = (name, entry)
         found = self._memo.get(key)
         if found is not None:
             return found
@@ -129,18 +141,12 @@ class Factorizer:
         if module is None:
             raise ConfigError(f"layer '{name}' is not a factorizable layer of {type(self.model).__name__}.")
         if self.apply_fn is not None:
-            built = self.apply_fn(self.model, Plan.from_mapping({name: (method, rank)}))
+            built = self.apply_fn(self.model, Plan.from_mapping({name: entry}))
             block = built.get_submodule(name)
         else:
-            stats = None
-            if self.objective == "activations":
-                stats = self.calibration.get(name)
+            stats = self.calibration.get(name) if entry.fit == "activations" else None
             with single_threaded(module.weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
-                if stats is not None:
-                    block = factorize(module, method, rank, name=f"layer '{name}'", input_stats=stats,
-                                      objective="activations", **self.options)
-                else:
-                    block = factorize(module, method, rank, name=f"layer '{name}'", **self.options)
+                block = factorize(module, entry, name=f"layer '{name}'", input_stats=stats)
         block.eval()
         self._memo[key] = block
         self.seconds += time.perf_counter() - start
@@ -154,17 +160,12 @@ class Factorizer:
         """
         if self.apply_fn is not None and not share:
             return self.apply_fn(self.model, plan)
-        validate_plan(self.model, plan)
-        target = copy.deepcopy(self.model)
-        where = aliases(target)
-        for name, entry in plan.items():
-            block = self.block(name, entry.method, entry.rank)
-            if not share:
-                block = copy.deepcopy(block)
-            module = target.get_submodule(name)
-            for alias in where[id(module)]:
-                replace_layer(target, alias, block)
-        return target
+
+        def memoised(name: str, module: nn.Module, entry: MethodConfig, rank: Any) -> nn.Module:
+            block = self.block_for(name, entry)
+            return block if share else copy.deepcopy(block)
+
+        return build(self.model, plan, memoised)
 
     def forget(self) -> None:
         self._memo.clear()

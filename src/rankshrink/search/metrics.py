@@ -10,7 +10,6 @@ included), otherwise every call is a fresh evaluation.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, Callable
 
@@ -19,39 +18,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..fingerprint import dataset_fingerprint
 
-__all__ = ["Metric", "accuracy_metric", "per_class_metric", "agreement_metric", "as_metric",
-           "dataset_fingerprint", "METRIC_NAMES"]
+__all__ = ["Metric", "accuracy_metric", "per_class_metric", "agreement_metric", "as_metric", "METRIC_NAMES"]
 
 METRIC_NAMES = ("accuracy", "agreement", "per-class", "worst-class")
-
-
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """sha256 over a data set's tensors (TensorDataset or a Subset of one), else its items.
-
-    Map-style data sets of other kinds are hashed item by item (every input and
-    label), which reads the whole set once.
-    """
-    from ..data import _dataset_len, _tensor_source, iterate_batches
-
-    digest = hashlib.sha256(b"rankshrink-dataset-v1")
-    source = _tensor_source(dataset)
-    if source is not None:
-        tensors, index = source
-        for tensor in tensors:
-            part = tensor if index is None else tensor[index]
-            part = part.detach().cpu().contiguous()
-            digest.update(repr((tuple(part.shape), str(part.dtype))).encode())
-            digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-    n = _dataset_len(dataset)
-    digest.update(str(n).encode())
-    for inputs, labels in iterate_batches(dataset, 256):
-        for part in (inputs, labels):
-            part = part.detach().cpu().contiguous()
-            digest.update(repr((tuple(part.shape), str(part.dtype))).encode())
-            digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _check_dataset(dataset: Dataset, what: str) -> None:

@@ -19,16 +19,14 @@ from torch.utils.data import Dataset
 
 from ..data import Splits, _dataset_len, calibration_subset, iterate_batches
 from ..errors import ConfigError, DataError
-from ..plan import Plan
-from .cache import EvaluationCache, fingerprint_object, model_fingerprint
+from ..fingerprint import dataset_fingerprint, module_fingerprint, object_fingerprint
+from ..plan import DEFAULT_CALIBRATION, Plan
+from .cache import EvaluationCache
+from .config import SearchConfig
 from .evaluate import Distortion, Evaluator, Factorizer
-from .metrics import Metric, as_metric, dataset_fingerprint
+from .metrics import Metric, as_metric
 
-__all__ = ["Session", "resolve_cache", "OBJECTIVES"]
-
-OBJECTIVES = ("auto", "activations", "weights")
-DEFAULT_PROXY_SAMPLES = 256
-DEFAULT_CALIBRATION_SAMPLES = 512
+__all__ = ["Session", "resolve_cache"]
 
 
 def resolve_cache(cache: Any) -> EvaluationCache:
@@ -63,7 +61,8 @@ def _resolve_data(data: Any) -> _Data:
                 raise DataError(f"the {split} split of data set '{data.name}' is empty; the search needs "
                                 "validation samples to enforce the tolerance and training samples to calibrate.")
         test = data.test if _dataset_len(data.test) else None
-        return _Data(data.val, data.train, test, f"{data.fingerprint}:val", f"{data.fingerprint}:train",
+        # Keys come from the content, never from the fingerprint field a user can write.
+        return _Data(data.val, data.train, test, dataset_fingerprint(data.val), dataset_fingerprint(data.train),
                      data.num_classes)
     if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         if _dataset_len(data) == 0:
@@ -77,11 +76,13 @@ def _resolve_data(data: Any) -> _Data:
 def _calibration_fingerprint(calibration) -> str:
     import hashlib
 
-    digest = hashlib.sha256(b"rankshrink-calibration-v1")
+    from ..fingerprint import update_with_tensor
+
+    digest = hashlib.sha256(b"rankshrink-calibration-v2")
     for name, stats in sorted(calibration.stats.items()):
         digest.update(f"{name}:{stats.kind}:{stats.count}".encode())
         for tensor in (stats.mean, stats.scatter):
-            digest.update(tensor.detach().double().contiguous().reshape(-1).numpy().tobytes())
+            update_with_tensor(digest, tensor.double())
     return digest.hexdigest()
 
 
@@ -93,34 +94,30 @@ def _inputs_of(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
 class Session:
     """Everything a search shares: metric, evaluator (with cache), factorizer, proxy, costs' example input."""
 
-    def __init__(self, model: nn.Module, data: Any = None, *, metric: Any = "accuracy",
-                 objective: str = "auto", calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
-                 proxy_samples: int = DEFAULT_PROXY_SAMPLES, factorize_options: dict | None = None,
-                 apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None, cache: Any = True,
-                 progress: bool = True, seed: int = 0, example_input: torch.Tensor | None = None,
-                 calibration=None):
+    def __init__(self, model: nn.Module, data: Any = None, config: SearchConfig | None = None, *,
+                 apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None,
+                 example_input: torch.Tensor | None = None, calibration=None):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed must be an integer, got {seed!r}.")
+        config = config or SearchConfig()
         from ..metrics import to_model
         from ..models import check_finite
 
         check_finite(model)  # names the layer with NaN/Inf weights before anything runs
+        self.config = config
         self.timings: dict[str, float] = {"calibrate": 0.0, "proxy": 0.0, "factorize": 0.0, "evaluate": 0.0}
         self.model = model
-        self.seed = seed
-        self.progress = progress
+        self.seed = config.seed
+        self.progress = config.progress
         self.data = _resolve_data(data)
+        metric = config.metric
         if self.data.val is None and not callable(metric) and not isinstance(metric, Metric):
             raise ConfigError("the search needs data (a Splits or a validation data set) or a metric callable "
                               "model -> float.")
         self.metric = as_metric(metric, model, self.data.val, fingerprint=self.data.val_fp,
                                 num_classes=self.data.num_classes)
-        self.model_fp = model_fingerprint(model)
-        self.cache = resolve_cache(cache)
+        self.model_fp = module_fingerprint(model)
+        self.cache = resolve_cache(config.cache)
 
         # Example input for the cost model.
         if example_input is None:
@@ -130,35 +127,41 @@ class Session:
             example_input = next(iter(iterate_batches(source, 1)))[0]
         self.example_input = to_model(example_input, model)  # half-precision models get cast inputs
 
-        # Factorization objective: data-aware when there is training data to calibrate on.
-        if objective == "auto":
-            objective = "activations" if (calibration is not None or
-                                          (self.data.train is not None and apply_fn is None)) else "weights"
-        options = dict(factorize_options or {})
-        options.setdefault("seed", seed)
-        self.objective = objective
+        # The fit: data-aware when there is training data to calibrate on.
+        fit = config.fit
+        if fit == "auto":
+            fit = "activations" if (calibration is not None or
+                                    (self.data.train is not None and apply_fn is None)) else "weights"
+        options = dict(config.factorize_options or {})
+        options.setdefault("seed", config.seed)
+        self.fit = fit
         cal_fp = None
-        if objective == "activations" and apply_fn is None:
+        self.plan_calibration: dict[str, Any] | None = None
+        if fit == "activations" and apply_fn is None:
             if calibration is None:
                 if self.data.train is None:
-                    raise ConfigError("objective='activations' needs training data to calibrate on.")
-                from ..calibrate import calibrate
+                    raise ConfigError("fit='activations' needs training data to calibrate on.")
+                from ..calibration import calibrate
 
                 start = time.perf_counter()
                 with warnings.catch_warnings():
                     # Small calibration sets are expected for tiny layers; the damping handles them.
                     warnings.filterwarnings("ignore", message=".*input vectors.*")
-                    calibration = calibrate(model, self.data.train, samples=calibration_samples, seed=seed)
+                    calibration = calibrate(model, self.data.train, samples=config.calibration_samples,
+                                            seed=config.seed, batch_size=DEFAULT_CALIBRATION["batch_size"])
                 self.timings["calibrate"] += time.perf_counter() - start
-                cal_fp = fingerprint_object({"model": self.model_fp, "data": self.data.train_fp,
-                                             "samples": calibration_samples, "seed": seed})
+                cal_fp = object_fingerprint({"model": self.model_fp, "data": self.data.train_fp,
+                                             "samples": config.calibration_samples, "seed": config.seed})
+                # How apply() redraws these statistics, so the plan reproduces the model found here.
+                self.plan_calibration = {"samples": config.calibration_samples, "seed": config.seed,
+                                         "batch_size": DEFAULT_CALIBRATION["batch_size"],
+                                         "data": self.data.train_fp}
             else:
                 cal_fp = _calibration_fingerprint(calibration)
         self.calibration = calibration
-        self.factorizer = Factorizer(model, calibration=calibration, objective=objective, options=options,
-                                     apply_fn=apply_fn)
-        self.options_fp = fingerprint_object({
-            "objective": objective, "calibration": cal_fp, "options": options,
+        self.factorizer = Factorizer(model, calibration=calibration, fit=fit, options=options, apply_fn=apply_fn)
+        self.options_fp = object_fingerprint({
+            "fit": fit, "calibration": cal_fp, "options": options,
             "apply_fn": None if apply_fn is None else f"{getattr(apply_fn, '__module__', '')}."
                                                       f"{getattr(apply_fn, '__qualname__', repr(apply_fn))}:"
                                                       f"{getattr(apply_fn, 'cache_key', '')}"})
@@ -168,7 +171,7 @@ class Session:
         self.distortion: Distortion | None = None
         proxy_source = self.data.train
         if proxy_source is not None:
-            inputs = _inputs_of(proxy_source, proxy_samples, seed)
+            inputs = _inputs_of(proxy_source, config.proxy_samples, config.seed)
             try:
                 self.distortion = Distortion(model, inputs)
             except RuntimeError as exc:
@@ -176,16 +179,16 @@ class Session:
                 raise DataError(f"the model failed on the data's inputs of shape {tuple(inputs.shape[1:])}: "
                                 f"{first}") from None
         self.evaluator: Evaluator | None = None
-        self._proxy_fp = fingerprint_object({
+        self._proxy_fp = object_fingerprint({
             "model": self.model_fp, "factorize": self.options_fp, "data": self.data.train_fp,
-            "samples": proxy_samples, "seed": seed,
+            "samples": config.proxy_samples, "seed": config.seed,
             "kind": self.distortion.kind if self.distortion is not None else "weights"})
 
     def proxy_key(self, layer: str) -> str | None:
         """Cache key of one layer's candidate proxies (None when they cannot be cached)."""
         if self.data.train is None and self.distortion is not None:
             return None
-        return fingerprint_object({"proxies": self._proxy_fp, "layer": layer, "version": 1})
+        return object_fingerprint({"proxies": self._proxy_fp, "layer": layer, "version": 2})
 
     def start(self, total: int | None = None, desc: str = "searching") -> Evaluator:
         self.evaluator = Evaluator(self.metric, self.factorizer, self.cache, model_fp=self.model_fp,

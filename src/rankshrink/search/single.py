@@ -28,17 +28,16 @@ from torch import nn
 
 from ..cost import break_even_rank
 from ..errors import ConfigError, LayerError
-from ..factorized import layer_geometry, methods_for, unsupported_reason
+from ..factorized import layer_geometry, unsupported_reason
+from ..layers import get_layer
+from ..methods import default_method, get_method
 from ..plan import Plan
-from ..surgery import get_layer
+from .config import SearchConfig, check_tolerance
 from .evaluate import EvaluationRecord, thread_policy
 from .session import Session
 
 __all__ = ["Bisection", "smallest_passing", "passes_within", "LayerSearchResult", "smallest_rank",
-           "brute_force_rank", "DEFAULT_METHOD"]
-
-# Default method per layer type for the one-layer search.
-DEFAULT_METHOD = {"Linear": "svd", "Conv2d": "tucker2", "Conv1d": "tucker2"}
+           "brute_force_rank"]
 # Accuracy differences are sums of 1/n steps; do not let float rounding flip a decision.
 _EPS = 1e-9
 
@@ -129,9 +128,11 @@ class LayerSearchResult:
     def drop(self) -> float | None:
         return None if self.value is None else self.baseline - self.value
 
+    config: Any = None  # the plan entry of the answer (None when the layer stays dense)
+
     @property
     def plan(self) -> Plan:
-        return Plan() if self.rank is None else Plan.from_mapping({self.layer: (self.method, self.rank)})
+        return Plan() if self.config is None else Plan.from_mapping({self.layer: self.config})
 
     @property
     def requested(self) -> int:
@@ -146,24 +147,14 @@ class LayerSearchResult:
                 "records": [r.to_dict() for r in self.records], "seconds": self.seconds}
 
 
-def _check_tolerance(tolerance: Any) -> float:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance):
-        raise ConfigError(f"tolerance must be a number in [0, 1), got {tolerance!r}.")
-    if not 0 <= tolerance < 1:
-        raise ConfigError(f"tolerance must lie in [0, 1) (0.01 = one accuracy point), got {tolerance}.")
-    return float(tolerance)
-
-
 def _layer_setup(model: nn.Module, layer: str, method: str | None, rank_objective: str):
     module = get_layer(model, layer)
     reason = unsupported_reason(module)
     if reason is not None:
         raise LayerError(f"layer '{layer}' cannot be factorized: {reason}.")
     geometry = layer_geometry(module)
-    method = method or DEFAULT_METHOD[geometry["type"]]
-    if method not in methods_for(geometry):
-        raise LayerError(f"layer '{layer}': method '{method}' does not apply to {geometry['type']}; use one of "
-                         f"{', '.join(methods_for(geometry))}.")
+    method = method or default_method(geometry["type"])
+    get_method(method).check_layer(geometry, f"layer '{layer}'")
     return module, geometry, method
 
 
@@ -177,30 +168,28 @@ def smallest_rank(model: nn.Module, layer: str, data: Any = None, *, threads: in
                   **kwargs) -> LayerSearchResult:
     """The smallest rank of one layer whose metric drop stays within ``tolerance``.
 
-    Only ``layer`` is factorized (with ``method``; default 'svd' for Linear, 'tucker2'
-    for convolutions); ranks run from 1 to the break-even rank for ``rank_objective``
+    Only ``layer`` is factorized (with ``method``; default: the method registered as the
+    default for the layer's type, see :func:`rankshrink.methods.default_method`); ranks run from 1 to the break-even rank for ``rank_objective``
     ('params' or 'macs'). ``guess``: 'evbmf' (the data-free estimate is probed first),
     an int rank, or None (plain bisection). Uses at most ``⌈log2 r_max⌉ + 2``
-    evaluations, the original model's included. See :func:`rankshrink.search.plan` for
-    ``data``, ``metric``, ``objective``, ``cache`` and ``threads``.
+    evaluations, the original model's included. See :class:`~rankshrink.search.config.SearchConfig`
+    for ``metric``, ``fit``, ``cache``, ``seed`` and ``threads``.
     """
     with thread_policy(model, threads):
         return _smallest_rank(model, layer, data, **kwargs)
 
 
 def _smallest_rank(model: nn.Module, layer: str, data: Any = None, *, tolerance: float,
-                  method: str | None = None, metric: Any = "accuracy", rank_objective: str = "params",
-                  guess: str | int | None = "evbmf", objective: str = "auto", cache: Any = True,
-                  progress: bool = False, seed: int = 0, factorize_options: dict | None = None,
-                  apply_fn=None, session: Session | None = None) -> LayerSearchResult:
-    tolerance = _check_tolerance(tolerance)
+                  method: str | None = None, rank_objective: str = "params",
+                  guess: str | int | None = "evbmf", apply_fn=None, session: Session | None = None,
+                  **options: Any) -> LayerSearchResult:
+    tolerance = check_tolerance(tolerance)
     start = time.perf_counter()
     module, geometry, method = _layer_setup(model, layer, method, rank_objective)
-    session = session or Session(model, data, metric=metric, objective=objective, cache=cache,
-                                 progress=progress, seed=seed, factorize_options=factorize_options,
-                                 apply_fn=apply_fn)
+    session = session or Session(model, data, SearchConfig(progress=False).replace(**options), apply_fn=apply_fn)
     input_size = _input_size(session, layer) if rank_objective == "macs" else None
-    r_max = break_even_rank(geometry, method, input_size, objective=rank_objective)
+    r_max = break_even_rank(geometry, method, input_size, by=rank_objective)
+    config = session.factorizer.config
     estimate = None
     if guess == "evbmf":
         from ..ranks import estimate_rank
@@ -223,7 +212,7 @@ def _smallest_rank(model: nn.Module, layer: str, data: Any = None, *, tolerance:
 
         def evaluate(index: int) -> float:
             rank = index + 1
-            return evaluator(Plan.from_mapping({layer: (method, rank)}), f"rank {rank}")
+            return evaluator(Plan.from_mapping({layer: config(method, rank)}), f"rank {rank}")
 
         found = smallest_passing(r_max, evaluate, passes_within(baseline, tolerance),
                                  guess=None if estimate is None else int(estimate) - 1)
@@ -233,7 +222,8 @@ def _smallest_rank(model: nn.Module, layer: str, data: Any = None, *, tolerance:
     values = {i + 1: v for i, v in found.values.items()}
     return LayerSearchResult(layer, method, rank, r_max, baseline, None if rank is None else values[rank],
                              tolerance, evaluator.evaluations, evaluator.cached, found.monotone, estimate,
-                             list(evaluator.records), values, time.perf_counter() - start)
+                             list(evaluator.records), values, time.perf_counter() - start,
+                             None if rank is None else config(method, rank))
 
 
 def brute_force_rank(model: nn.Module, layer: str, data: Any = None, *, threads: int | None = None,
@@ -244,25 +234,27 @@ def brute_force_rank(model: nn.Module, layer: str, data: Any = None, *, threads:
 
 
 def _brute_force_rank(model: nn.Module, layer: str, data: Any = None, *, tolerance: float,
-                     method: str | None = None, metric: Any = "accuracy", rank_objective: str = "params",
-                     objective: str = "auto", cache: Any = False, progress: bool = False, seed: int = 0,
-                     session: Session | None = None) -> LayerSearchResult:
-    tolerance = _check_tolerance(tolerance)
+                     method: str | None = None, rank_objective: str = "params",
+                     session: Session | None = None, **options: Any) -> LayerSearchResult:
+    tolerance = check_tolerance(tolerance)
     start = time.perf_counter()
     module, geometry, method = _layer_setup(model, layer, method, rank_objective)
-    session = session or Session(model, data, metric=metric, objective=objective, cache=cache,
-                                 progress=progress, seed=seed)
+    options.setdefault("cache", False)
+    session = session or Session(model, data, SearchConfig(progress=False).replace(**options))
     input_size = _input_size(session, layer) if rank_objective == "macs" else None
-    r_max = break_even_rank(geometry, method, input_size, objective=rank_objective)
+    r_max = break_even_rank(geometry, method, input_size, by=rank_objective)
     evaluator = session.start(total=r_max + 1, desc=f"brute force {layer}")
     try:
         baseline = evaluator(Plan(), "baseline")
         evaluator.baseline = baseline
-        values = {r: evaluator(Plan.from_mapping({layer: (method, r)}), f"rank {r}") for r in range(1, r_max + 1)}
+        config = session.factorizer.config
+        values = {r: evaluator(Plan.from_mapping({layer: config(method, r)}), f"rank {r}")
+                  for r in range(1, r_max + 1)}
     finally:
         evaluator.close()
     ok = passes_within(baseline, tolerance)
     rank = next((r for r in range(1, r_max + 1) if ok(values[r])), None)
     return LayerSearchResult(layer, method, rank, r_max, baseline, None if rank is None else values[rank],
                              tolerance, evaluator.evaluations, evaluator.cached, _is_monotone(values), None,
-                             list(evaluator.records), values, time.perf_counter() - start)
+                             list(evaluator.records), values, time.perf_counter() - start,
+                             None if rank is None else config(method, rank))

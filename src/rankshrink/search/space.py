@@ -2,7 +2,7 @@
 
 For each factorizable layer the candidates are every applicable method at a grid
 of ranks from 1 up to its break-even rank (all small ranks, then steps of about
-10%; CP, which is slow to fit, gets a coarser grid). Each candidate's parameters,
+10%; each method sets its own grid, slow-to-fit ones coarser). Each candidate's parameters,
 bytes and MACs come from the cost formulas (no weights needed); its *distortion*
 is how far the network's outputs move on training inputs when only that layer is
 replaced (:class:`~rankshrink.search.evaluate.Distortion`), or, without data, the
@@ -16,7 +16,6 @@ at every cost level.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,16 +25,16 @@ from torch import nn
 
 from ..cost import break_even_rank, count, dense_cost, factorized_cost
 from ..errors import ConfigError, LayerError, PlanError
-from ..factorized import methods_for, normalize_rank
+from ..methods import MethodConfig, get_method, method_names, methods_for
 from ..plan import Plan
+from ..ranks import rank_grid
 from ..surgery import validate_plan
+from .config import COST_KINDS
 from .evaluate import SINGLE_THREAD_MAX_WEIGHTS, single_threaded, weight_distortion
 from .session import Session
 
 __all__ = ["Candidate", "LayerSpace", "CostModel", "build_spaces", "make_candidate", "neighbour_rank", "rank_grid",
            "COST_KINDS"]
-
-COST_KINDS = ("macs", "params", "bytes")
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,7 @@ class Candidate:
     macs: int
     bytes: int
     distortion: float
+    config: MethodConfig | None = field(default=None, compare=False)  # the plan entry (None when dense)
 
     @property
     def dense(self) -> bool:
@@ -96,7 +96,7 @@ class LayerSpace:
 
     def frontier(self, kind: str) -> list[Candidate]:
         """Candidates (dense last) by rising cost, each strictly less distorted than all cheaper ones."""
-        order = {m: i for i, m in enumerate(("svd", "spatial", "weight", "tucker2", "cp"))}
+        order = {m: i for i, m in enumerate(method_names())}
         pool = [c for c in self.candidates if c.cost(kind) < self.dense.cost(kind)] + [self.dense]
         pool.sort(key=lambda c: (c.cost(kind), c.distortion, order.get(c.method, 9), str(c.rank)))
         front: list[Candidate] = []
@@ -106,24 +106,6 @@ class LayerSpace:
         if front[-1] is not self.dense:  # the dense layer (distortion 0) always closes the frontier
             front.append(self.dense)
         return front
-
-
-def rank_grid(top: int, *, dense_up_to: int = 16, ratio: float = 1.1) -> list[int]:
-    """1..min(top, dense_up_to), then ranks growing by ``ratio``, always ending at ``top``."""
-    if top < 1:
-        return []
-    ranks = list(range(1, min(top, dense_up_to) + 1))
-    r = ranks[-1]
-    while r < top:
-        r = min(top, max(r + 1, int(math.ceil(r * ratio))))
-        ranks.append(r)
-    return ranks
-
-
-# Slow-to-fit methods get coarser grids.
-_GRIDS = {"svd": dict(dense_up_to=12, ratio=1.12), "weight": dict(dense_up_to=12, ratio=1.12),
-          "spatial": dict(dense_up_to=12, ratio=1.12), "tucker2": dict(dense_up_to=8, ratio=1.25),
-          "cp": dict(dense_up_to=4, ratio=1.4)}
 
 
 class CostModel:
@@ -157,10 +139,11 @@ def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Ca
     if found is not None:
         return found
     cost = factorized_cost(space.geometry, method, rank, space.input_size)
+    config = session.factorizer.config(method, rank)
     label = f"{method}:{rank}"
     if label in space.known:
         cand = Candidate(space.name, method, rank, cost.params, cost.macs * space.calls,
-                         cost.params * space.element_size, float(space.known[label]))
+                         cost.params * space.element_size, float(space.known[label]), config)
         space.candidates.append(cand)
         return cand
     space.fresh = True
@@ -174,27 +157,14 @@ def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Ca
         distortion = weight_distortion(space.module, block)
     session.timings["proxy"] += time.perf_counter() - start
     cand = Candidate(space.name, method, rank, cost.params, cost.macs * space.calls,
-                     cost.params * space.element_size, distortion)
+                     cost.params * space.element_size, distortion, config)
     space.candidates.append(cand)
     return cand
 
 
 def neighbour_rank(geometry: dict[str, Any], method: str, rank, step: int):
-    """``rank`` moved by ``step`` (tucker2 pairs move both parts), or None when out of range."""
-    from ..factorized import full_rank
-
-    if isinstance(rank, tuple):
-        pair = (rank[0] + step, rank[1] + step)
-        if min(pair) < 1:
-            return None
-        try:
-            return normalize_rank(geometry, method, pair)
-        except (LayerError, ValueError):
-            return None
-    new = rank + step
-    if not 1 <= new <= full_rank(geometry, method):
-        return None
-    return new
+    """``rank`` moved by ``step`` (as the method defines a step), or None when out of range."""
+    return get_method(method).neighbour(geometry, rank, step)
 
 
 def minimum_reachable(cost_model: CostModel, *, kind: str, layers: list[str] | None = None,
@@ -215,9 +185,10 @@ def minimum_reachable(cost_model: CostModel, *, kind: str, layers: list[str] | N
         value = {"params": dense.params, "macs": dense.macs * row.calls, "bytes": dense.params * esize}
         best = value[kind]
         for method in allowed:
-            if break_even_rank(row.geometry, method, row.input_size, objective=cap_objective) < 1:
+            if break_even_rank(row.geometry, method, row.input_size, by=cap_objective) < 1:
                 continue
-            cost = factorized_cost(row.geometry, method, normalize_rank(row.geometry, method, 1), row.input_size)
+            cost = factorized_cost(row.geometry, method, get_method(method).normalize_rank(row.geometry, 1),
+                                   row.input_size)
             best = min(best, {"params": cost.params, "macs": cost.macs * row.calls,
                               "bytes": cost.params * esize}[kind])
         total += best - value[kind]
@@ -241,11 +212,10 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
         rows = [row for row in rows if row.name in set(layers)]
     wanted = tuple(methods) if methods else None
     if wanted:
-        from ..factorized import ALL_METHODS
-
-        unknown = [m for m in wanted if m not in ALL_METHODS]
+        unknown = [m for m in wanted if m not in method_names()]
         if unknown:
-            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known methods are {', '.join(ALL_METHODS)}.")
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known methods are "
+                              f"{', '.join(method_names())}.")
     from ..ranks import layer_estimates
 
     work = []
@@ -255,7 +225,7 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
             continue
         module = model.get_submodule(row.name)
         try:  # tied or shared-in-a-way-surgery-refuses layers are left alone
-            validate_plan(model, Plan.from_mapping({row.name: (allowed[0], 1)}))
+            validate_plan(model, Plan.from_mapping({row.name: session.factorizer.config(allowed[0], 1)}))
         except (PlanError, LayerError):
             continue
         work.append((row, module, allowed))
@@ -280,24 +250,17 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
             if isinstance(known, dict):
                 space.known = {k: v for k, v in known.items() if isinstance(v, (int, float))}
             for method in allowed:
-                be = break_even_rank(row.geometry, method, row.input_size, objective=cap_objective)
+                impl = get_method(method)
+                be = break_even_rank(row.geometry, method, row.input_size, by=cap_objective)
                 space.break_even[method] = be
-                seen = set()
-                top = be
-                if method == "cp":  # CP ranks beyond the channel counts are rarely worth their ALS time
-                    top = min(be, max(row.geometry["out_channels"], row.geometry["in_channels"]))
-                for rank in rank_grid(top, **_GRIDS.get(method, {})):
-                    norm = normalize_rank(row.geometry, method, rank)
-                    if norm in seen:
-                        continue
-                    seen.add(norm)
-                    make_candidate(session, space, method, norm)
+                for rank in impl.rank_grid(row.geometry, impl.search_max_rank(row.geometry, be)):
+                    make_candidate(session, space, method, rank)
                 if bar is not None:
                     bar.update(1)
             try:
                 with single_threaded(module.weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
                     space.estimates = layer_estimates(module.weight.detach(), row.geometry, input_size=row.input_size,
-                                                      objective=cap_objective, methods=tuple(allowed))
+                                                      by=cap_objective, methods=tuple(allowed))
             except Exception:  # estimates only guide the first probe
                 space.estimates = {}
             if space.fresh and proxy_key:

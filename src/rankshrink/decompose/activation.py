@@ -1,4 +1,4 @@
-"""Data-aware (activation-optimal) factorizations: keep ``W′X`` close to ``WX``, not ``W′`` to ``W``.
+"""Activation-optimal factorizations: keep ``W′X`` close to ``WX``, not ``W′`` to ``W``.
 
 Pure tensor maths: weights and input statistics in, factor weights out.
 
@@ -52,7 +52,6 @@ Which statistics each method uses
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -60,186 +59,15 @@ import torch
 from ..errors import ConfigError
 from .conv import (CPFactors, SpatialFactors, Tucker2Factors, WeightFactors, _check_kernel, _check_rank,
                    cp, spatial_full_rank, tucker2, weight_full_rank)
+from .stats import MIN_INVERSE_DAMPING, Whitening, check_damping, check_moment, whitening
 from .svd import _check_matrix_and_rank, choose_svd_method, truncated_svd
 
 __all__ = [
-    "InputStats", "Whitening", "ActivationSVD", "whitening", "whitened_singular_values",
+    "ActivationSVD", "whitened_singular_values",
     "activation_svd", "activation_low_rank_factors", "activation_weight_svd", "activation_spatial_svd",
     "activation_tucker2", "activation_cp", "activation_error", "relative_activation_error",
-    "optimal_activation_error", "bias_shift", "patch_moment_to_channel", "vertical_moment",
-    "MIN_INVERSE_DAMPING", "DEFAULT_DAMPING",
+    "optimal_activation_error", "bias_shift", "vertical_moment",
 ]
-
-# Relative ridge always added before an inverse of a whitening factor is formed
-# (Tucker-2/CP un-whitening). The SVD methods need no inverse and use ``damping`` as given.
-MIN_INVERSE_DAMPING = 1e-4
-# Default relative ridge for the SVD methods: none. Their solution W′ = U_r U_rᵀ W needs no
-# inverse, and in directions the calibration set never excites it keeps the projected
-# weights rather than anything arbitrary; on the digits CNN damping up to 0.1 changed
-# neither activation error (< 0.01%) nor accuracy. Raise it to lean towards plain SVD.
-DEFAULT_DAMPING = 0.0
-
-KINDS = ("full", "channel")
-
-
-# --------------------------------------------------------------------------- statistics
-
-@dataclass
-class InputStats:
-    """Streaming moments of one layer's input vectors, in float64.
-
-    ``kind='full'``: the vectors are the layer's whole inputs (Linear: ``in_features``;
-    conv: im2col patches of length ``S·Πk``). ``kind='channel'``: the vectors are the
-    ``S``-long channel vectors at every position of every patch (``Πk`` per patch);
-    ``patch_mean`` then still holds the mean of the full patches (for bias correction).
-
-    ``count`` vectors were summarised: ``mean`` is their mean and ``scatter`` their
-    centred scatter ``Σ (x − mean)(x − mean)ᵀ`` (merged batch by batch with Chan's
-    update, so the centred form stays accurate). ``samples`` counts calibration
-    samples whose forward pass reached the layer.
-    """
-
-    kind: str
-    dim: int
-    count: int = 0
-    samples: int = 0
-    mean: torch.Tensor | None = None
-    scatter: torch.Tensor | None = None
-    kernel_size: tuple[int, ...] | None = None
-    patch_count: int = 0
-    patch_mean: torch.Tensor | None = None
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ConfigError(f"statistics kind must be one of {KINDS}, got {self.kind!r}.")
-        if self.mean is None:
-            self.mean = torch.zeros(self.dim, dtype=torch.float64)
-        if self.scatter is None:
-            self.scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        if self.kind == "channel" and self.patch_mean is None and self.kernel_size is not None:
-            self.patch_mean = torch.zeros(self.dim * math.prod(self.kernel_size), dtype=torch.float64)
-
-    # -- accumulation
-    def update(self, rows: torch.Tensor) -> None:
-        """Add ``rows`` (n, dim) to the statistics (Chan et al.'s pairwise merge)."""
-        rows = rows.detach().to(torch.float64)
-        n = rows.shape[0]
-        if n == 0:
-            return
-        if self.mean.device != rows.device:
-            self.mean, self.scatter = self.mean.to(rows.device), self.scatter.to(rows.device)
-        batch_mean = rows.mean(dim=0)
-        centred = rows - batch_mean
-        batch_scatter = centred.T @ centred
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.scatter = self.scatter + batch_scatter + torch.outer(delta, delta) * (self.count * n / total)
-        self.count = total
-        self._cache.clear()
-
-    def update_patch_mean(self, patches: torch.Tensor) -> None:
-        """Channel kind: also track the mean of the full patches (n, S·Πk)."""
-        patches = patches.detach().to(torch.float64)
-        n = patches.shape[0]
-        if n == 0:
-            return
-        if self.patch_mean.device != patches.device:
-            self.patch_mean = self.patch_mean.to(patches.device)
-        total = self.patch_count + n
-        self.patch_mean = self.patch_mean + (patches.mean(dim=0) - self.patch_mean) * (n / total)
-        self.patch_count = total
-
-    # -- views
-    def second_moment(self) -> torch.Tensor:
-        """``C = Σ x xᵀ`` over all summarised vectors."""
-        return self.scatter + self.count * torch.outer(self.mean, self.mean)
-
-    def moment(self, centered: bool) -> torch.Tensor:
-        return self.scatter if centered else self.second_moment()
-
-    def input_mean(self) -> torch.Tensor:
-        """Mean of the layer's full input vector (patch mean for convolutions)."""
-        return self.mean if self.kind == "full" else self.patch_mean
-
-    def to_channel(self) -> "InputStats":
-        """Channel statistics derived from full patch statistics (sum of the ``Πk`` diagonal blocks)."""
-        if self.kind == "channel":
-            return self
-        if self.kernel_size is None:
-            raise ConfigError("channel statistics need a convolution's patch statistics (kernel_size is unknown).")
-        key = ("channel",)
-        if key not in self._cache:
-            k = math.prod(self.kernel_size)
-            S = self.dim // k
-            second = self.second_moment().reshape(S, k, S, k).diagonal(dim1=1, dim2=3).sum(dim=-1)
-            mean = self.mean.reshape(S, k).mean(dim=1)
-            count = self.count * k
-            scatter = second - count * torch.outer(mean, mean)
-            self._cache[key] = InputStats("channel", S, count=count, samples=self.samples, mean=mean,
-                                          scatter=scatter, kernel_size=self.kernel_size,
-                                          patch_count=self.count, patch_mean=self.mean.clone())
-        return self._cache[key]
-
-    def whitening(self, centered: bool, damping: float) -> "Whitening":
-        """The (cached) whitening factor of :meth:`moment`."""
-        key = ("whitening", bool(centered), float(damping))
-        if key not in self._cache:
-            self._cache[key] = whitening(self.moment(centered), damping)
-        return self._cache[key]
-
-    def nbytes(self) -> int:
-        return self.scatter.numel() * 8 + self.mean.numel() * 8
-
-
-class Whitening(NamedTuple):
-    """``C + λI = L Lᵀ`` with ``L = Q·diag(root)``; ``root = sqrt(max(Λ, 0) + λ)``."""
-
-    Q: torch.Tensor
-    root: torch.Tensor
-    damping_abs: float
-
-    @property
-    def L(self) -> torch.Tensor:
-        return self.Q * self.root
-
-    def inverse(self) -> torch.Tensor:
-        """``L⁻¹ = diag(1/root)·Qᵀ`` (only valid when every root is > 0)."""
-        return (self.Q / self.root).T
-
-
-def _check_moment(moment: torch.Tensor, dim: int, what: str = "input statistics") -> torch.Tensor:
-    if moment.dim() != 2 or moment.shape[0] != moment.shape[1]:
-        raise ConfigError(f"{what} must be a square (d, d) matrix, got shape {tuple(moment.shape)}.")
-    if moment.shape[0] != dim:
-        raise ConfigError(f"{what} are {moment.shape[0]}-dimensional but the weight expects "
-                          f"{dim}-dimensional inputs; they were collected for another layer or method.")
-    if not torch.isfinite(moment).all():
-        raise ConfigError(f"{what} contain NaN or Inf values; recalibrate with finite data.")
-    return moment.to(torch.float64)
-
-
-def _check_damping(damping: float) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (damping >= 0 and math.isfinite(damping)):
-        raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}.")
-    return float(damping)
-
-
-def whitening(moment: torch.Tensor, damping: float = 0.0) -> Whitening:
-    """Factor ``C + λI`` (λ = ``damping``·tr(C)/d) as ``L Lᵀ`` via an eigendecomposition in float64."""
-    damping = _check_damping(damping)
-    moment = moment.to(torch.float64)
-    moment = 0.5 * (moment + moment.T)
-    eigenvalues, Q = torch.linalg.eigh(moment)
-    d = moment.shape[0]
-    # Eigenvalues at rounding level (|λ| ≤ d·ε·λ_max) are zero: without this their square
-    # roots (√ε-sized, not ε-sized) would leak into the whitened matrix.
-    floor = d * torch.finfo(torch.float64).eps * float(eigenvalues.abs().max()) if d else 0.0
-    eigenvalues = torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
-    scale = float(eigenvalues.sum()) / d if d else 0.0
-    lam = damping * scale
-    return Whitening(Q, (eigenvalues + lam).sqrt(), lam)
 
 
 # --------------------------------------------------------------------------- SVD (Linear, weight)
@@ -267,7 +95,7 @@ class ActivationSVD(NamedTuple):
 
 def _whitened(matrix: torch.Tensor, moment: torch.Tensor | Whitening, damping: float) -> torch.Tensor:
     w = moment if isinstance(moment, Whitening) else whitening(
-        _check_moment(moment, matrix.shape[1]), damping)
+        check_moment(moment, matrix.shape[1]), damping)
     if w.Q.shape[0] != matrix.shape[1]:
         raise ConfigError(f"input statistics are {w.Q.shape[0]}-dimensional but the weight expects "
                           f"{matrix.shape[1]}-dimensional inputs.")
@@ -357,8 +185,8 @@ def activation_spatial_svd(kernel: torch.Tensor, moment: torch.Tensor, rank: int
     _check_rank(rank, spatial_full_rank(kernel.shape), "spatial", kernel.shape)
     dtype = kernel.dtype
     K = kernel.detach().to(torch.float64)
-    full = _check_moment(moment, S * kh * kw, "patch statistics")
-    damping = _check_damping(damping)
+    full = check_moment(moment, S * kh * kw, "patch statistics")
+    damping = check_damping(damping)
     if damping:
         full = full + damping * float(full.diagonal().sum()) / full.shape[0] * torch.eye(full.shape[0], dtype=full.dtype)
     Mk = K.permute(1, 2, 0, 3).reshape(S * kh, T * kw)
@@ -417,7 +245,7 @@ def _channel_whitening(kernel: torch.Tensor, moment, damping: float) -> Whitenin
     if isinstance(moment, Whitening):
         w = moment
     else:
-        w = whitening(_check_moment(moment, S, "channel statistics"), max(_check_damping(damping), MIN_INVERSE_DAMPING))
+        w = whitening(check_moment(moment, S, "channel statistics"), max(check_damping(damping), MIN_INVERSE_DAMPING))
     if w.Q.shape[0] != S:
         raise ConfigError(f"channel statistics are {w.Q.shape[0]}-dimensional but the kernel has {S} input channels.")
     if not bool((w.root > 0).all()):
@@ -437,7 +265,7 @@ def _unwhiten_first(first: torch.Tensor, w: Whitening) -> torch.Tensor:
 def _full_moment(kernel: torch.Tensor, full_moment: torch.Tensor | None, damping: float) -> torch.Tensor | None:
     if full_moment is None:
         return None
-    full = _check_moment(full_moment, math.prod(kernel.shape[1:]), "patch statistics")
+    full = check_moment(full_moment, math.prod(kernel.shape[1:]), "patch statistics")
     if damping:
         full = full + damping * float(full.diagonal().sum()) / full.shape[0] * torch.eye(full.shape[0], dtype=full.dtype)
     return full
@@ -626,67 +454,3 @@ def bias_shift(weight: torch.Tensor, approx: torch.Tensor, mean: torch.Tensor) -
     if mean.numel() != E.shape[1]:
         raise ConfigError(f"input mean has {mean.numel()} entries but the weight expects {E.shape[1]}.")
     return E @ mean.to(torch.float64)
-
-
-# --------------------------------------------------------------------------- dispatch
-
-STATS_NEEDED = {"svd": "full", "weight": "full", "spatial": "full", "tucker2": "channel", "cp": "channel"}
-
-
-def stats_for_method(stats: InputStats, method: str, weight_shape, *, layer: str = "layer") -> InputStats:
-    """The statistics ``method`` needs from ``stats`` (deriving channel ones from full ones)."""
-    if method not in STATS_NEEDED:
-        raise ConfigError(f"{layer}: unknown method {method!r}.")
-    weight_shape = tuple(weight_shape)
-    kernel = tuple(weight_shape[2:])
-    if kernel and stats.kernel_size is not None and tuple(stats.kernel_size) != kernel:
-        raise ConfigError(f"{layer}: the statistics were collected for kernel size {tuple(stats.kernel_size)} "
-                          f"but the weight has kernel size {kernel}; recalibrate on this model.")
-    if STATS_NEEDED[method] == "full":
-        if stats.kind != "full":
-            raise ConfigError(f"{layer}: method '{method}' needs the full input (patch) statistics but only "
-                              "channel statistics were collected (enough for tucker2/cp); recalibrate with "
-                              f"this layer's method set to '{method}' or with layers=None.")
-        expected = math.prod(weight_shape[1:])
-        if stats.dim != expected:
-            raise ConfigError(f"{layer}: the statistics are {stats.dim}-dimensional but the weight of shape "
-                              f"{weight_shape} expects {expected}-dimensional inputs; recalibrate on this model.")
-        return stats
-    if not kernel:
-        raise ConfigError(f"{layer}: method '{method}' needs a convolution kernel.")
-    channel = stats.to_channel()
-    if channel.dim != weight_shape[1]:
-        raise ConfigError(f"{layer}: the channel statistics have {channel.dim} channels but the kernel has "
-                          f"{weight_shape[1]} input channels; recalibrate on this model.")
-    return channel
-
-
-def factor_weights(weight: torch.Tensor, method: str, rank, stats: InputStats, *, centered: bool = False,
-                   damping: float = DEFAULT_DAMPING, layer: str = "layer", **options) -> list[torch.Tensor]:
-    """Activation-optimal factor weights (first factor first) of ``weight`` for ``method``.
-
-    ``stats`` summarise the layer's inputs; ``centered`` fits the centred statistics
-    (pair it with :func:`bias_shift`). Ordering matches
-    :func:`rankshrink.factorized.decompose_weight`.
-    """
-    damping = _check_damping(damping)
-    if "svd_method" in options:  # 'exact' / 'randomized' / 'auto' for the SVD inside
-        options["method"] = options.pop("svd_method")
-    chosen = stats_for_method(stats, method, weight.shape, layer=layer)
-    if chosen.count == 0:
-        raise ConfigError(f"{layer}: the statistics summarise no inputs (the calibration data never "
-                          "reached this layer); use objective='weights' for it.")
-    if method in ("svd", "weight"):
-        w = chosen.whitening(centered, damping)
-        if method == "svd":
-            left, right = activation_low_rank_factors(weight, w, rank, **options)
-            return [right, left]
-        return list(activation_weight_svd(weight, w, rank, **options))
-    if method == "spatial":
-        return list(activation_spatial_svd(weight, chosen.moment(centered), rank, damping=damping, **options))
-    w = chosen.whitening(centered, max(damping, MIN_INVERSE_DAMPING))
-    full = stats.moment(centered) if stats.kind == "full" else None
-    if method == "tucker2":
-        return list(activation_tucker2(weight, w, rank, damping=damping, full_moment=full, **options))
-    f = activation_cp(weight, w, rank, damping=damping, full_moment=full, **options)
-    return [f.first, *f.depthwise, f.last]

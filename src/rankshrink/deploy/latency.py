@@ -1,5 +1,5 @@
-"""Deployment: ONNX export, latency on ONNX Runtime, and the rule that no factorized
-layer may ship if it runs slower than the dense layer it replaced.
+"""Latency on ONNX Runtime, and the rule that no factorized layer may ship if it runs slower
+than the dense layer it replaced.
 
 Latencies are medians of interleaved runs (dense and factorized alternate), so both
 see the same machine load; compare ratios from one run, not absolute times across runs.
@@ -7,88 +7,20 @@ see the same machine load; compare ratios from one run, not absolute times acros
 
 from __future__ import annotations
 
-import copy
-import inspect
-import io
-import os
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .cost import count
-from .errors import ConfigError, RankshrinkError
-from .fileio import atomic_path
-from .plan import Plan
+from ..cost import count
+from ..errors import ConfigError
+from ..plan import Plan
+from .onnx import onnx_bytes, ort_session, require_onnxruntime
 
-
-class ExportError(RankshrinkError, RuntimeError):
-    """ONNX export or ONNX Runtime is unavailable or failed."""
-
-
-def _require_onnx():
-    try:
-        import onnx  # noqa: F401  (the exporter needs it; fail here with a clear message)
-        import onnxruntime
-    except ImportError:
-        raise ExportError("ONNX export needs the 'onnx' and 'onnxruntime' packages: "
-                          "pip install 'rankshrink[onnx]'.") from None
-    return onnxruntime
-
-
-def onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int = 17,
-               dynamic_batch: bool = True) -> bytes:
-    """Serialise ``model`` (in eval mode, on a copy) to an ONNX graph."""
-    _require_onnx()
-    model = copy.deepcopy(model).eval()
-    kwargs: dict[str, Any] = dict(input_names=["input"], output_names=["output"], opset_version=opset,
-                                  do_constant_folding=True)
-    if dynamic_batch:
-        kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False  # the TorchScript exporter needs no extra packages and keeps names
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (example_input,), buffer, **kwargs)
-        except Exception as exc:  # the exporter raises many types; report them as one
-            raise ExportError(f"ONNX export of {type(model).__name__} failed: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return buffer.getvalue()
-
-
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
-                opset: int = 17, check: bool = True) -> Path:
-    """Write ``model`` as ONNX to ``path`` (atomically); with ``check`` verify its outputs
-    against PyTorch on ``example_input`` with ONNX Runtime."""
-    data = onnx_bytes(model, example_input, opset=opset)
-    if check:
-        ort = _require_onnx()
-        session = _session(ort, data, threads=1)
-        got = session.run(None, {"input": example_input.detach().cpu().numpy()})[0]
-        with torch.no_grad():
-            expected = copy.deepcopy(model).eval()(example_input).detach().cpu().numpy()
-        scale = max(1.0, float(abs(expected).max()))
-        if got.shape != expected.shape or float(abs(got - expected).max()) > 1e-3 * scale:
-            raise ExportError("the ONNX graph's output differs from PyTorch's; not written.")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
-def _session(ort, data: bytes, threads: int):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+__all__ = ["Latency", "onnx_latency", "LayerSpeed", "layer_latencies", "drop_slower_layers"]
 
 
 @dataclass
@@ -123,9 +55,9 @@ def onnx_latency(models: dict[str, nn.Module], example_input: torch.Tensor, *, r
     """Median latency on ONNX Runtime (CPU) of each model, measured interleaved."""
     if runs < 1 or warmup < 0 or threads < 1:
         raise ConfigError("runs and threads must be >= 1 and warmup >= 0.")
-    ort = _require_onnx()
+    ort = require_onnxruntime()
     names = list(models)
-    sessions = [_session(ort, onnx_bytes(models[n], example_input), threads) for n in names]
+    sessions = [ort_session(ort, onnx_bytes(models[n], example_input), threads) for n in names]
     feed = {"input": example_input.detach().cpu().numpy()}
     times = _timed_runs(sessions, [feed] * len(sessions), runs, warmup)
     return {name: _summary(t) for name, t in zip(names, times)}
@@ -161,7 +93,7 @@ def layer_latencies(original: nn.Module, compressed: nn.Module, example_input: t
                     runs: int = 30, warmup: int = 5, threads: int = 1) -> list[LayerSpeed]:
     """Each factorized layer of ``compressed`` timed against the dense layer it replaced,
     alone, on its real input size (from one forward pass), on ONNX Runtime."""
-    ort = _require_onnx()
+    ort = require_onnxruntime()
     costs = count(compressed, example_input)
     batch = example_input.shape[0]
     results = []
@@ -171,7 +103,7 @@ def layer_latencies(original: nn.Module, compressed: nn.Module, example_input: t
         block = compressed.get_submodule(layer_cost.name)
         dense = original.get_submodule(layer_cost.name)
         x = _layer_input(layer_cost, batch, next(dense.parameters()).dtype)
-        sessions = [_session(ort, onnx_bytes(m, x), threads) for m in (dense, block)]
+        sessions = [ort_session(ort, onnx_bytes(m, x), threads) for m in (dense, block)]
         feed = {"input": x.numpy()}
         dense_t, fact_t = _timed_runs(sessions, [feed, feed], runs, warmup)
         results.append(LayerSpeed(layer_cost.name, block.method, block.rank,
@@ -184,7 +116,7 @@ def drop_slower_layers(original: nn.Module, plan: Plan, example_input: torch.Ten
                        runs: int = 30, threads: int = 1) -> tuple[Plan, list[LayerSpeed]]:
     """The plan without the layers whose factorization is not at least ``min_speedup``
     times faster than the dense layer on ONNX Runtime, and the measurements."""
-    from .surgery import apply
+    from ..surgery import apply
 
     compressed = compressed if compressed is not None else apply(original, plan)
     speeds = layer_latencies(original, compressed, example_input, runs=runs, threads=threads)
@@ -194,4 +126,3 @@ def drop_slower_layers(original: nn.Module, plan: Plan, example_input: torch.Ten
     if slow:
         metadata["dropped_as_slower"] = sorted(slow)
     return Plan(kept, metadata), speeds
-

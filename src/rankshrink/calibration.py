@@ -19,10 +19,8 @@ What is collected (the cheapest statistics that are exact for each method):
   also Tucker-2/CP (channel moment derived, plus exact re-fits of their later factors).
 * Conv — 'channel' statistics: only the ``S × S`` moment of channel vectors at every
   patch position (``Πk`` times cheaper to keep); collected for layers planned with
-  'tucker2'/'cp' when ``layers`` is a plan or a name → method mapping.
-
-The module itself is callable (``rankshrink.calibrate(model, data)``), so it can
-be used as a function without hiding ``rankshrink.calibrate.calibrate``.
+  methods that need only channel statistics (Tucker-2, CP) when ``layers`` is a plan or a
+  name → method mapping.
 
 The result is a :class:`Calibration`; pass it to ``rankshrink.apply(model, plan,
 calibration=cal)`` or ``factorize(module, method, rank, input_stats=cal[name])``.
@@ -48,14 +46,14 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from .data import Splits, _dataset_len, calibration_subset, iterate_batches
-from .decompose.data_aware import STATS_NEEDED, InputStats
+from .decompose.stats import InputStats
 from .errors import ConfigError, DataError, FileFormatError, LayerError
 from .factorized import layer_type, unsupported_reason
-from .fileio import load_tensors, save_tensors
+from .files import load_tensors, save_tensors
+from .methods import get_method, method_names
 from .metrics import eval_mode, to_model
 from .plan import Plan
-from .surgery import aliases, factorizable_layers, get_layer
-from ._callable import make_module_callable
+from .layers import aliases, factorizable_layers, get_layer
 
 __all__ = ["Calibration", "CalibrationWarning", "calibrate", "DEFAULT_SAMPLES", "DEFAULT_BATCH_SIZE"]
 
@@ -95,7 +93,7 @@ class Calibration:
         if found is None:
             listing = ", ".join(self.stats) or "none"
             raise DataError(f"the calibration has no statistics for layer '{name}' (calibrated layers: "
-                            f"{listing}); recalibrate including it, or use objective='weights'.")
+                            f"{listing}); recalibrate including it, or use fit='weights'.")
         return found
 
     def get(self, name: str) -> InputStats | None:
@@ -188,8 +186,8 @@ def _resolve_targets(model: nn.Module, layers) -> tuple[dict[str, tuple[nn.Modul
             method = value if isinstance(value, str) else getattr(value, "method", None)
             if method is None and isinstance(value, (tuple, list)) and value:
                 method = value[0]
-            if method not in STATS_NEEDED:
-                raise ConfigError(f"layers['{name}'] must name a method ({', '.join(STATS_NEEDED)}), got {value!r}.")
+            if method not in method_names():
+                raise ConfigError(f"layers['{name}'] must name a method ({', '.join(method_names())}), got {value!r}.")
             items.append((name, method))
     elif isinstance(layers, str):
         items = [(layers, None)]
@@ -210,7 +208,8 @@ def _resolve_targets(model: nn.Module, layers) -> tuple[dict[str, tuple[nn.Modul
         reason = unsupported_reason(module)
         if reason is not None:
             raise LayerError(f"layer '{name}' ({layer_type(module)}) cannot be calibrated for factorization: {reason}.")
-        kind = "full" if method is None or STATS_NEEDED[method] == "full" or isinstance(module, nn.Linear) else "channel"
+        kind = ("full" if method is None or get_method(method).statistics == "full" or isinstance(module, nn.Linear)
+                else "channel")
         if id(module) in by_module:  # a shared module: one set of statistics, the richer kind wins
             first = by_module[id(module)]
             if kind == "full":
@@ -290,7 +289,7 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
     ``dataset``: a map-style data set of (input, label) pairs, a :class:`~rankshrink.data.Splits`
     (its training split is used) or a tensor of inputs. ``layers``: None (every
     factorizable layer, full statistics), a list of names, a name → method mapping or a
-    :class:`Plan` (then 'tucker2'/'cp' layers get only channel statistics).
+    :class:`Plan` (then layers whose method needs only channel statistics get just those).
     ``samples``: how many samples to use — a deterministic random subset for ``seed`` —
     or None for all. The model is run in eval mode and left unchanged.
     """
@@ -375,10 +374,10 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
     if unreached and explicit:
         raise DataError(f"the calibration data never reached layer(s) {', '.join(repr(n) for n in unreached)} "
                         f"in {n_samples} samples (an unused branch, or a path the data does not take); "
-                        "remove them from the plan or use objective='weights' for them.")
+                        "remove them from the plan or use fit='weights' for them.")
     for name in unreached:
         warnings.warn(f"layer '{name}' was never reached by the {n_samples} calibration samples (unused branch?); "
-                      "it has no statistics and can only be factorized with objective='weights'.",
+                      "it has no statistics and can only be factorized with fit='weights'.",
                       CalibrationWarning, stacklevel=2)
         del stats[name]
     for name, s in stats.items():
@@ -401,6 +400,3 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
                     alias_of[alias] = name
     return Calibration(stats, n_samples, alias_of)
 
-
-# ``rankshrink.calibrate(...)`` calls the function; the module stays importable.
-make_module_callable(__name__, "rankshrink.calibrate:calibrate")

@@ -1,0 +1,117 @@
+"""Content fingerprints (sha256) of tensors, modules, data sets and plain data.
+
+Every cache and checkpoint key in rankshrink is built from these, never from a name a
+user writes: changing one weight, one sample or one option changes the key.
+
+* :func:`update_with_tensor` -- a tensor's shape, dtype and raw bytes into a running digest.
+* :func:`state_fingerprint` / :func:`module_fingerprint` -- a state dict (in order, or
+  sorted by name) or a module's state dict.
+* :func:`dataset_fingerprint` -- every item of a map-style data set, streamed: the
+  tensors of a ``TensorDataset`` (or a ``Subset`` of one) are hashed directly, any other
+  data set item by item (inputs and labels, nested tuples/lists/dicts of tensors).
+* :func:`object_fingerprint` -- canonical JSON of plain data (options, configs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+
+__all__ = ["update_with_tensor", "state_fingerprint", "module_fingerprint", "dataset_fingerprint",
+           "object_fingerprint", "jsonable"]
+
+
+def update_with_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    """Feed ``tensor``'s shape, dtype and bytes to ``digest`` (a hashlib object)."""
+    t = tensor.detach()
+    if t.device.type == "meta":
+        digest.update(f"meta|{tuple(t.shape)}|{t.dtype}|".encode())
+        return
+    t = t.cpu().contiguous()
+    digest.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.numel():
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor], *, sort: bool = False, salt: bytes = b"") -> str:
+    """sha256 over a state dict's names and tensors (in its order, or sorted by name)."""
+    digest = hashlib.sha256(salt)
+    items: Iterable = sorted(state.items()) if sort else state.items()
+    for name, tensor in items:
+        digest.update(f"{name}|".encode())
+        update_with_tensor(digest, tensor)
+    return digest.hexdigest()
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of ``module.state_dict()`` (names, shapes, dtypes, bytes, in order)."""
+    return state_fingerprint(module.state_dict(), salt=b"rankshrink-module-v2")
+
+
+def _update_with_item(digest: Any, item: Any) -> None:
+    if isinstance(item, torch.Tensor):
+        update_with_tensor(digest, item)
+    elif isinstance(item, Mapping):
+        digest.update(b"{")
+        for key in sorted(item, key=str):
+            digest.update(f"{key}:".encode())
+            _update_with_item(digest, item[key])
+        digest.update(b"}")
+    elif isinstance(item, (tuple, list)):
+        digest.update(b"(")
+        for part in item:
+            _update_with_item(digest, part)
+        digest.update(b")")
+    else:
+        try:
+            import numpy as np
+
+            if isinstance(item, np.ndarray):
+                update_with_tensor(digest, torch.from_numpy(np.ascontiguousarray(item)))
+                return
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            pass
+        digest.update(repr(item).encode())
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """sha256 over every sample of ``dataset`` (content, not its type or length alone)."""
+    from torch.utils.data import Subset, TensorDataset
+
+    digest = hashlib.sha256(b"rankshrink-dataset-v2")
+    if isinstance(dataset, TensorDataset):
+        for tensor in dataset.tensors:
+            update_with_tensor(digest, tensor)
+        return digest.hexdigest()
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
+        index = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        for tensor in dataset.dataset.tensors:
+            update_with_tensor(digest, tensor[index])
+        return digest.hexdigest()
+    n = len(dataset)
+    digest.update(f"n={n}|".encode())
+    for i in range(n):
+        _update_with_item(digest, dataset[i])
+    return digest.hexdigest()
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data: mappings sorted by key, tuples as lists, unknown objects by repr."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+def object_fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of plain data (see :func:`jsonable`)."""
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,41 @@
+"""Factorization methods: one module each, found through one registry.
+
+=========  ===================  ==================================================
+module     replaces             factors
+=========  ===================  ==================================================
+``svd``     Linear               Linear(n→r) → Linear(r→m)
+``spatial`` Conv2d               (kh×1) conv → (1×kw) conv
+``weight``  Conv1d, Conv2d       full-size conv S→R → 1×1 conv R→T
+``tucker2`` Conv1d, Conv2d       1×1 → k-sized core → 1×1 (TensorLy underneath)
+``cp``      Conv1d, Conv2d       1×1 → depthwise per axis → 1×1 (TensorLy underneath)
+=========  ===================  ==================================================
+
+See :mod:`.base` for what a method defines and how to add one.
+"""
+
+from . import cp, spatial, svd, tucker2, weight  # noqa: F401  (importing a method registers it)
+from .base import (FITS, Method, MethodConfig, config_from_json, default_method, factorize, get_method,
+                   make_config, method_names, methods_for, register, select_options)
+from .cp import CPConfig
+from .spatial import SpatialConfig
+from .svd import SVDConfig
+from .tucker2 import Tucker2Config
+from .weight import WeightConfig
+
+
+
+def full_rank(geometry: dict, method: str):
+    """The largest meaningful rank of ``method`` on a layer of ``geometry``."""
+    return get_method(method).full_rank(geometry)
+
+
+def normalize_rank(geometry: dict, method: str, rank, *, layer: str = "layer"):
+    """``rank`` validated for ``method`` on a layer of ``geometry`` (the form the built block records)."""
+    impl = get_method(method)
+    impl.check_layer(geometry, layer)
+    return impl.normalize_rank(geometry, rank, layer=layer)
+
+
+__all__ = ["full_rank", "normalize_rank", "FITS", "Method", "MethodConfig", "config_from_json", "default_method", "factorize", "get_method",
+           "make_config", "method_names", "methods_for", "register", "select_options",
+           "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig"]

@@ -1,0 +1,94 @@
+"""The one way to load a model SPEC: ``builtin:NAME`` or ``path/to/file.py:factory``.
+
+``path/to/file.py:factory`` imports the file by path and calls ``factory()`` (a function
+that takes no arguments and returns an ``nn.Module``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ConfigError, FileFormatError
+from .builtin import BUILTIN_MODELS, builtin_entry, load_builtin
+from .weights import check_finite, load_weights
+
+__all__ = ["load_model_spec"]
+
+
+def _import_factory(file_part: str, attr: str) -> nn.Module:
+    path = Path(file_part).expanduser()
+    if not path.is_file():
+        raise FileFormatError(f"model file '{path}' does not exist.")
+    module_name = "rankshrink_user_model_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise FileFormatError(f"model file '{path}' cannot be imported as a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    # The file may import helpers that sit next to it.
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(module_name, None)
+            raise ConfigError(f"importing model file '{path}' failed: {type(exc).__name__}: {exc}") from exc
+        factory = getattr(module, attr, None)
+        if factory is None:
+            callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise ConfigError(f"model file '{path}' has no attribute '{attr}'; callables in it: "
+                              f"{', '.join(callables) or 'none'}.")
+        if not callable(factory):
+            raise ConfigError(f"'{attr}' in model file '{path}' is a {type(factory).__name__}, not a "
+                              "function; name a function that returns the model.")
+        try:
+            model = factory()
+        except Exception as exc:
+            raise ConfigError(f"calling {attr}() from '{path}' failed: {type(exc).__name__}: {exc} "
+                              "(the factory must take no arguments and return an nn.Module).") from exc
+    finally:
+        try:
+            sys.path.remove(str(path.parent.resolve()))
+        except ValueError:
+            pass
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{attr}() from '{path}' returned a {type(model).__name__}, not a "
+                          "torch.nn.Module.")
+    return model
+
+
+def load_model_spec(spec: str, weights: str | Path | None = None, *,
+                    trust_pickle: bool = False) -> nn.Module:
+    """Build the model a SPEC names, load ``weights`` strictly if given, return it in eval mode.
+
+    ``builtin:NAME`` without weights returns the cached trained model (training it on
+    first use); with weights, the model is built for its default data's shapes.
+    ``FILE.py:FACTORY`` imports the file by path and calls ``FACTORY()``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("a model spec must be a non-empty string such as builtin:digits-cnn or "
+                          "model.py:make_model.")
+    spec = spec.strip()
+    if spec.startswith("builtin:"):
+        name = spec[len("builtin:"):]
+        entry = builtin_entry(name)
+        if weights is None:
+            return load_builtin(name)[0]
+        model = entry.create()
+    else:
+        file_part, sep, attr = spec.rpartition(":")
+        if not sep or not file_part.endswith(".py") or not attr.isidentifier():
+            raise ConfigError(
+                f"model spec {spec!r} is not understood; use builtin:NAME (one of "
+                f"{', '.join(sorted(BUILTIN_MODELS))}) or path/to/file.py:factory."
+            )
+        model = _import_factory(file_part, attr)
+    if weights is not None:
+        load_weights(model, weights, trust_pickle=trust_pickle)
+    check_finite(model, f"weights file '{weights}'" if weights is not None else f"model '{spec}'")
+    return model.eval()

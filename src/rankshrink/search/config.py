@@ -1,0 +1,152 @@
+"""What a search is asked to do: the target (a tolerance or a :class:`Budget`) and a :class:`SearchConfig`.
+
+Both are plain, checked-on-creation data; :func:`rankshrink.compress` takes the config
+or its fields as keywords, and every stage of the search reads its options from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+from ..validation import check_bool, check_choice, check_int, check_optional_int
+
+__all__ = ["SearchConfig", "Budget", "COST_KINDS", "SENSITIVITIES", "FIT_CHOICES", "MAX_GLOBAL_EVALUATIONS",
+           "check_tolerance"]
+
+COST_KINDS = ("macs", "params", "bytes")
+SENSITIVITIES = ("auto", "probe", "proxy")
+FIT_CHOICES = ("auto", "activations", "weights")
+# Whole-model evaluations a search may spend beyond its per-layer probes.
+MAX_GLOBAL_EVALUATIONS = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """How :func:`rankshrink.compress` searches.
+
+    ``metric``: 'accuracy', 'agreement' (with the original's predictions, no labels
+    needed), 'per-class', 'worst-class' or a callable ``model -> float`` (higher is
+    better). ``minimize``: what tolerance mode makes smallest ('macs', 'params',
+    'bytes'). ``methods``/``layers``: restrict the methods tried and the layers
+    compressed. ``fit``: 'activations' (data-aware factors; what 'auto' picks when there
+    is training data), 'weights' or 'auto'. ``sensitivity``: 'probe' (a one-layer
+    bisection per layer calibrates its sensitivity; tolerance mode's default) or 'proxy'
+    (the distortion proxy alone; budget mode's default). ``factorize_options``: method
+    options for every method, or per method under its name (see
+    :func:`rankshrink.methods.select_options`). ``calibration_samples``: training samples
+    whose layer inputs the activation fits use; ``proxy_samples``: training samples the
+    distortion proxy runs on. ``max_global_evaluations``: whole-model evaluations beyond
+    the probes. ``cache``: True (the user cache), False, a directory or an
+    :class:`~rankshrink.search.cache.EvaluationCache`. ``threads``: torch/BLAS threads
+    during the search (None: one for models up to 4M parameters). ``report_test``: also
+    measure the test split (reports only).
+    """
+
+    metric: Any = "accuracy"
+    minimize: str = "macs"
+    methods: tuple[str, ...] | None = None
+    layers: tuple[str, ...] | None = None
+    fit: str = "auto"
+    sensitivity: str = "auto"
+    factorize_options: Mapping[str, Any] | None = None
+    calibration_samples: int = 512
+    proxy_samples: int = 256
+    max_global_evaluations: int = MAX_GLOBAL_EVALUATIONS
+    seed: int = 0
+    cache: Any = True
+    progress: bool = True
+    threads: int | None = None
+    report_test: bool = True
+
+    def __post_init__(self) -> None:
+        from ..methods import method_names
+
+        check_choice(self.minimize, "minimize", COST_KINDS)
+        check_choice(self.fit, "fit", FIT_CHOICES)
+        check_choice(self.sensitivity, "sensitivity", SENSITIVITIES)
+        check_int(self.calibration_samples, "calibration_samples", minimum=1)
+        check_int(self.proxy_samples, "proxy_samples", minimum=1)
+        check_int(self.max_global_evaluations, "max_global_evaluations", minimum=1)
+        check_int(self.seed, "seed", minimum=0)
+        check_bool(self.progress, "progress")
+        check_bool(self.report_test, "report_test")
+        check_optional_int(self.threads, "threads", minimum=1)
+        for name in ("methods", "layers"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of names, got {value!r}.")
+            object.__setattr__(self, name, tuple(value))
+        if self.methods is not None:
+            if not self.methods:
+                raise ConfigError(f"methods is empty; name at least one of {', '.join(method_names())} "
+                                  "(or pass None for all).")
+            unknown = [m for m in self.methods if m not in method_names()]
+            if unknown:
+                raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known methods are "
+                                  f"{', '.join(method_names())}.")
+
+    def replace(self, **changes: Any) -> "SearchConfig":
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown search option(s) {', '.join(map(repr, unknown))}; the options are "
+                              f"{', '.join(self.field_names())}.")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A hard cost limit: ``kind`` ('macs', 'params' or 'bytes') at ``value``.
+
+    A value in (0, 1] is a ratio of the original model's cost; a value above 1 is an
+    absolute count (MACs, parameters or bytes).
+    """
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in COST_KINDS:
+            raise ConfigError(f"budget kind must be one of {', '.join(COST_KINDS)}, got {self.kind!r}.")
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"a {self.kind} budget must be a positive number (a ratio in (0, 1] or an absolute "
+                              f"count), got {v!r}.")
+
+    @property
+    def relative(self) -> bool:
+        return self.value <= 1
+
+    def absolute(self, original: Mapping[str, int]) -> int:
+        if self.relative:
+            return int(math.floor(self.value * original[self.kind]))
+        return int(math.floor(self.value))
+
+    @classmethod
+    def parse(cls, budget: Any) -> "Budget":
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, Mapping) and len(budget) == 1:
+            (kind, value), = budget.items()
+            return cls(str(kind), value)
+        if isinstance(budget, (tuple, list)) and len(budget) == 2:
+            return cls(str(budget[0]), budget[1])
+        raise ConfigError(f"budget must be {{'macs'|'params'|'bytes': value}}, a (kind, value) pair or a Budget; "
+                          f"got {budget!r}.")
+
+
+def check_tolerance(tolerance: Any) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance):
+        raise ConfigError(f"tolerance must be a number in [0, 1), got {tolerance!r}.")
+    if not 0 <= tolerance < 1:
+        raise ConfigError(f"tolerance must lie in [0, 1) (0.01 = one accuracy point), got {tolerance}.")
+    return float(tolerance)
