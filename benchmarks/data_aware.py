@@ -42,13 +42,13 @@ sys.path.insert(0, str(ROOT / "src"))
 import rankshrink as rs  # noqa: E402
 from rankshrink import search  # noqa: E402
 from rankshrink.calibration import CalibrationWarning, calibrate  # noqa: E402
-from rankshrink.factorized import layer_geometry, methods_for  # noqa: E402
-from rankshrink.methods import full_rank
+from rankshrink.factorized import layer_geometry  # noqa: E402
 from rankshrink.files import atomic_write_json, atomic_write_text  # noqa: E402
-from rankshrink.workflow import compress_and_recover  # noqa: E402
+from rankshrink.layers import factorizable_layers  # noqa: E402
+from rankshrink.methods import full_rank, methods_for  # noqa: E402
 from rankshrink.metrics import accuracy  # noqa: E402
 from rankshrink.models import load_builtin  # noqa: E402
-from rankshrink.layers import factorizable_layers  # noqa: E402
+from rankshrink.workflow import compress_and_recover  # noqa: E402
 
 MODELS = ("digits-cnn", "cifar-cnn")
 CONV_METHODS = ("weight", "spatial", "cp")

@@ -40,8 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from rankshrink.decompose import (cp, reconstruct_cp, reconstruct_tucker2, truncated_svd,  # noqa: E402
-                                  tucker2)
+from rankshrink.decompose import cp, reconstruct_cp, reconstruct_tucker2, truncated_svd, tucker2  # noqa: E402
 from rankshrink.decompose.svd import choose_svd_method  # noqa: E402
 from rankshrink.files import atomic_write_json, atomic_write_text  # noqa: E402
 

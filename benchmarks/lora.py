@@ -252,7 +252,7 @@ def training_cost(quick: bool) -> dict:
         adapted = lora.add_adapters(base, r=r, lora_alpha=2 * r, target_modules="Linear")
         lora_opt = torch.optim.Adam(lora.adapter_parameters(adapted), lr=1e-4)
 
-        def step(model, opt):
+        def step(model, opt, xb=xb, yb=yb, loss_fn=loss_fn):
             def run():
                 opt.zero_grad(set_to_none=True)
                 loss_fn(model(xb), yb).backward()
@@ -300,7 +300,7 @@ def inference_latency(quick: bool) -> dict:
             ref = unmerged(x)
             for name in ("LoRA merged, wrappers kept", "LoRA merged + removed (plain layers)"):
                 assert torch.allclose(variants[name](x), ref, atol=1e-4), name
-            fns = {name: (lambda m=m: m(x)) for name, m in variants.items()}
+            fns = {name: (lambda m=m, x=x: m(x)) for name, m in variants.items()}
             samples = interleaved_times(fns, rounds=5 if quick else 21, min_seconds=0.05 if quick else 0.15)
         out[key] = {"rank": r, "batch": batch, "peft_installed": peft_model is not None,
                     "latency": summarize(samples, "base model")}

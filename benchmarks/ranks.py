@@ -123,7 +123,8 @@ class Bench:
         test = accuracy(self.session.factorizer.build(plan), self.splits.test)
         ok = None if tolerance is None else (self.baseline - value <= tolerance + 1e-9)
         return {"model": self.name, "setting": setting, "method": method, "val_accuracy": value,
-                "drop": self.baseline - value, "test_accuracy": test, "macs_ratio": costs["macs"] / self.original["macs"],
+                "drop": self.baseline - value, "test_accuracy": test,
+                "macs_ratio": costs["macs"] / self.original["macs"],
                 "params_ratio": costs["params"] / self.original["params"], "evaluations": evaluations,
                 "seconds": round(seconds, 2), "tolerance_met": ok,
                 "plan": {n: e.to_json() for n, e in plan.items()}}
@@ -287,8 +288,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         for setting in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
-            pick = lambda m: next(r for r in rows if r["model"] == model and r["setting"] == setting
-                                  and r["method"] == m)
+            pick = lambda m, model=model, setting=setting: next(
+                r for r in rows if r["model"] == model and r["setting"] == setting and r["method"] == m)
             tolerance = setting.startswith("tolerance")
             ours = pick("search (probe)" if tolerance else "search (proxy)")
             them = pick("AIMET-style greedy")

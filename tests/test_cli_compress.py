@@ -85,7 +85,7 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     for layer in summary["layers"]:
         assert {"name", "method", "rank", "params", "macs"} <= set(layer)
     plan = Plan.load(out / "plan.json")
-    assert set(plan.layers) == {l["name"] for l in summary["layers"] if l["method"] != "dense"}
+    assert set(plan.layers) == {row["name"] for row in summary["layers"] if row["method"] != "dense"}
     rebuilt = rankshrink.load(DigitsCNN, out)
     assert accuracy(rebuilt, splits.val) == pytest.approx(summary["compressed"]["accuracy"])
     assert accuracy(rebuilt, splits.test) == pytest.approx(summary["compressed"]["test_accuracy"])
@@ -115,7 +115,7 @@ def test_compress_budget(tmp_path, digits, flag, value, kind, target, extra):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == (3 if extra else 0)
     if extra:
-        assert {l["method"] for l in summary["layers"]} <= {"svd", "weight", "dense"}
+        assert {row["method"] for row in summary["layers"]} <= {"svd", "weight", "dense"}
     target = target or int(0.5 * summary["original"][kind])
     assert summary["budget"]["target"] == target
     assert 0.98 * target <= summary["compressed"][kind] <= target
@@ -191,3 +191,40 @@ def test_compress_with_finetune_records_recovery(tmp_path):
     assert tuned["val_after"] >= tuned["val_before"]
     assert summary["compressed"]["accuracy"] == tuned["val_after"]
     assert summary["compressed"]["macs_ratio"] <= 0.15
+
+
+def test_a_plan_reproduces_the_model_compress_saved(tmp_path, capsys, digits):
+    """compress → plan.json → apply (and finetune --epochs 0) with the same data: the same tensors.
+
+    The plan records that its factors were fitted to activations and how the calibration was
+    drawn; without data, apply refuses instead of silently fitting to the weights.
+    """
+    from rankshrink.files import load_tensors
+
+    _, _, weights = digits
+    factory = tmp_path / "my_model.py"
+    factory.write_text("from rankshrink.models import DigitsCNN\n\ndef make():\n    return DigitsCNN()\n")
+    spec = f"{factory}:make"
+    common = ["--model", spec, "--weights", str(weights)]
+    out = tmp_path / "c"
+    assert main(["compress", *common, "--data", "builtin:digits", "--max-macs", "0.3", "--out", str(out),
+                 "--quiet"]) == 0
+    plan = Plan.load(out / "plan.json")
+    assert plan.activation_layers and plan.calibration["samples"] == 512
+    saved = load_tensors(out / "model.safetensors")
+    for command, extra in (("apply", []), ("finetune", ["--epochs", "0", "--no-progress"])):
+        again = tmp_path / command
+        assert main([command, *common, "--plan", str(out / "plan.json"), "--data", "builtin:digits",
+                     "--out", str(again), *extra]) == 0, command
+        rebuilt = load_tensors(again / "model.safetensors")
+        assert rebuilt.keys() == saved.keys()
+        assert max(float((rebuilt[k].double() - saved[k].double()).abs().max()) for k in saved) <= 1e-6, command
+    capsys.readouterr()
+    assert main(["apply", *common, "--plan", str(out / "plan.json"), "--out", str(tmp_path / "nodata")]) == 1
+    err = capsys.readouterr().err
+    assert "--data" in err and "--fit weights" in err and not (tmp_path / "nodata").exists()
+    # re-fitted to the weights it needs no data, and gives other factors
+    assert main(["apply", *common, "--plan", str(out / "plan.json"), "--fit", "weights",
+                 "--out", str(tmp_path / "weights")]) == 0
+    refit = load_tensors(tmp_path / "weights" / "model.safetensors")
+    assert any(not torch.equal(refit[k], saved[k]) for k in saved)

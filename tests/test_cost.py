@@ -9,9 +9,20 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import rankshrink as rs
-from rankshrink.cost import (Cost, break_even_rank, conv_cost, conv_output_size, count, dense_cost,
-                             factorized_cost, linear_break_even, linear_cost, module_cost, size_ratio,
-                             speed_ratio)
+from rankshrink.cost import (
+    Cost,
+    break_even_rank,
+    conv_cost,
+    conv_output_size,
+    count,
+    dense_cost,
+    factorized_cost,
+    linear_break_even,
+    linear_cost,
+    module_cost,
+    size_ratio,
+    speed_ratio,
+)
 from rankshrink.errors import ConfigError, DataError
 from rankshrink.factorized import layer_geometry
 from rankshrink.methods import factorize, full_rank
@@ -124,9 +135,9 @@ def test_count_matches_flop_counter_on_original():
     costs = count(model, x)
     assert 2 * costs.macs * 3 == flops(model, x)
     # Rows are the factorizable layers; the depthwise conv still counts in the totals.
-    assert {l.name for l in costs.layers} == {"features.0", "features.2", "features.7", "seq", "head.1", "head.3"}
+    assert {row.name for row in costs.layers} == {"features.0", "features.2", "features.7", "seq", "head.1", "head.3"}
     assert costs.other_multiplies == 12 * 9 * (4 * 8)
-    assert costs.macs == sum(l.macs for l in costs.layers) + costs.other_multiplies
+    assert costs.macs == sum(row.macs for row in costs.layers) + costs.other_multiplies
     assert costs.params == sum(p.numel() for p in model.parameters())
     assert costs.other_params == 2 * 12 + (12 * 9 + 12)  # BatchNorm affine + the depthwise conv
     assert ("features.3", "BatchNorm2d has no weight matrix to factorize") in costs.skipped
@@ -179,7 +190,7 @@ def test_layer_called_twice_counts_twice_and_unused_costs_nothing():
     costs = count(model, x)
     row = costs.layer("shared")
     assert row.calls == 2 and row.macs == 2 * 36 and row.params == 42
-    assert "unused" not in {l.name for l in costs.layers}
+    assert "unused" not in {row.name for row in costs.layers}
     assert costs.macs == 2 * 36 + 12
     assert 2 * costs.macs * 4 == flops(model, x)
     assert costs.other_params == 6 * 100 + 100  # counted among the model's parameters, not a layer's
@@ -202,7 +213,7 @@ def test_bytes_by_dtype():
     half = count(model.half(), x.half())
     assert half.bytes == full.bytes // 2 and half.bytes_by_dtype == {"float16": 2 * n}
     assert half.macs == full.macs
-    assert sum(l.bytes for l in half.layers) == 2 * n
+    assert sum(row.bytes for row in half.layers) == 2 * n
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     costs = count(bn, x)
     assert costs.bytes_by_dtype["int64"] == 8  # num_batches_tracked is a buffer, stored too

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,12 +12,17 @@ from torch.utils.data import TensorDataset
 import rankshrink as rs
 from rankshrink.calibration import Calibration, CalibrationWarning, calibrate, conv_patches
 from rankshrink.decompose import activation as da
+from rankshrink.decompose import (
+    low_rank_factors,
+    reconstruct_cp,
+    reconstruct_spatial,
+    reconstruct_tucker2,
+    reconstruct_weight,
+    spatial_svd,
+    weight_svd,
+)
 from rankshrink.decompose.stats import InputStats, patch_moment_to_channel
-from rankshrink.decompose import (low_rank_factors, reconstruct_cp, reconstruct_spatial, reconstruct_tucker2,
-                                  spatial_svd, weight_svd, reconstruct_weight)
 from rankshrink.errors import DataError, LayerError, PlanError
-
-
 
 
 def _correlated_rows(n: int, d: int, seed: int, decay: float = 3.0) -> torch.Tensor:
@@ -146,7 +150,7 @@ def test_spatial_refit_and_tucker_cp_use_the_data():
     # Full rank stays exact.
     full = da.activation_spatial_svd(K, C, 18)
     assert torch.allclose(reconstruct_spatial(full), K, atol=1e-8)
-    for method, rank, rebuild in [("tucker2", (5, 3), reconstruct_tucker2), ("cp", 6, reconstruct_cp)]:
+    for method, rank, _rebuild in [("tucker2", (5, 3), reconstruct_tucker2), ("cp", 6, reconstruct_cp)]:
         plain_block = rs.factorize(conv, method, rank)
         data_block = rs.factorize(conv, method, rank, input_stats=stats)
         plain_err = (conv(x) - plain_block(x)).norm().item()
@@ -174,7 +178,7 @@ def test_data_aware_factors_are_balanced_for_fine_tuning(method, rank):
     else:
         stats = _conv_stats(layer, x)
     block = rs.factorize(layer, method, rank, input_stats=stats)
-    largest = [float(l.weight.abs().max()) for l in block]
+    largest = [float(row.weight.abs().max()) for row in block]
     assert max(largest) / min(largest) < 10, largest
 
 
@@ -315,7 +319,8 @@ def test_bad_calibration_input_is_named():
     bad[5, 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match="layer 'conv' received NaN or Inf inputs in calibration batch 2"):
         calibrate(model, bad, ["conv", "fc"], batch_size=4)
-    with pytest.warns(CalibrationWarning, match=r"layer 'fc': only 5 input vectors \(from 5 calibration samples\) for 144"):
+    with pytest.warns(CalibrationWarning, match=r"layer 'fc': only 5 input vectors \(from 5 calibration samples\) "
+                                                 "for 144"):
         calibrate(model, torch.rand(5, 2, 6, 6), ["fc"])
     with pytest.raises(PlanError, match="does not exist"):
         calibrate(model, _data(4), ["nope"])
@@ -387,7 +392,8 @@ def test_digits_cnn_rank_8_first_linear_keeps_accuracy(digits):
     base = accuracy(model, splits.val)
     plan = rs.Plan.from_mapping({"classifier.1": ("svd", 8)})
     plain = accuracy(rs.apply(model, plan), splits.val)
-    aware = accuracy(rs.apply(model, plan, calibration=calibrate(model, splits.train, ["classifier.1"]), fit="activations"), splits.val)
+    cal = calibrate(model, splits.train, ["classifier.1"])
+    aware = accuracy(rs.apply(model, plan, calibration=cal, fit="activations"), splits.val)
     assert aware >= base - 0.02
     assert aware - plain >= 0.05
 

@@ -5,11 +5,27 @@ import math
 import pytest
 import torch
 
-from rankshrink.decompose import (CPFactors, choose_svd_method, cp, cp_max_rank, energy_kept,
-                                  low_rank_factors, reconstruct_cp, reconstruct_spatial,
-                                  reconstruct_tucker2, reconstruct_weight, singular_values,
-                                  spatial_full_rank, spatial_svd, tail_energy, truncated_svd, tucker2,
-                                  tucker2_ranks, weight_full_rank, weight_svd)
+from rankshrink.decompose import (
+    CPFactors,
+    choose_svd_method,
+    cp,
+    cp_max_rank,
+    energy_kept,
+    low_rank_factors,
+    reconstruct_cp,
+    reconstruct_spatial,
+    reconstruct_tucker2,
+    reconstruct_weight,
+    singular_values,
+    spatial_full_rank,
+    spatial_svd,
+    tail_energy,
+    truncated_svd,
+    tucker2,
+    tucker2_ranks,
+    weight_full_rank,
+    weight_svd,
+)
 from rankshrink.decompose.svd import DEFAULT_OVERSAMPLE, RANDOMIZED_MIN_DIM
 from rankshrink.errors import ConfigError
 
@@ -267,9 +283,9 @@ def test_cp_keeps_float32_dtype_and_rejects_bad_input():
     K = planted_cp((6, 5, 3, 3), 2).float()
     f = cp(K, 2)
     assert f.first.dtype == torch.float32
-    with pytest.raises(ConfigError, match="cp rank"):
+    with pytest.raises(ConfigError, match="CP rank"):
         cp(K, 0)
-    with pytest.raises(ConfigError, match="cp rank"):
+    with pytest.raises(ConfigError, match="CP rank"):
         cp(K, cp_max_rank(K.shape) + 1)
     with pytest.raises(ConfigError, match="unknown CP method"):
         cp(K, 2, method="hals")
@@ -284,9 +300,9 @@ def test_kernel_checks():
     bad[0, 0, 0, 0] = float("inf")
     with pytest.raises(ConfigError, match="NaN or Inf"):
         tucker2(bad, 2)
-    with pytest.raises(ConfigError, match="spatial rank"):
+    with pytest.raises(ConfigError, match="spatial SVD rank"):
         spatial_svd(torch.randn(4, 3, 3, 3), spatial_full_rank((4, 3, 3, 3)) + 1)
-    with pytest.raises(ConfigError, match="weight rank"):
+    with pytest.raises(ConfigError, match="weight SVD rank"):
         weight_svd(torch.randn(4, 3, 3, 3), 5)
 
 

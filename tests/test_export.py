@@ -1,13 +1,16 @@
 """ONNX export, ONNX Runtime latency and the no-slower-layer rule."""
 
 import numpy as np
-import onnxruntime as ort
+import pytest
 import torch
 from torch import nn
 
 from rankshrink import Plan, apply
 from rankshrink.cli import main
 from rankshrink.deploy import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
+
+ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (pip install 'rankshrink[onnx]')")
+pytest.importorskip("onnx", reason="ONNX export tests need onnx (pip install 'rankshrink[onnx]')")
 
 
 def _cnn():

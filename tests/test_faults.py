@@ -132,7 +132,7 @@ def test_killed_compress_resumes_without_repeating_evaluations(tmp_path, trained
     for point, target in enumerate((2, total // 3, (2 * total) // 3)):
         proc, log = _start(args, tmp_path, f"killed-{point}")
         target = max(target, done + 1)  # each run must get further than the last
-        _kill_when(proc, lambda: len(_entries(cache)) >= target, f"{target} cached evaluations")
+        _kill_when(proc, lambda target=target: len(_entries(cache)) >= target, f"{target} cached evaluations")
         now = len(_entries(cache))
         assert now > done
         measured.append((target, now))

@@ -18,8 +18,6 @@ from rankshrink.metrics import accuracy
 from rankshrink.train import train
 from rankshrink.workflow import compress_and_recover
 
-
-
 MODEL_FILE = '''
 import torch
 from torch import nn

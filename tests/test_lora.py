@@ -415,12 +415,12 @@ def test_bad_inputs_give_specific_errors(mlp):
 # ---------------------------------------------------------------------------- training
 @pytest.mark.slow
 def test_lora_training_improves_accuracy_and_keeps_base_bits():
+    from torch.utils.data import TensorDataset
+
     from rankshrink.data import load_digits_splits
     from rankshrink.metrics import accuracy
     from rankshrink.models import MnistMLP
     from rankshrink.train import train
-
-    from torch.utils.data import TensorDataset
 
     splits = load_digits_splits()
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from rankshrink import lora
+from rankshrink.cli.lora import add_lora_subparser, parse_targets
 from rankshrink.errors import ConfigError, FileFormatError
 from rankshrink.files import load_tensors, save_tensors
-from rankshrink.cli.lora import add_lora_subparser, parse_targets
 
 
 def _parser():

@@ -25,8 +25,6 @@ from rankshrink.models import (
 )
 
 
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache root shared by this module's tests, so the digits CNN trains once."""
@@ -213,7 +211,8 @@ def test_weights_loading_and_mismatches(factory_file: Path, tmp_path: Path) -> N
         load_model_spec(f"{factory_file}:make", weights=extra)
     wrong = tmp_path / "wrong.safetensors"
     save_tensors(wrong, {**state, "1.weight": torch.zeros(12, 63)})
-    with pytest.raises(FileFormatError, match=r"'1\.weight' has shape \(12, 63\) in the file but \(12, 64\) in the model"):
+    with pytest.raises(FileFormatError, match=r"'1\.weight' has shape \(12, 63\) in the file but \(12, 64\) in the "
+                                               "model"):
         load_model_spec(f"{factory_file}:make", weights=wrong)
 
     pickled = tmp_path / "whole.pt"

@@ -9,8 +9,16 @@ from hypothesis import strategies as st
 
 from rankshrink.cost import break_even_rank
 from rankshrink.errors import ConfigError
-from rankshrink.ranks import (conv_evbmf_ranks, energy_rank, estimate_rank, evb_tau, evbmf, evbmf_rank,
-                              layer_estimates, unfold)
+from rankshrink.ranks import (
+    conv_evbmf_ranks,
+    energy_rank,
+    estimate_rank,
+    evb_tau,
+    evbmf,
+    evbmf_rank,
+    layer_estimates,
+    unfold,
+)
 
 
 def planted(m: int, n: int, rank: int, *, sigma: float = 1.0, strength: float = 2.0, seed: int = 0):
@@ -90,7 +98,8 @@ def test_conv_unfoldings_recover_planted_mode_ranks():
     assert estimate_rank(kernel, "cp") == 3
     # spatial SVD factorizes the kernel as an (S·kh) × (T·kw) matrix: keeping all energy is its rank
     spatial_matrix = kernel.permute(1, 2, 0, 3).reshape(16 * 3, 24 * 3)
-    assert estimate_rank(kernel, "spatial", estimator="energy", keep=1.0) == int(torch.linalg.matrix_rank(spatial_matrix))
+    full = int(torch.linalg.matrix_rank(spatial_matrix))
+    assert estimate_rank(kernel, "spatial", estimator="energy", keep=1.0) == full
 
 
 def test_estimates_floor_at_one_and_cap_at_break_even():

@@ -16,7 +16,6 @@ from rankshrink.search.allocate import build_path, lower_hull
 from rankshrink.search.cache import CacheWarning, cache_key
 from rankshrink.search.space import Candidate, rank_grid
 
-
 # --------------------------------------------------------------------------- bisection
 
 def _run(values, tolerance, guess=None):

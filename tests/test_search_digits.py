@@ -12,8 +12,7 @@ from torch.utils.data import TensorDataset
 from rankshrink.cost import count
 from rankshrink.errors import ConfigError, DataError
 from rankshrink.metrics import accuracy
-from rankshrink.search import (CacheWarning, SearchInterrupted, brute_force_rank, evaluation_bound,
-                               smallest_rank)
+from rankshrink.search import CacheWarning, SearchInterrupted, brute_force_rank, evaluation_bound, smallest_rank
 from rankshrink.search import compress as plan
 from rankshrink.search.evaluate import single_threaded
 from rankshrink.surgery import apply

@@ -76,7 +76,7 @@ def test_apply_leaves_input_untouched_and_builds_right_structure():
     small = rs.apply(model, rs.Plan.from_mapping(FULL_PLAN))
     assert_unchanged(model, before)
     assert small is not model and model.training == small.training
-    for name, (method, rank) in FULL_PLAN.items():
+    for name, (method, _rank) in FULL_PLAN.items():
         block = small.get_submodule(name)
         assert isinstance(block, Factorized) and block.method == method
         assert block.geometry == rs.factorized.layer_geometry(model.get_submodule(name))

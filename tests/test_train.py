@@ -20,8 +20,6 @@ from rankshrink.models import MnistMLP
 from rankshrink.train import CHECKPOINT_NAME, distillation_loss, train
 
 
-
-
 @pytest.fixture(scope="module")
 def digits() -> Splits:
     return load_digits_splits()
@@ -96,7 +94,8 @@ def test_resume_extends_a_constant_schedule_run_bit_for_bit(digits: Splits, tmp_
     assert resumed.resumed_from_epoch == 3 and resumed.epochs_run == 5
     assert states_equal(resumed_model, reference)
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in ref.history]
-    assert (resumed.best_epoch, resumed.best_val, resumed.initial_val) == (ref.best_epoch, ref.best_val, ref.initial_val)
+    assert ((resumed.best_epoch, resumed.best_val, resumed.initial_val)
+            == (ref.best_epoch, ref.best_val, ref.initial_val))
 
     # a rerun of a finished run does no work and returns the same weights
     again_model = small_mlp()

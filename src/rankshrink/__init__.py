@@ -79,13 +79,20 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from .calibration import Calibration, calibrate
     from .cost import Cost, ModelCost, break_even_rank, count, linear_break_even, size_ratio, speed_ratio
     from .deploy import export
-    from .errors import (ConfigError, DataError, FileFormatError, LayerError, PlanError, RankshrinkError,
-                         UnsafeFileError)
+    from .errors import ConfigError, DataError, FileFormatError, LayerError, PlanError, RankshrinkError, UnsafeFileError
     from .factorized import Factorized
     from .finetuning import FinetuneResult, finetune
     from .layers import factorizable_layers, skipped_layers
-    from .methods import (CPConfig, MethodConfig, SpatialConfig, SVDConfig, Tucker2Config, WeightConfig, factorize,
-                          method_names)
+    from .methods import (
+        CPConfig,
+        MethodConfig,
+        SpatialConfig,
+        SVDConfig,
+        Tucker2Config,
+        WeightConfig,
+        factorize,
+        method_names,
+    )
     from .plan import Plan
     from .search import Budget, CompressResult, SearchConfig, compress
     from .surgery import apply, load, save

@@ -13,6 +13,7 @@ from torch import nn
 
 from .cost import ModelCost, break_even_rank, count, linear_break_even
 from .decompose import energy_kept, singular_values
+from .factorized import layer_weight
 from .methods import methods_for
 
 ENERGY_LEVELS = (0.9, 0.99)
@@ -75,7 +76,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> Analysis:
         if entry.method is not None:
             continue  # already factorized: nothing left to analyse
         module = model.get_submodule(entry.name)
-        weight = module.weight.detach()
+        weight = layer_weight(module).detach()
         spectrum = singular_values(weight.reshape(weight.shape[0], -1))
         methods = methods_for(entry.geometry)
         break_even = {m: {"params": break_even_rank(entry.geometry, m, entry.input_size, by="params"),

@@ -50,10 +50,11 @@ from .decompose.stats import InputStats
 from .errors import ConfigError, DataError, FileFormatError, LayerError
 from .factorized import layer_type, unsupported_reason
 from .files import load_tensors, save_tensors
+from .layers import aliases, factorizable_layers, get_layer
 from .methods import get_method, method_names
 from .metrics import eval_mode, to_model
 from .plan import Plan
-from .layers import aliases, factorizable_layers, get_layer
+from .validation import check_int, check_optional_int
 
 __all__ = ["Calibration", "CalibrationWarning", "calibrate", "DEFAULT_SAMPLES", "DEFAULT_BATCH_SIZE"]
 
@@ -129,8 +130,9 @@ class Calibration:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"samples": self.samples, "alias_of": self.alias_of, "layers": {}}
         for name, s in self.stats.items():
-            tensors[f"{name}::mean"] = s.mean.cpu()
-            tensors[f"{name}::scatter"] = s.scatter.cpu()
+            mean, scatter = s._moments()
+            tensors[f"{name}::mean"] = mean.cpu()
+            tensors[f"{name}::scatter"] = scatter.cpu()
             if s.patch_mean is not None:
                 tensors[f"{name}::patch_mean"] = s.patch_mean.cpu()
             meta["layers"][name] = {"kind": s.kind, "dim": s.dim, "count": s.count, "samples": s.samples,
@@ -166,7 +168,8 @@ class Calibration:
         except FileFormatError:
             raise
         except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise FileFormatError(f"calibration file '{path}' is incomplete or corrupt ({type(exc).__name__}: {exc}).") from None
+            raise FileFormatError(f"calibration file '{path}' is incomplete or corrupt ({type(exc).__name__}: "
+                                  f"{exc}).") from None
 
 
 # --------------------------------------------------------------------------- targets
@@ -174,10 +177,11 @@ class Calibration:
 def _resolve_targets(model: nn.Module, layers) -> tuple[dict[str, tuple[nn.Module, str]], bool]:
     """name -> (module, kind) and whether the names were given explicitly."""
     if layers is None:
-        chosen = {name: (module, "full") for name, module in factorizable_layers(model)}
-        if not chosen:
-            raise LayerError(f"{type(model).__name__} has no factorizable layers (Linear, Conv1d, Conv2d) to calibrate.")
-        return chosen, False
+        every = {name: (module, "full") for name, module in factorizable_layers(model)}
+        if not every:
+            raise LayerError(f"{type(model).__name__} has no factorizable layers (Linear, Conv1d, Conv2d) to "
+                             "calibrate.")
+        return every, False
     if isinstance(layers, Plan):
         items = [(name, entry.method) for name, entry in layers.items()]
     elif isinstance(layers, Mapping):
@@ -223,6 +227,7 @@ def _resolve_targets(model: nn.Module, layers) -> tuple[dict[str, tuple[nn.Modul
 def _empty_stats(module: nn.Module, kind: str) -> InputStats:
     if isinstance(module, nn.Linear):
         return InputStats("full", module.in_features)
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d))  # _resolve_targets keeps only factorizable layers
     k = tuple(module.kernel_size)
     S = module.in_channels
     return InputStats(kind, S * math.prod(k) if kind == "full" else S, kernel_size=k)
@@ -237,6 +242,9 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor
     pad = list(module._reversed_padding_repeated_twice)
     if any(pad):
         x = F.pad(x, pad, mode=mode)
+    kernel: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
     if conv1d:
         x = x.unsqueeze(2)
         kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
@@ -256,6 +264,7 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Ite
         batch = x.shape[0] if x.dim() > 1 else 1
         step = max(1, _CHUNK_ELEMENTS // max(1, module.in_features))
         return batch, (rows[i:i + step] for i in range(0, rows.shape[0], step))
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d))  # calibrated layers are Linear, Conv1d or Conv2d
     spatial_dims = 1 if isinstance(module, nn.Conv1d) else 2
     if x.dim() == spatial_dims + 1:
         x = x.unsqueeze(0)
@@ -293,10 +302,8 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
     ``samples``: how many samples to use — a deterministic random subset for ``seed`` —
     or None for all. The model is run in eval mode and left unchanged.
     """
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise ConfigError(f"samples must be a positive integer or None, got {samples!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_optional_int(samples, "samples", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
     data = _as_dataset(dataset)
     total = _dataset_len(data)
     if total == 0:
@@ -309,88 +316,14 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
     stats = {name: _empty_stats(module, kind) for name, (module, kind) in targets.items()}
     hit: dict[str, bool] = {}
     batch_index = [0]
-
-    def make_hook(name: str, module: nn.Module):
-        target = stats[name]
-
-        def hook(mod, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise _HookError(DataError(f"layer '{name}' was called without a tensor input; it cannot be calibrated."))
-            x = args[0].detach()
-            if not torch.isfinite(x).all():
-                raise _HookError(DataError(
-                    f"layer '{name}' received NaN or Inf inputs in calibration batch {batch_index[0] + 1} "
-                    f"(samples {batch_index[0] * batch_size}..{batch_index[0] * batch_size + x.shape[0] - 1} "
-                    "of the calibration set); check the data and the layers before it."))
-            try:
-                _, chunks = _layer_rows(mod, name, x)
-                for rows in chunks:
-                    rows = rows.to(torch.float64)
-                    if target.kind == "channel":
-                        S, k = target.dim, math.prod(target.kernel_size)
-                        target.update(rows.reshape(-1, S, k).transpose(1, 2).reshape(-1, S))
-                        target.update_patch_mean(rows)
-                    else:
-                        target.update(rows)
-            except DataError as exc:
-                raise _HookError(exc) from None
-            hit[name] = True
-        return hook
-
-    handles = [module.register_forward_pre_hook(make_hook(name, module)) for name, (module, _) in targets.items()]
+    handles = [module.register_forward_pre_hook(_statistics_hook(name, stats[name], hit, batch_index, batch_size))
+               for name, (module, _) in targets.items()]
     try:
-        batches = iterate_batches(data, batch_size)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n_samples, desc="calibrating", unit="sample", leave=False)
-        try:
-            with torch.no_grad(), eval_mode(model):
-                for index, (inputs, _) in enumerate(batches):
-                    batch_index[0] = index
-                    hit.clear()
-                    try:
-                        model(to_model(inputs, model))
-                    except _HookError as exc:
-                        raise exc.error from None
-                    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                        raise DataError(
-                            f"the calibration data does not fit {type(model).__name__}: inputs of shape "
-                            f"{tuple(inputs.shape[1:])} (batch {index + 1}) raised {type(exc).__name__}: {first}"
-                        ) from None
-                    for name in hit:
-                        stats[name].samples += inputs.shape[0]
-                    if bar is not None:
-                        bar.update(inputs.shape[0])
-        finally:
-            if bar is not None:
-                bar.close()
+        _run_batches(model, data, batch_size, n_samples, stats, hit, batch_index, progress)
     finally:
         for handle in handles:
             handle.remove()
-
-    unreached = [name for name, s in stats.items() if s.count == 0]
-    if unreached and explicit:
-        raise DataError(f"the calibration data never reached layer(s) {', '.join(repr(n) for n in unreached)} "
-                        f"in {n_samples} samples (an unused branch, or a path the data does not take); "
-                        "remove them from the plan or use fit='weights' for them.")
-    for name in unreached:
-        warnings.warn(f"layer '{name}' was never reached by the {n_samples} calibration samples (unused branch?); "
-                      "it has no statistics and can only be factorized with fit='weights'.",
-                      CalibrationWarning, stacklevel=2)
-        del stats[name]
-    for name, s in stats.items():
-        s.mean, s.scatter = s.mean.cpu(), s.scatter.cpu()
-        if s.patch_mean is not None:
-            s.patch_mean = s.patch_mean.cpu()
-        s._cache.clear()
-        if s.count < s.dim:
-            warnings.warn(f"layer '{name}': only {s.count} input vectors (from {s.samples} calibration samples) for "
-                          f"{s.dim}-dimensional inputs, so its input statistics are rank-deficient and the "
-                          f"activation-optimal factors may over-fit them; calibrate with at least {s.dim} vectors "
-                          "(more samples), or raise damping.", CalibrationWarning, stacklevel=2)
-
+    _finish(stats, explicit, n_samples)
     alias_of: dict[str, str] = {}
     names = aliases(model)
     for name, (module, _) in targets.items():
@@ -400,3 +333,86 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
                     alias_of[alias] = name
     return Calibration(stats, n_samples, alias_of)
 
+
+def _statistics_hook(name: str, target: InputStats, hit: dict[str, bool], batch_index: list[int], batch_size: int):
+    """A forward pre-hook streaming one layer's inputs into ``target``."""
+    def hook(mod, args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise _HookError(DataError(f"layer '{name}' was called without a tensor input; it cannot be "
+                                       "calibrated."))
+        x = args[0].detach()
+        if not torch.isfinite(x).all():
+            first = batch_index[0] * batch_size
+            raise _HookError(DataError(
+                f"layer '{name}' received NaN or Inf inputs in calibration batch {batch_index[0] + 1} "
+                f"(samples {first}..{first + x.shape[0] - 1} of the calibration set); check the data and the "
+                "layers before it."))
+        try:
+            _, chunks = _layer_rows(mod, name, x)
+            for rows in chunks:
+                rows = rows.to(torch.float64)
+                if target.kind == "channel":
+                    S, k = target.dim, math.prod(target.kernel_size or ())
+                    target.update(rows.reshape(-1, S, k).transpose(1, 2).reshape(-1, S))
+                    target.update_patch_mean(rows)
+                else:
+                    target.update(rows)
+        except DataError as exc:
+            raise _HookError(exc) from None
+        hit[name] = True
+    return hook
+
+
+def _run_batches(model: nn.Module, data: Dataset, batch_size: int, n_samples: int, stats: dict[str, InputStats],
+                 hit: dict[str, bool], batch_index: list[int], progress: bool) -> None:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n_samples, desc="calibrating", unit="sample", leave=False)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for index, (inputs, _) in enumerate(iterate_batches(data, batch_size)):
+                batch_index[0] = index
+                hit.clear()
+                try:
+                    model(to_model(inputs, model))
+                except _HookError as exc:
+                    raise exc.error from None
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise DataError(
+                        f"the calibration data does not fit {type(model).__name__}: inputs of shape "
+                        f"{tuple(inputs.shape[1:])} (batch {index + 1}) raised {type(exc).__name__}: {first}"
+                    ) from None
+                for name in hit:
+                    stats[name].samples += inputs.shape[0]
+                if bar is not None:
+                    bar.update(inputs.shape[0])
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _finish(stats: dict[str, InputStats], explicit: bool, n_samples: int) -> None:
+    """Refuse or drop layers the data never reached; warn about rank-deficient statistics."""
+    unreached = [name for name, s in stats.items() if s.count == 0]
+    if unreached and explicit:
+        raise DataError(f"the calibration data never reached layer(s) {', '.join(repr(n) for n in unreached)} "
+                        f"in {n_samples} samples (an unused branch, or a path the data does not take); "
+                        "remove them from the plan or use fit='weights' for them.")
+    for name in unreached:
+        warnings.warn(f"layer '{name}' was never reached by the {n_samples} calibration samples (unused branch?); "
+                      "it has no statistics and can only be factorized with fit='weights'.",
+                      CalibrationWarning, stacklevel=3)
+        del stats[name]
+    for name, s in stats.items():
+        mean, scatter = s._moments()
+        s.mean, s.scatter = mean.cpu(), scatter.cpu()
+        if s.patch_mean is not None:
+            s.patch_mean = s.patch_mean.cpu()
+        s._cache.clear()
+        if s.count < s.dim:
+            warnings.warn(f"layer '{name}': only {s.count} input vectors (from {s.samples} calibration samples) for "
+                          f"{s.dim}-dimensional inputs, so its input statistics are rank-deficient and the "
+                          f"activation-optimal factors may over-fit them; calibrate with at least {s.dim} vectors "
+                          "(more samples), or raise damping.", CalibrationWarning, stacklevel=3)

@@ -217,7 +217,7 @@ class ModelCost:
         return {"params": self.params, "bytes": self.bytes, "bytes_by_dtype": self.bytes_by_dtype,
                 "macs": self.macs, "multiplies": self.multiplies, "additions": self.additions,
                 "other_params": self.other_params, "other_multiplies": self.other_multiplies,
-                "other_additions": self.other_additions, "layers": [l.to_dict() for l in self.layers],
+                "other_additions": self.other_additions, "layers": [row.to_dict() for row in self.layers],
                 "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
 
 
@@ -303,10 +303,10 @@ def count(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
         for size in seen_sizes.get(module_id, []):
             other = other + module_cost(module, size)[0]
     # Parameters inside the rows' layers, each tensor once (tied weights appear in two rows).
-    counted = sum(p.numel() for p in {id(p): p for l in layers
-                                      for p in model.get_submodule(l.name).parameters()}.values())
+    counted = sum(p.numel() for p in {id(p): p for row in layers
+                                      for p in model.get_submodule(row.name).parameters()}.values())
     return ModelCost(layers, params, sum(by_dtype.values()), by_dtype,
-                     sum(l.multiplies for l in layers) + other.multiplies,
-                     sum(l.additions for l in layers) + other.additions,
+                     sum(row.multiplies for row in layers) + other.multiplies,
+                     sum(row.additions for row in layers) + other.additions,
                      other_params=params - counted, skipped=skipped_layers(model),
                      other_multiplies=other.multiplies, other_additions=other.additions)

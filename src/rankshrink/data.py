@@ -69,8 +69,9 @@ def _fingerprint(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> str:
     digest = hashlib.sha256(b"rankshrink-splits-v1")
     for x, y in parts:
         digest.update(repr((tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype))).encode())
-        digest.update(x.contiguous().numpy())
-        digest.update(y.contiguous().numpy())
+        # ``.data`` is the same C-contiguous buffer; numpy types ndarray as a Buffer only on Python 3.12+
+        digest.update(x.contiguous().numpy().data)
+        digest.update(y.contiguous().numpy().data)
     return digest.hexdigest()
 
 
@@ -193,13 +194,14 @@ def load_mnist(root: str | Path) -> Splits:
         "t10k-images-idx3-ubyte": ["t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"],
         "t10k-labels-idx1-ubyte": ["t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"],
     }
-    found = {key: _find_file(directories, stems) for key, stems in wanted.items()}
-    missing = [key for key, path in found.items() if path is None]
+    located = {key: _find_file(directories, stems) for key, stems in wanted.items()}
+    missing = [key for key, path in located.items() if path is None]
     if missing:
         raise DataError(
             f"MNIST directory '{root}' lacks {', '.join(missing)} (plain or .gz); "
             f"{_NEVER_DOWNLOADS}. Copy the IDX files there yourself."
         )
+    found = {key: path for key, path in located.items() if path is not None}
 
     def pair(images_key: str, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = read_idx(found[images_key]), read_idx(found[labels_key])

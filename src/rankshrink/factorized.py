@@ -18,8 +18,8 @@ from torch import nn
 
 from .errors import LayerError
 
-__all__ = ["Factorized", "layer_type", "unsupported_reason", "layer_geometry", "weight_shape", "conv_class",
-           "pointwise", "axis_padding", "only_axis", "conv_arguments"]
+__all__ = ["Factorized", "layer_type", "layer_weight", "layer_bias", "unsupported_reason", "layer_geometry",
+           "weight_shape", "conv_class", "pointwise", "axis_padding", "only_axis", "conv_arguments"]
 
 # Layer types a factorization can replace (the ``type`` of a geometry).
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
@@ -43,7 +43,7 @@ class Factorized(nn.Sequential):
         return f"method={self.method!r}, rank={self.rank!r}, replaces={self.geometry['type']}"
 
     def factor_weights(self) -> list[torch.Tensor]:
-        return [layer.weight for layer in self]
+        return [layer_weight(layer) for layer in self]
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -54,11 +54,26 @@ class Factorized(nn.Sequential):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self[-1].bias
+        return layer_bias(self[-1])
 
 
 def layer_type(module: nn.Module) -> str:
     return type(module).__name__
+
+
+# nn.Module.__getattr__ is typed ``Tensor | Module``; these give a layer's parameters their tensor type.
+def layer_weight(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` of a Linear/Conv layer (or any module whose weight is a tensor)."""
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor), f"{layer_type(layer)} has no weight tensor"
+    return weight
+
+
+def layer_bias(layer: nn.Module) -> torch.Tensor | None:
+    """``layer.bias`` of a Linear/Conv layer: a tensor, or None for a layer built with ``bias=False``."""
+    bias = layer.bias
+    assert bias is None or isinstance(bias, torch.Tensor), f"{layer_type(layer)} has no bias tensor"
+    return bias
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -119,8 +134,11 @@ def axis_padding(padding, axis: int):
     return tuple(p if i == axis else 0 for i, p in enumerate(padding))
 
 
-def only_axis(values, axis: int, fill: int = 1) -> tuple[int, ...]:
-    """``values`` kept on ``axis`` and ``fill`` elsewhere (a kernel/stride/dilation for one axis)."""
+def only_axis(values, axis: int, fill: int = 1) -> Any:
+    """``values`` kept on ``axis`` and ``fill`` elsewhere (a kernel/stride/dilation for one axis).
+
+    A tuple of ``len(values)`` ints, typed Any: torch types each ConvNd's sizes for its own dimension count.
+    """
     return tuple(v if i == axis else fill for i, v in enumerate(values))
 
 

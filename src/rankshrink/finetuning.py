@@ -157,7 +157,7 @@ def finetune(model: nn.Module, data, epochs: int | None = None, *, val_data: Dat
     result = train_loop(work, train_data, val_data=val, config=run_config, parameters=params, teacher=teacher,
                         metric=metric, checkpoint_dir=checkpoint_dir, progress=progress)
     val_after = result.best_val  # keep-best: the returned weights are the best-scoring ones
-    test_after = accuracy(work, test) if test_before is not None else None
+    test_after = accuracy(work, test) if test is not None and test_before is not None else None
     return FinetuneResult(model=work, train=result, trained=train, trained_parameters=sum(p.numel() for p in params),
                           total_parameters=sum(p.numel() for p in work.parameters()),
                           val_before=result.initial_val, val_after=val_after, test_before=test_before,

@@ -91,8 +91,8 @@ class Plan:
 
     def with_fit(self, fit: str) -> "Plan":
         """A copy with every entry fitted to ``fit`` ('weights' or 'activations')."""
-        from .validation import check_choice
         from .methods import FITS
+        from .validation import check_choice
 
         check_choice(fit, "fit", FITS)
         return Plan({name: entry.replace(fit=fit) for name, entry in self.layers.items()}, dict(self.metadata),

@@ -129,7 +129,8 @@ def write_report(directory: str | os.PathLike, analysis: Analysis, *,
             if key in before and key in after:
                 lines.append(f"| {key} | {_fmt(before[key])} | {_fmt(after[key])} |")
         lines.append("")
-    lines += ["## Layers", "", "| layer | type | weight | params | MACs | break-even rank (params) | rank for 90% / 99% energy |",
+    lines += ["## Layers", "", "| layer | type | weight | params | MACs | break-even rank (params) | rank for 90% / "
+                               "99% energy |",
               "|---|---|---|---:|---:|---|---|"]
     for layer in analysis.layers:
         be = ", ".join(f"{m} {layer.break_even[m]['params']}" for m in layer.methods)

@@ -58,7 +58,8 @@ def validate_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
     bad layer: missing, not factorizable, wrong method, rank out of range, or tied.
     """
     if not isinstance(plan, Plan):
-        raise PlanError(f"expected a rankshrink Plan, got {type(plan).__name__}; build one with Plan.from_mapping(...).")
+        raise PlanError(f"expected a rankshrink Plan, got {type(plan).__name__}; build one with "
+                        "Plan.from_mapping(...).")
     ranks = {}
     seen: dict[int, str] = {}
     for name, entry in plan.items():

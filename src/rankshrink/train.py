@@ -183,7 +183,7 @@ def _select_parameters(model: nn.Module, parameters: Iterable[nn.Parameter] | No
 
 def _frozen_norm_layers(model: nn.Module, trained_ids: set[int]) -> list[nn.Module]:
     whole_model = all(id(p) in trained_ids for p in model.parameters())
-    frozen = []
+    frozen: list[nn.Module] = []
     for module in model.modules():
         if isinstance(module, _NORM_TYPES) and getattr(module, "track_running_stats", False):
             own = list(module.parameters(recurse=False))

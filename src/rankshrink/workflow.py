@@ -123,6 +123,7 @@ def compress_and_recover(model: nn.Module, data: Splits, *, tolerance: float = 0
                   attempt_tolerance)
         if passes:
             break
+    assert chosen is not None  # tolerances is never empty
     found, small, factorized_val, factorized_test, tuned, final, final_val, final_test, passes, used = chosen
     return RecoveryResult(
         model=final, plan=found.plan, tolerance=float(tolerance), search_tolerance=used,

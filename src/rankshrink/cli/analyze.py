@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append([layer.name, layer.type, "×".join(map(str, layer.weight_shape)), format_count(layer.params),
                      format_count(layer.macs), f"{'/'.join(layer.methods)}: {be}",
                      layer.rank_for_energy["90%"], layer.rank_for_energy["99%"], len(layer.singular_values)])
-    print_table(["layer", "type", "weight", "params", "MACs", "break-even rank (params)", "r@90%E",
+    print_table(["layer", "type", "weight shape", "params", "MACs", "break-even rank (params)", "r@90%E",
                  "r@99%E", "full"], rows)
     print(f"\ntotal: {format_count(result.cost.params)} params, {format_count(result.cost.bytes)}B, "
           f"{format_count(result.cost.macs)} MACs per sample")

@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if batch is not None:
         before, after = count(model, batch), count(compressed, batch)
         summary.update(original=before.to_dict(), compressed=after.to_dict())
-        rows = [[l.name, l.type, l.method or "dense", l.rank or "", format_count(l.params), format_count(l.macs)]
-                for l in after.layers]
+        rows = [[row.name, row.type, row.method or "dense", row.rank or "", format_count(row.params),
+                 format_count(row.macs)] for row in after.layers]
         print_table(["layer", "replaces", "method", "rank", "params", "MACs"], rows)
         print(f"\nparams {format_count(before.params)} -> {format_count(after.params)} "
               f"({before.params / after.params:.2f}x smaller), MACs {format_count(before.macs)} -> "

@@ -42,7 +42,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_default: str |
                         help="builtin:digits-cnn | builtin:cifar-cnn | builtin:mnist-mlp | path/to/file.py:factory")
     parser.add_argument("--weights", help="state dict as .safetensors or .pt (loaded with weights_only=True)")
     parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow .pt files that need full pickle (runs code from the file: only for files you trust)")
+                        help="allow .pt files that need full pickle (runs code from the file: only for files you "
+                             "trust)")
 
 
 def format_count(value: float) -> str:

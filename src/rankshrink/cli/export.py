@@ -28,8 +28,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
     from ..deploy import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
+    from ..errors import ConfigError
     from ..surgery import PLAN_FILE, load
     from .inputs import example_batch, load_model
 

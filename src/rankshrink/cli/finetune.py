@@ -178,9 +178,9 @@ def _load_compressed(args, plan):
 def run(args: argparse.Namespace) -> int:
     from ..data import load_data
     from ..errors import ConfigError
+    from ..files import output_set
     from ..finetuning import finetune
     from ..metrics import accuracy
-    from ..files import output_set
     from ..models import load_model_spec
     from ..plan import Plan
     from ..surgery import apply, save
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                       distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
                       seed=args.seed, checkpoint_dir=checkpoint, progress=progress, inplace=True)
     reference = original if original is not None else teacher
-    accuracies = {}
+    accuracies: dict[str, dict[str, float | None]] = {}
     if reference is not None:
         accuracies["original"] = {"val": accuracy(reference, splits.val), "test": accuracy(reference, splits.test)}
     accuracies["factorized"] = {"val": result.val_before, "test": result.test_before}

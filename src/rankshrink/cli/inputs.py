@@ -45,7 +45,6 @@ def example_batch(args: argparse.Namespace, model) -> torch.Tensor:
     if spec is None:
         raise ConfigError("cannot tell the model's input shape: pass --data SPEC or --input-shape 1,28,28.")
     from ..data import load_data
-
     from ..metrics import to_model
 
     splits = load_data(spec)

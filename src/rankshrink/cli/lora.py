@@ -16,7 +16,6 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from torch import nn
 
 from ..errors import ConfigError
@@ -78,8 +77,8 @@ def train_adapter_command(*, model: str, weights: str | None, data: str | None, 
     left in ``out`` by an interrupted run.
     """
     from ..data import load_data
-    from ..metrics import accuracy
     from ..lora.training import train_adapter
+    from ..metrics import accuracy
 
     out_dir = Path(out)
     resuming = (out_dir / "train_checkpoint.pt").exists()

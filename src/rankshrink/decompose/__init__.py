@@ -6,15 +6,48 @@
 * :mod:`.activation` -- activation-optimal versions of the above, from input statistics.
 """
 
-from .activation import (ActivationSVD, activation_cp, activation_error, activation_low_rank_factors,
-                         activation_spatial_svd, activation_svd, activation_tucker2, activation_weight_svd,
-                         bias_shift, optimal_activation_error, relative_activation_error, whitened_singular_values)
-from .conv import (CPFactors, SpatialFactors, Tucker2Factors, WeightFactors, cp, cp_max_rank, reconstruct_cp,
-                   reconstruct_spatial, reconstruct_tucker2, reconstruct_weight, spatial_full_rank, spatial_svd,
-                   tucker2, tucker2_ranks, weight_full_rank, weight_svd)
+from .activation import (
+                         ActivationSVD,
+                         activation_cp,
+                         activation_error,
+                         activation_low_rank_factors,
+                         activation_spatial_svd,
+                         activation_svd,
+                         activation_tucker2,
+                         activation_weight_svd,
+                         bias_shift,
+                         optimal_activation_error,
+                         relative_activation_error,
+                         whitened_singular_values,
+)
+from .conv import (
+                         CPFactors,
+                         SpatialFactors,
+                         Tucker2Factors,
+                         WeightFactors,
+                         cp,
+                         cp_max_rank,
+                         reconstruct_cp,
+                         reconstruct_spatial,
+                         reconstruct_tucker2,
+                         reconstruct_weight,
+                         spatial_full_rank,
+                         spatial_svd,
+                         tucker2,
+                         tucker2_ranks,
+                         weight_full_rank,
+                         weight_svd,
+)
 from .stats import InputStats, Whitening, statistics_of_kind, whitening
-from .svd import (SVDResult, choose_svd_method, energy_kept, low_rank_factors, singular_values, tail_energy,
-                  truncated_svd)
+from .svd import (
+                         SVDResult,
+                         choose_svd_method,
+                         energy_kept,
+                         low_rank_factors,
+                         singular_values,
+                         tail_energy,
+                         truncated_svd,
+)
 
 __all__ = [
     "CPFactors", "SpatialFactors", "Tucker2Factors", "WeightFactors", "SVDResult",

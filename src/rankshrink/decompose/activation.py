@@ -57,8 +57,18 @@ from typing import NamedTuple
 import torch
 
 from ..errors import ConfigError
-from .conv import (CPFactors, SpatialFactors, Tucker2Factors, WeightFactors, _check_kernel, _check_rank,
-                   cp, spatial_full_rank, tucker2, weight_full_rank)
+from .conv import (
+    CPFactors,
+    SpatialFactors,
+    Tucker2Factors,
+    WeightFactors,
+    _check_kernel,
+    _check_rank,
+    cp,
+    spatial_full_rank,
+    tucker2,
+    weight_full_rank,
+)
 from .stats import MIN_INVERSE_DAMPING, Whitening, check_damping, check_moment, whitening
 from .svd import _check_matrix_and_rank, choose_svd_method, truncated_svd
 
@@ -154,7 +164,7 @@ def activation_weight_svd(kernel: torch.Tensor, moment, rank: int, *, damping: f
     """Activation-optimal 'weight' SVD of a conv kernel; ``moment`` is the (S·Πk)² patch moment."""
     _check_kernel(kernel)
     T = kernel.shape[0]
-    _check_rank(rank, weight_full_rank(kernel.shape), "weight", kernel.shape)
+    _check_rank(rank, weight_full_rank(kernel.shape), "weight SVD", kernel.shape)
     left, right = activation_low_rank_factors(kernel.reshape(T, -1), moment, rank, damping=damping,
                                               **svd_options)
     ones = (1,) * (kernel.dim() - 2)
@@ -182,13 +192,14 @@ def activation_spatial_svd(kernel: torch.Tensor, moment: torch.Tensor, rank: int
     if kernel.dim() != 4:
         raise ConfigError("spatial SVD needs a Conv2d kernel (T, S, kh, kw); use 'weight' or 'tucker2' for Conv1d.")
     T, S, kh, kw = kernel.shape
-    _check_rank(rank, spatial_full_rank(kernel.shape), "spatial", kernel.shape)
+    _check_rank(rank, spatial_full_rank(kernel.shape), "spatial SVD", kernel.shape)
     dtype = kernel.dtype
     K = kernel.detach().to(torch.float64)
     full = check_moment(moment, S * kh * kw, "patch statistics")
     damping = check_damping(damping)
     if damping:
-        full = full + damping * float(full.diagonal().sum()) / full.shape[0] * torch.eye(full.shape[0], dtype=full.dtype)
+        full = full + damping * float(full.diagonal().sum()) / full.shape[0] * torch.eye(full.shape[0],
+                                                                                         dtype=full.dtype)
     Mk = K.permute(1, 2, 0, 3).reshape(S * kh, T * kw)
     Lv = whitening(vertical_moment(full, kernel.shape), 0.0).L          # (S·kh, S·kh)
     N = Lv.T @ Mk                                                       # left-whitened kernel
@@ -267,7 +278,8 @@ def _full_moment(kernel: torch.Tensor, full_moment: torch.Tensor | None, damping
         return None
     full = check_moment(full_moment, math.prod(kernel.shape[1:]), "patch statistics")
     if damping:
-        full = full + damping * float(full.diagonal().sum()) / full.shape[0] * torch.eye(full.shape[0], dtype=full.dtype)
+        full = full + damping * float(full.diagonal().sum()) / full.shape[0] * torch.eye(full.shape[0],
+                                                                                         dtype=full.dtype)
     return full
 
 
@@ -400,6 +412,7 @@ def activation_cp(kernel: torch.Tensor, moment, rank: int, *, damping: float = 0
             error = float(((E @ full) * E).sum())
             if best is None or error < best[0]:
                 best = (error, modes, A)
+        assert best is not None  # the loop above always runs
         _, modes, A = best
     else:
         modes = [first.reshape(rank, -1)] + [d.reshape(rank, -1) for d in depthwise]

@@ -45,14 +45,16 @@ class CPFactors(NamedTuple):
 
 def _check_kernel(kernel: torch.Tensor) -> None:
     if kernel.dim() not in (3, 4):
-        raise ConfigError(f"expected a Conv1d (T, S, k) or Conv2d (T, S, kh, kw) kernel, got shape {tuple(kernel.shape)}.")
+        raise ConfigError("expected a Conv1d (T, S, k) or Conv2d (T, S, kh, kw) kernel, got shape "
+                          f"{tuple(kernel.shape)}.")
     if not torch.isfinite(kernel).all():
         raise ConfigError("kernel contains NaN or Inf values; it cannot be factorized.")
 
 
 def _check_rank(rank, full: int, method: str, shape) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
-        raise ConfigError(f"{method} rank must be an integer in 1..{full} for kernel shape {tuple(shape)}, got {rank!r}.")
+        raise ConfigError(f"{method} rank must be an integer in 1..{full} for kernel shape {tuple(shape)}, got "
+                          f"{rank!r}.")
 
 
 def spatial_full_rank(shape) -> int:
@@ -77,11 +79,13 @@ def tucker2_ranks(shape, rank) -> tuple[int, int]:
             isinstance(r, int) and not isinstance(r, bool) for r in rank):
         r_out, r_in = int(rank[0]), int(rank[1])
         if not (1 <= r_out <= T and 1 <= r_in <= S):
-            raise ConfigError(f"tucker2 ranks (R_out, R_in) must lie in 1..{T} and 1..{S} for kernel shape {tuple(shape)}, got {tuple(rank)}.")
+            raise ConfigError(f"tucker2 ranks (R_out, R_in) must lie in 1..{T} and 1..{S} for kernel shape "
+                              f"{tuple(shape)}, got {tuple(rank)}.")
         return r_out, r_in
     if isinstance(rank, int) and not isinstance(rank, bool):
         if not 1 <= rank <= max(T, S):
-            raise ConfigError(f"tucker2 rank must be an integer in 1..{max(T, S)} (or a pair (R_out, R_in)) for kernel shape {tuple(shape)}, got {rank}.")
+            raise ConfigError(f"tucker2 rank must be an integer in 1..{max(T, S)} (or a pair (R_out, R_in)) for "
+                              f"kernel shape {tuple(shape)}, got {rank}.")
         return min(rank, T), min(rank, S)
     raise ConfigError(f"tucker2 rank must be an int or a pair (R_out, R_in), got {rank!r}.")
 
@@ -96,7 +100,7 @@ def spatial_svd(kernel: torch.Tensor, rank: int, **svd_options) -> SpatialFactor
     if kernel.dim() != 4:
         raise ConfigError("spatial SVD needs a Conv2d kernel (T, S, kh, kw); use 'weight' or 'tucker2' for Conv1d.")
     T, S, kh, kw = kernel.shape
-    _check_rank(rank, spatial_full_rank(kernel.shape), "spatial", kernel.shape)
+    _check_rank(rank, spatial_full_rank(kernel.shape), "spatial SVD", kernel.shape)
     matrix = kernel.permute(1, 2, 0, 3).reshape(S * kh, T * kw)
     left, right = low_rank_factors(matrix, rank, **svd_options)      # (S·kh, R), (R, T·kw)
     vertical = left.T.reshape(rank, S, kh, 1)
@@ -108,7 +112,7 @@ def weight_svd(kernel: torch.Tensor, rank: int, **svd_options) -> WeightFactors:
     """Rank-R SVD of the kernel as a T × (S·k…) matrix: a k-sized conv S→R, then 1×1 R→T."""
     _check_kernel(kernel)
     T = kernel.shape[0]
-    _check_rank(rank, weight_full_rank(kernel.shape), "weight", kernel.shape)
+    _check_rank(rank, weight_full_rank(kernel.shape), "weight SVD", kernel.shape)
     left, right = low_rank_factors(kernel.reshape(T, -1), rank, **svd_options)
     ones = (1,) * (kernel.dim() - 2)
     spatial = right.reshape(rank, *kernel.shape[1:])
@@ -162,7 +166,7 @@ def cp(kernel: torch.Tensor, rank: int, *, method: str = "auto", n_iter_max: int
     Each rank-one term's scale is spread evenly over the factors.
     """
     _check_kernel(kernel)
-    _check_rank(rank, cp_max_rank(kernel.shape), "cp", kernel.shape)
+    _check_rank(rank, cp_max_rank(kernel.shape), "CP", kernel.shape)
     T, S = kernel.shape[:2]
     if method == "auto":
         method = "compressed" if rank < max(T, S) else "als"
@@ -186,6 +190,7 @@ def cp(kernel: torch.Tensor, rank: int, *, method: str = "auto", n_iter_max: int
     ones = (1,) * (kernel.dim() - 2)
     first = _from_numpy(in_f.T, kernel).reshape(rank, S, *ones)
     last = _from_numpy(out_f, kernel).reshape(T, rank, *ones)
+    depthwise: tuple[torch.Tensor, ...]
     if kernel.dim() == 4:
         kh, kw = kernel.shape[2:]
         depthwise = (_from_numpy(spatial[0].T, kernel).reshape(rank, 1, kh, 1),

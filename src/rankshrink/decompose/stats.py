@@ -72,6 +72,15 @@ class InputStats:
         if self.kind == "channel" and self.patch_mean is None and self.kernel_size is not None:
             self.patch_mean = torch.zeros(self.dim * math.prod(self.kernel_size), dtype=torch.float64)
 
+    def _moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # __post_init__ fills both; the fields are Optional only so the constructor can default them
+        assert self.mean is not None and self.scatter is not None
+        return self.mean, self.scatter
+
+    def _patch_mean(self) -> torch.Tensor:
+        assert self.patch_mean is not None, "patch_mean is unknown (channel statistics without kernel_size)"
+        return self.patch_mean
+
     # -- accumulation
     def update(self, rows: torch.Tensor) -> None:
         """Add ``rows`` (n, dim) to the statistics (Chan et al.'s pairwise merge)."""
@@ -79,15 +88,16 @@ class InputStats:
         n = rows.shape[0]
         if n == 0:
             return
-        if self.mean.device != rows.device:
-            self.mean, self.scatter = self.mean.to(rows.device), self.scatter.to(rows.device)
+        mean, scatter = self._moments()
+        if mean.device != rows.device:
+            mean, scatter = mean.to(rows.device), scatter.to(rows.device)
         batch_mean = rows.mean(dim=0)
         centred = rows - batch_mean
         batch_scatter = centred.T @ centred
         total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.scatter = self.scatter + batch_scatter + torch.outer(delta, delta) * (self.count * n / total)
+        delta = batch_mean - mean
+        self.mean = mean + delta * (n / total)
+        self.scatter = scatter + batch_scatter + torch.outer(delta, delta) * (self.count * n / total)
         self.count = total
         self._cache.clear()
 
@@ -97,23 +107,25 @@ class InputStats:
         n = patches.shape[0]
         if n == 0:
             return
-        if self.patch_mean.device != patches.device:
-            self.patch_mean = self.patch_mean.to(patches.device)
+        patch_mean = self._patch_mean()
+        if patch_mean.device != patches.device:
+            patch_mean = patch_mean.to(patches.device)
         total = self.patch_count + n
-        self.patch_mean = self.patch_mean + (patches.mean(dim=0) - self.patch_mean) * (n / total)
+        self.patch_mean = patch_mean + (patches.mean(dim=0) - patch_mean) * (n / total)
         self.patch_count = total
 
     # -- views
     def second_moment(self) -> torch.Tensor:
         """``C = Σ x xᵀ`` over all summarised vectors."""
-        return self.scatter + self.count * torch.outer(self.mean, self.mean)
+        mean, scatter = self._moments()
+        return scatter + self.count * torch.outer(mean, mean)
 
     def moment(self, centered: bool) -> torch.Tensor:
-        return self.scatter if centered else self.second_moment()
+        return self._moments()[1] if centered else self.second_moment()
 
     def input_mean(self) -> torch.Tensor:
         """Mean of the layer's full input vector (patch mean for convolutions)."""
-        return self.mean if self.kind == "full" else self.patch_mean
+        return self._moments()[0] if self.kind == "full" else self._patch_mean()
 
     def to_channel(self) -> "InputStats":
         """Channel statistics derived from full patch statistics (sum of the ``Πk`` diagonal blocks)."""
@@ -125,13 +137,14 @@ class InputStats:
         if key not in self._cache:
             k = math.prod(self.kernel_size)
             S = self.dim // k
+            full_mean = self._moments()[0]
             second = self.second_moment().reshape(S, k, S, k).diagonal(dim1=1, dim2=3).sum(dim=-1)
-            mean = self.mean.reshape(S, k).mean(dim=1)
+            mean = full_mean.reshape(S, k).mean(dim=1)
             count = self.count * k
             scatter = second - count * torch.outer(mean, mean)
             self._cache[key] = InputStats("channel", S, count=count, samples=self.samples, mean=mean,
                                           scatter=scatter, kernel_size=self.kernel_size,
-                                          patch_count=self.count, patch_mean=self.mean.clone())
+                                          patch_count=self.count, patch_mean=full_mean.clone())
         return self._cache[key]
 
     def whitening(self, centered: bool, damping: float) -> "Whitening":
@@ -142,7 +155,8 @@ class InputStats:
         return self._cache[key]
 
     def nbytes(self) -> int:
-        return self.scatter.numel() * 8 + self.mean.numel() * 8
+        mean, scatter = self._moments()
+        return scatter.numel() * 8 + mean.numel() * 8
 
 
 class Whitening(NamedTuple):
@@ -173,7 +187,8 @@ def check_moment(moment: torch.Tensor, dim: int, what: str = "input statistics")
 
 
 def check_damping(damping: float) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (damping >= 0 and math.isfinite(damping)):
+    if (isinstance(damping, bool) or not isinstance(damping, (int, float))
+            or not (damping >= 0 and math.isfinite(damping))):
         raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}.")
     return float(damping)
 

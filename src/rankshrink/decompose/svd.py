@@ -38,7 +38,7 @@ def _check_matrix_and_rank(matrix: torch.Tensor, rank: int) -> None:
         raise ConfigError(f"rank must be an integer in 1..{full} for a {tuple(matrix.shape)} matrix, got {rank!r}.")
 
 
-def choose_svd_method(shape: tuple[int, int], rank: int) -> str:
+def choose_svd_method(shape: tuple[int, ...], rank: int) -> str:
     """'randomized' for large matrices at small relative rank, else 'exact'."""
     small = min(shape)
     if small >= RANDOMIZED_MIN_DIM and rank + DEFAULT_OVERSAMPLE <= RANDOMIZED_MAX_RANK_FRACTION * small:

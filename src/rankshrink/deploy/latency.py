@@ -17,6 +17,7 @@ from torch import nn
 
 from ..cost import count
 from ..errors import ConfigError
+from ..factorized import Factorized
 from ..plan import Plan
 from .onnx import onnx_bytes, ort_session, require_onnxruntime
 
@@ -101,6 +102,7 @@ def layer_latencies(original: nn.Module, compressed: nn.Module, example_input: t
         if layer_cost.method is None:
             continue
         block = compressed.get_submodule(layer_cost.name)
+        assert isinstance(block, Factorized)  # count() gives a method only to Factorized blocks
         dense = original.get_submodule(layer_cost.name)
         x = _layer_input(layer_cost, batch, next(dense.parameters()).dtype)
         sessions = [ort_session(ort, onnx_bytes(m, x), threads) for m in (dense, block)]

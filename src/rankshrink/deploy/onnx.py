@@ -48,7 +48,8 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int = 17
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, (example_input,), buffer, **kwargs)
+            # The TorchScript exporter writes to file objects too; torch annotates ``f`` as a path only.
+            torch.onnx.export(model, (example_input,), buffer, **kwargs)  # type: ignore[arg-type]
         except Exception as exc:  # the exporter raises many types; report them as one
             raise ExportError(f"ONNX export of {type(model).__name__} failed: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

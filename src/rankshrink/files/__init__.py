@@ -6,11 +6,27 @@
 * :mod:`.locations` -- where caches live.
 """
 
-from .atomic import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, fsync_dir,
-                     load_tensors, read_json, save_tensors)
+from .atomic import (
+                     atomic_path,
+                     atomic_write_bytes,
+                     atomic_write_json,
+                     atomic_write_text,
+                     file_sha256,
+                     fsync_dir,
+                     load_tensors,
+                     read_json,
+                     save_tensors,
+)
 from .locations import user_cache_dir
-from .output_set import (SUMMARY_FILE, check_output_dir, output_set, prepare_output_dir, recover_output_dir,
-                         staging_path, verify_output_set)
+from .output_set import (
+                     SUMMARY_FILE,
+                     check_output_dir,
+                     output_set,
+                     prepare_output_dir,
+                     recover_output_dir,
+                     staging_path,
+                     verify_output_set,
+)
 from .state_dict import load_state_dict, sniff_weights_format
 
 __all__ = [

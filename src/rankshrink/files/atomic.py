@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConfigError, FileFormatError
 
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success.

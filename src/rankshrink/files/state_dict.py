@@ -6,16 +6,17 @@ code and is refused unless the caller passes ``trust_pickle=True``.
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Mapping
-import os
 
 import torch
 
 from ..errors import FileFormatError, UnsafeFileError
 from .atomic import load_tensors
+
 
 def sniff_weights_format(path: str | os.PathLike) -> str:
     """What a weights file holds, judged by its first bytes (never by its name).

@@ -16,12 +16,30 @@ adapters), ``model`` (how a model gets them), ``io`` (files in PEFT's layout),
 
 from .config import LoraConfig, alpha_for, scaling_for
 from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_size_bytes, load_adapter, peft_key, read_adapter, save_adapter
-from .layer import (ConvWithLoRA, FactorizedWithLoRA, LinearWithLoRA, LoraLayerBase, layer_digest,
-                    wrap_layer)
-from .model import (DEFAULT_ADAPTER, ParameterCount, active_adapters, adaptable_layers, adapter_names,
-                    adapter_parameters, adapters_disabled, add_adapters, combine_adapters, count_parameters,
-                    delete_adapter, disable_adapters, enable_adapters, find_targets, fingerprint, lora_layers,
-                    mark_only_adapters_trainable, merge_adapters, remove_adapters, set_adapter, unmerge_adapters)
+from .layer import ConvWithLoRA, FactorizedWithLoRA, LinearWithLoRA, LoraLayerBase, layer_digest, wrap_layer
+from .model import (
+                    DEFAULT_ADAPTER,
+                    ParameterCount,
+                    active_adapters,
+                    adaptable_layers,
+                    adapter_names,
+                    adapter_parameters,
+                    adapters_disabled,
+                    add_adapters,
+                    combine_adapters,
+                    count_parameters,
+                    delete_adapter,
+                    disable_adapters,
+                    enable_adapters,
+                    find_targets,
+                    fingerprint,
+                    lora_layers,
+                    mark_only_adapters_trainable,
+                    merge_adapters,
+                    remove_adapters,
+                    set_adapter,
+                    unmerge_adapters,
+)
 from .training import train_adapter
 
 __all__ = [

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..surgery import replace_layer
 from ..errors import FileFormatError, LayerError
 from ..files import atomic_write_json, load_tensors, read_json, save_tensors
+from ..surgery import replace_layer
 from .config import LoraConfig, alpha_for
 from .layer import LoraLayerBase, layer_digest, unsupported_reason, wrap_layer
 from .model import _layers_with, _ShapeProbe, fingerprint, mark_only_adapters_trainable, set_adapter

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import nn
 
 from ..decompose import low_rank_factors, weight_svd
 from ..errors import ConfigError, LayerError
-from ..factorized import Factorized
+from ..factorized import Factorized, layer_weight
 from ..fingerprint import state_fingerprint
 from ..methods import get_method
 from .config import scaling_for
@@ -45,7 +45,7 @@ _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 SUPPORTED_TYPE_NAMES = ("Linear", "Conv1d", "Conv2d", "Factorized")
 
 
-def is_factorized(module: nn.Module) -> bool:
+def is_factorized(module: nn.Module) -> TypeGuard[Factorized]:
     """True for a :class:`rankshrink.factorized.Factorized` block."""
     return isinstance(module, Factorized)
 
@@ -113,40 +113,11 @@ def _reversed_padding(geometry: dict[str, Any]) -> list[int]:
     return pads
 
 
-class LoraLayerBase(nn.Module):
-    """Common bookkeeping of the three wrappers (adapters, active/merged state)."""
+class _AdapterShapes:
+    """Adapter and weight shapes from a layer's ``geometry`` (the wrappers' and a not-yet-wrapped layer's)."""
 
-    def __init__(self, base_layer: nn.Module, *, layer_name: str = "") -> None:
-        super().__init__()
-        reason = unsupported_reason(base_layer)
-        if reason is not None:
-            raise LayerError(f"layer '{layer_name or type(base_layer).__name__}' cannot take a LoRA adapter: "
-                             f"{reason}.")
-        self.base_layer = base_layer
-        self.layer_name = layer_name
-        self.geometry = _geometry_of(base_layer)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        # Initial A, B of PiSSA adapters (their product was taken out of the base weight).
-        self.lora_init = _Buffers()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.init_mode: dict[str, Any] = {}
-        # The forward reads parameters straight from these dicts (the same objects the
-        # ParameterDicts and the base layer own; they survive .to(), deepcopy and
-        # load_state_dict), skipping nn.Module.__getattr__ on the hot path.
-        self._A = self.lora_A._parameters
-        self._B = self.lora_B._parameters
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.adapters_disabled = False
-        self.base_digest = layer_digest(base_layer)
-        self._run: tuple = ()  # (name, dropout p) of adapters the forward must compute
+    geometry: dict[str, Any]
 
-    # -------------------------------------------------------------- geometry
     @property
     def in_features(self) -> int:
         g = self.geometry
@@ -182,11 +153,47 @@ class LoraLayerBase(nn.Module):
             return (self.out_features, self.in_features, *self.geometry["kernel_size"])
         return (self.out_features, self.in_features)
 
+
+class LoraLayerBase(nn.Module, _AdapterShapes):
+    """Common bookkeeping of the three wrappers (adapters, active/merged state)."""
+
+    def __init__(self, base_layer: nn.Module, *, layer_name: str = "") -> None:
+        super().__init__()
+        reason = unsupported_reason(base_layer)
+        if reason is not None:
+            raise LayerError(f"layer '{layer_name or type(base_layer).__name__}' cannot take a LoRA adapter: "
+                             f"{reason}.")
+        self.base_layer = base_layer
+        self.layer_name = layer_name
+        self.geometry = _geometry_of(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        # Initial A, B of PiSSA adapters (their product was taken out of the base weight).
+        self.lora_init = _Buffers()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.init_mode: dict[str, Any] = {}
+        # The forward reads parameters straight from these dicts (the same objects the
+        # ParameterDicts and the base layer own; they survive .to(), deepcopy and
+        # load_state_dict), skipping nn.Module.__getattr__ on the hot path. An adapter's
+        # entries are never None, so they are typed without it.
+        self._A = cast("dict[str, nn.Parameter]", self.lora_A._parameters)
+        self._B = cast("dict[str, nn.Parameter]", self.lora_B._parameters)
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+        self.base_digest = layer_digest(base_layer)
+        self._run: tuple = ()  # (name, dropout p) of adapters the forward must compute
+
+    # -------------------------------------------------------------- geometry
     def adapter_parameter_count(self, r: int) -> int:
         return math.prod(self.a_shape(r)) + math.prod(self.b_shape(r))
 
-    def _base_weight_param(self) -> nn.Parameter:
-        return self.base_layer.weight
+    def _base_weight_param(self) -> torch.Tensor:
+        return layer_weight(self.base_layer)
 
     # -------------------------------------------------------------- adapters
     @property
@@ -223,9 +230,8 @@ class LoraLayerBase(nn.Module):
                 f"'{self.base_layer.method}'): it already is a low-rank product. Use init_lora_weights=True."
             )
         weight = self._base_weight_param()
-        kw = {"dtype": weight.dtype, "device": weight.device}
-        A = torch.empty(self.a_shape(r), **kw)
-        B = torch.zeros(self.b_shape(r), **kw)
+        A = torch.empty(self.a_shape(r), dtype=weight.dtype, device=weight.device)
+        B = torch.zeros(self.b_shape(r), dtype=weight.dtype, device=weight.device)
         scaling = scaling_for(r, lora_alpha, use_rslora)
         if init_lora_weights is None:  # filled in by the caller (load, combine): no RNG use
             A.zero_()
@@ -365,6 +371,9 @@ class LoraLayerBase(nn.Module):
     def _unmerge_one(self, name: str) -> None:
         self._add_to_base(self._delta(self.lora_A[name], self.lora_B[name], self.scaling[name]), sign=-1.0)
 
+    def _check_mergeable(self, name: str) -> None:
+        """Raise if adapter ``name`` cannot be folded into the base; a dense base takes any adapter."""
+
     def unwrap(self) -> nn.Module:
         """The base layer with merged adapters kept and every other adapter dropped."""
         for name in list(self.adapter_names):
@@ -391,10 +400,23 @@ class _Buffers(nn.Module):
         return f"{name}_A" in self._buffers
 
     def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._buffers[f"{name}_A"], self._buffers[f"{name}_B"]
+        A, B = self._buffers[f"{name}_A"], self._buffers[f"{name}_B"]
+        assert A is not None and B is not None  # put() registers tensors, never None
+        return A, B
 
     def pop(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._buffers.pop(f"{name}_A"), self._buffers.pop(f"{name}_B")
+        A, B = self._buffers.pop(f"{name}_A"), self._buffers.pop(f"{name}_B")
+        assert A is not None and B is not None  # put() registers tensors, never None
+        return A, B
+
+
+def _adapter_conv(self: ConvWithLoRA | FactorizedWithLoRA, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """A's conv of ``x`` with the base's stride, padding, dilation and padding mode (both conv wrappers)."""
+    g = self.geometry
+    if self._pad is not None:
+        x = F.pad(x, self._pad, mode=g["padding_mode"])
+        return self._conv(x, A, None, g["stride"], 0, g["dilation"])
+    return self._conv(x, A, None, g["stride"], g["padding"], g["dilation"])
 
 
 def _kaiming_uniform(tensor: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -408,9 +430,13 @@ def _kaiming_uniform(tensor: torch.Tensor, generator: torch.Generator | None) ->
 class LinearWithLoRA(LoraLayerBase):
     """``nn.Linear`` plus LoRA adapters (the seeds' ``LinearWithLoRA``, with several adapters)."""
 
+    if TYPE_CHECKING:  # the base layer's type here; kept out of __annotations__, which TorchScript reads
+        base_layer: nn.Linear
+
     def __init__(self, base_layer: nn.Module, *, layer_name: str = "") -> None:
         super().__init__(base_layer, layer_name=layer_name)
-        self._base = base_layer._parameters
+        # A Linear's weight is never None; its bias may be, which F.linear takes.
+        self._base = cast("dict[str, nn.Parameter]", base_layer._parameters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._base
@@ -433,18 +459,16 @@ class LinearWithLoRA(LoraLayerBase):
 class ConvWithLoRA(LoraLayerBase):
     """``nn.Conv1d``/``nn.Conv2d`` plus LoRA adapters: a k-sized conv to r channels, then 1×1."""
 
+    if TYPE_CHECKING:
+        base_layer: nn.Conv1d | nn.Conv2d
+
     def __init__(self, base_layer: nn.Module, *, layer_name: str = "") -> None:
         super().__init__(base_layer, layer_name=layer_name)
         self._conv = F.conv2d if self.geometry["type"] == "Conv2d" else F.conv1d
         g = self.geometry
         self._pad = None if g["padding_mode"] == "zeros" else _reversed_padding(g)
 
-    def _lora_conv(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
-        if self._pad is not None:
-            x = F.pad(x, self._pad, mode=g["padding_mode"])
-            return self._conv(x, A, None, g["stride"], 0, g["dilation"])
-        return self._conv(x, A, None, g["stride"], g["padding"], g["dilation"])
+    _lora_conv = _adapter_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -465,6 +489,9 @@ class FactorizedWithLoRA(LoraLayerBase):
     keep their adapters unmerged.
     """
 
+    if TYPE_CHECKING:
+        base_layer: Factorized
+
     def __init__(self, base_layer: nn.Module, *, layer_name: str = "") -> None:
         super().__init__(base_layer, layer_name=layer_name)
         g = self.geometry
@@ -473,10 +500,10 @@ class FactorizedWithLoRA(LoraLayerBase):
             self._pad = None if g["padding_mode"] == "zeros" else _reversed_padding(g)
         self._merge_slices: dict[str, tuple[int, int]] = {}
 
-    def _base_weight_param(self) -> nn.Parameter:
-        return self.base_layer[-1].weight  # for dtype/device only
+    def _base_weight_param(self) -> torch.Tensor:
+        return layer_weight(self.base_layer[-1])  # for dtype/device only
 
-    _lora_conv = ConvWithLoRA._lora_conv
+    _lora_conv = _adapter_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

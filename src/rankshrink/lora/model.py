@@ -25,10 +25,18 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..surgery import replace_layer
 from ..errors import ConfigError, LayerError
+from ..surgery import replace_layer
 from .config import LoraConfig, Target
-from .layer import SUPPORTED_TYPE_NAMES, LoraLayerBase, is_factorized, layer_digest, unsupported_reason, wrap_layer
+from .layer import (
+    SUPPORTED_TYPE_NAMES,
+    LoraLayerBase,
+    _AdapterShapes,
+    is_factorized,
+    layer_digest,
+    unsupported_reason,
+    wrap_layer,
+)
 
 DEFAULT_ADAPTER = "default"
 
@@ -199,7 +207,7 @@ def add_adapters(model: nn.Module, config: LoraConfig | None = None, name: str =
     return model
 
 
-class _ShapeProbe:
+class _ShapeProbe(_AdapterShapes):
     """max_rank/weight_shape of a not-yet-wrapped layer, without building a wrapper."""
 
     def __init__(self, module: nn.Module):
@@ -208,14 +216,6 @@ class _ShapeProbe:
         if reason is not None:
             raise LayerError(f"layer cannot take a LoRA adapter: {reason}.")
         self.geometry = _geometry_of(module)
-
-    in_features = LoraLayerBase.in_features
-    out_features = LoraLayerBase.out_features
-    is_conv = LoraLayerBase.is_conv
-    weight_shape = LoraLayerBase.weight_shape
-    max_rank = LoraLayerBase.max_rank
-    a_shape = LoraLayerBase.a_shape
-    b_shape = LoraLayerBase.b_shape
 
 
 def remove_adapters(model: nn.Module, *, merge: bool = False, inplace: bool = False) -> nn.Module:
@@ -395,8 +395,7 @@ def merge_adapters(model: nn.Module, names: str | Sequence[str] | None = None) -
             if n in w.merged_adapters:
                 raise LayerError(f"adapter '{n}' is already merged into layer '{layer_name}'; merging it twice would "
                                  "add its update twice. Call unmerge_adapters() first.")
-            if hasattr(w, "_check_mergeable"):
-                w._check_mergeable(n)
+            w._check_mergeable(n)
     for w in layers.values():
         todo = [n for n in (w.active_adapters if names is None else names) if n in w.lora_A]
         if todo:

@@ -14,14 +14,25 @@ See :mod:`.base` for what a method defines and how to add one.
 """
 
 from . import cp, spatial, svd, tucker2, weight  # noqa: F401  (importing a method registers it)
-from .base import (FITS, Method, MethodConfig, config_from_json, default_method, factorize, get_method,
-                   make_config, method_names, methods_for, register, select_options)
+from .base import (
+    FITS,
+    Method,
+    MethodConfig,
+    config_from_json,
+    default_method,
+    factorize,
+    get_method,
+    make_config,
+    method_names,
+    methods_for,
+    register,
+    select_options,
+)
 from .cp import CPConfig
 from .spatial import SpatialConfig
 from .svd import SVDConfig
 from .tucker2 import Tucker2Config
 from .weight import WeightConfig
-
 
 
 def full_rank(geometry: dict, method: str):
@@ -36,6 +47,6 @@ def normalize_rank(geometry: dict, method: str, rank, *, layer: str = "layer"):
     return impl.normalize_rank(geometry, rank, layer=layer)
 
 
-__all__ = ["full_rank", "normalize_rank", "FITS", "Method", "MethodConfig", "config_from_json", "default_method", "factorize", "get_method",
-           "make_config", "method_names", "methods_for", "register", "select_options",
+__all__ = ["full_rank", "normalize_rank", "FITS", "Method", "MethodConfig", "config_from_json", "default_method",
+           "factorize", "get_method", "make_config", "method_names", "methods_for", "register", "select_options",
            "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig"]

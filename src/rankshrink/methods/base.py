@@ -25,7 +25,15 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, LayerError
-from ..factorized import Factorized, layer_geometry, layer_type, unsupported_reason, weight_shape
+from ..factorized import (
+    Factorized,
+    layer_bias,
+    layer_geometry,
+    layer_type,
+    layer_weight,
+    unsupported_reason,
+    weight_shape,
+)
 from ..validation import check_bool, check_choice, check_int, check_number
 
 __all__ = ["FITS", "MethodConfig", "Method", "register", "get_method", "method_names", "methods_for",
@@ -324,7 +332,7 @@ def factorize(module: nn.Module, method: str | MethodConfig, rank: Any = None, *
     reason = unsupported_reason(module)
     if reason is not None:
         raise LayerError(f"{label}: cannot factorize {layer_type(module)}: {reason}.")
-    weight = module.weight.detach()
+    weight = layer_weight(module).detach()
     if not torch.isfinite(weight).all():
         raise LayerError(f"{label}: weight contains NaN or Inf values; fix or retrain the layer before factorizing.")
     impl = get_method(config.method)
@@ -356,15 +364,18 @@ def factorize(module: nn.Module, method: str | MethodConfig, rank: Any = None, *
             raise
         except ConfigError as exc:
             raise LayerError(f"{label}: {exc}") from None
-    for layer, factor in zip(block, factors):
-        layer.weight.copy_(factor.reshape(layer.weight.shape))
-    if module.bias is not None:
-        block[-1].bias.copy_(module.bias.detach())
+    for factor_weight, factor in zip(block.factor_weights(), factors):
+        factor_weight.copy_(factor.reshape(factor_weight.shape))
+    module_bias = layer_bias(module)
+    if module_bias is not None:
+        block_bias = block.bias
+        assert block_bias is not None  # the block was built with the layer's bias
+        block_bias.copy_(module_bias.detach())
         if centered:
             from ..decompose.activation import bias_shift
 
             shift = bias_shift(weight, block.dense_weight(), input_stats.input_mean())
-            block[-1].bias.add_(shift.to(block[-1].bias.dtype))
+            block_bias.add_(shift.to(block_bias.dtype))
     block.train(module.training)
     return block
 
@@ -404,10 +415,11 @@ def matrix_rank_estimates(matrix: torch.Tensor, keep: float) -> tuple[int, int]:
 def widen_rank(block: Factorized, A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple[int, int]:
     """Fold ``scaling·B·A`` into a two-factor block (first factor gets A's rows, last B's columns)."""
     first, last = block[0], block[-1]
-    start = first.weight.shape[0]
-    block[0] = _resized(first, torch.cat([first.weight.detach(), A.to(first.weight.dtype)], 0))
-    scaled_B = (B.to(torch.float64) * scaling).to(last.weight.dtype)
-    block[-1] = _resized(last, torch.cat([last.weight.detach(), scaled_B], 1))
+    first_weight, last_weight = layer_weight(first), layer_weight(last)
+    start = first_weight.shape[0]
+    block[0] = _resized(first, torch.cat([first_weight.detach(), A.to(first_weight.dtype)], 0))
+    scaled_B = (B.to(torch.float64) * scaling).to(last_weight.dtype)
+    block[-1] = _resized(last, torch.cat([last_weight.detach(), scaled_B], 1))
     _record_rank(block)
     return start, start + A.shape[0]
 
@@ -416,20 +428,22 @@ def narrow_rank(block: Factorized, span: tuple[int, int]) -> None:
     """Undo :func:`widen_rank`: drop the rank components in ``span``."""
     start, stop = span
     first, last = block[0], block[-1]
-    keep = torch.cat([torch.arange(0, start), torch.arange(stop, first.weight.shape[0])])
-    block[0] = _resized(first, first.weight.detach()[keep].clone())
-    block[-1] = _resized(last, last.weight.detach()[:, keep].clone())
+    first_weight, last_weight = layer_weight(first), layer_weight(last)
+    keep = torch.cat([torch.arange(0, start), torch.arange(stop, first_weight.shape[0])])
+    block[0] = _resized(first, first_weight.detach()[keep].clone())
+    block[-1] = _resized(last, last_weight.detach()[:, keep].clone())
     _record_rank(block)
 
 
 def _record_rank(block: Factorized) -> None:
     if isinstance(block.rank, int):
-        block.rank = block[0].weight.shape[0]
+        block.rank = layer_weight(block[0]).shape[0]
 
 
 def _resized(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A copy of Linear/Conv ``layer`` whose weight is ``weight`` (its rank axis resized)."""
-    requires_grad = layer.weight.requires_grad
+    requires_grad = layer_weight(layer).requires_grad
+    bias = layer_bias(layer)
     new: nn.Module
     if isinstance(layer, nn.Linear):
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None,
@@ -439,12 +453,14 @@ def _resized(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
                           padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                           bias=layer.bias is not None, padding_mode=layer.padding_mode,
                           dtype=weight.dtype, device=weight.device)
+    new_weight, new_bias = layer_weight(new), layer_bias(new)
     with torch.no_grad():
-        new.weight.copy_(weight)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias.detach())
-    new.weight.requires_grad_(requires_grad)
-    if layer.bias is not None:
-        new.bias.requires_grad_(layer.bias.requires_grad)
+        new_weight.copy_(weight)
+    new_weight.requires_grad_(requires_grad)
+    if bias is not None:
+        assert new_bias is not None  # built with bias=True above
+        with torch.no_grad():
+            new_bias.copy_(bias.detach())
+        new_bias.requires_grad_(bias.requires_grad)
     new.train(layer.training)
     return new

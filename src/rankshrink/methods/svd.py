@@ -16,8 +16,7 @@ from torch import nn
 
 from .. import decompose
 from ..factorized import Factorized
-from .base import (Method, MethodConfig, SVDAlgorithm, matrix_rank_estimates, narrow_rank, register,
-                   widen_rank)
+from .base import Method, MethodConfig, SVDAlgorithm, matrix_rank_estimates, narrow_rank, register, widen_rank
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,8 +15,7 @@ import torch
 
 from .. import decompose
 from ..factorized import Factorized, conv_arguments, conv_class, pointwise, weight_shape
-from .base import (Method, MethodConfig, SVDAlgorithm, matrix_rank_estimates, narrow_rank, register,
-                   widen_rank)
+from .base import Method, MethodConfig, SVDAlgorithm, matrix_rank_estimates, narrow_rank, register, widen_rank
 
 
 @dataclass(frozen=True, kw_only=True)

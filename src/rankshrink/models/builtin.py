@@ -54,11 +54,16 @@ class BuiltinModel:
                                 num_classes or self.num_classes)
 
 
+def _image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    channels, height, width = shape  # the CNNs take (C, H, W) images; other shapes fail here as they did inside
+    return channels, height, width
+
+
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "digits-cnn": BuiltinModel(
         name="digits-cnn",
         description="DigitsCNN on scikit-learn's 8×8 digits",
-        factory=lambda shape, classes: DigitsCNN(shape, classes),
+        factory=lambda shape, classes: DigitsCNN(_image_shape(shape), classes),
         default_data="builtin:digits",
         example_input_shape=(1, 8, 8),
         num_classes=10,
@@ -68,7 +73,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         name="cifar-cnn",
         description="the seeds' Part II CIFAR CNN; trains on synthetic CIFAR-shaped data unless "
                     "given data=cifar10:DIR",
-        factory=lambda shape, classes: CifarCNN(shape, classes),
+        factory=lambda shape, classes: CifarCNN(_image_shape(shape), classes),
         default_data="synthetic:cifar",
         example_input_shape=(3, 32, 32),
         num_classes=10,

@@ -140,6 +140,49 @@ def _state_choices(fronts, state, spaces) -> dict[str, Candidate]:
     return {s.name: fronts[li][state[li]] for li, s in enumerate(spaces)}
 
 
+def _probe_layers(ev, spaces: list[LayerSpace], fronts: list[list[Candidate]], ok, kind: str,
+                  probes: dict[str, Any], notes: list[str]) -> tuple[list[float], bool]:
+    """One-layer bisections: trim each layer's frontier and measure its sensitivity.
+
+    Candidates cheaper than a layer's own smallest passing one are dropped from
+    ``fronts`` (in place); a layer whose best candidate fails stays dense. Returns each
+    layer's distortion weight (1 / the distortion at which it alone reaches the
+    tolerance) and whether every bisection saw monotone values.
+    """
+    weights = [1.0] * len(spaces)
+    monotone = True
+    for li, space in enumerate(spaces):
+        front = fronts[li]
+        probe = _subsample(front[:-1], space.r_max)
+        if not probe:
+            probes[space.name] = {"evaluated": {}, "threshold": None}
+            continue
+        guess = _estimate_guess(space, probe, kind)
+
+        def evaluate(i: int, name=space.name, probe=probe) -> float:
+            return ev(plan_of({name: probe[i]}), f"probe {name}")
+
+        found = smallest_passing(len(probe), evaluate, ok, guess=guess)
+        monotone = monotone and found.monotone
+        probes[space.name] = {"evaluated": {probe[i].label(): v for i, v in sorted(found.values.items())},
+                              "threshold": None if found.index is None else probe[found.index].label()}
+        if found.index is None:
+            fronts[li] = [space.dense]
+            notes.append(f"{space.name}: stays dense (even its best factorization breaks the tolerance alone)")
+            continue
+        passing = probe[found.index]
+        fronts[li] = [c for c in front if c.cost(kind) >= passing.cost(kind)]
+        failing = probe[found.index - 1] if found.index - 1 in found.values else None
+        d_pass = max(passing.distortion, 1e-12)
+        if failing is not None and math.isfinite(failing.distortion):
+            scale = math.sqrt(d_pass * max(failing.distortion, d_pass))
+        else:
+            scale = 2.0 * d_pass  # passes at its cheapest candidate: tolerates at least this much
+        # Distortion in units of "the distortion at which this layer alone reaches δ".
+        weights[li] = 1.0 / scale
+    return weights, monotone
+
+
 def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostModel, *, baseline: float,
                          tolerance: float, kind: str, sensitivity: str = "probe",
                          max_global: int = MAX_GLOBAL_EVALUATIONS) -> Allocation:
@@ -153,40 +196,7 @@ def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostMode
     probes: dict[str, Any] = {}
 
     if sensitivity == "probe":
-        scales = []
-        for li, space in enumerate(spaces):
-            front = fronts[li]
-            probe = _subsample(front[:-1], space.r_max)
-            if not probe:
-                probes[space.name] = {"evaluated": {}, "threshold": None}
-                continue
-            guess = _estimate_guess(space, probe, kind)
-
-            def evaluate(i: int, name=space.name, probe=probe) -> float:
-                return ev(plan_of({name: probe[i]}), f"probe {name}")
-
-            found = smallest_passing(len(probe), evaluate, ok, guess=guess)
-            monotone = monotone and found.monotone
-            probes[space.name] = {"evaluated": {probe[i].label(): v for i, v in sorted(found.values.items())},
-                                  "threshold": None if found.index is None else probe[found.index].label()}
-            if found.index is None:
-                fronts[li] = [space.dense]
-                notes.append(f"{space.name}: stays dense (even its best factorization breaks the tolerance alone)")
-                continue
-            passing = probe[found.index]
-            fronts[li] = [c for c in front if c.cost(kind) >= passing.cost(kind)]
-            failing = probe[found.index - 1] if found.index - 1 in found.values else None
-            d_pass = max(passing.distortion, 1e-12)
-            if failing is not None and math.isfinite(failing.distortion):
-                scale = math.sqrt(d_pass * max(failing.distortion, d_pass))
-            else:
-                scale = 2.0 * d_pass  # passes at its cheapest candidate: tolerates at least this much
-            scales.append((li, scale))
-        if scales:
-            # Each layer's distortion in units of "the distortion at which it alone reaches δ".
-            weights = [1.0] * len(spaces)
-            for li, scale in scales:
-                weights[li] = 1.0 / scale
+        weights, monotone = _probe_layers(ev, spaces, fronts, ok, kind, probes, notes)
 
     hulls = [lower_hull(f, kind) for f in fronts]
     path = build_path(fronts, hulls, kind, weights)

@@ -197,10 +197,9 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     session = Session(model, data, config, apply_fn=apply_fn, example_input=example_input, calibration=calibration)
     cost_model = CostModel(model, session.example_input)
     original = dict(cost_model.original)
-    target = None
-    if mode == "budget":
-        target = budget.absolute(original)
+    target: int | None = None  # set in budget mode only
     if mode == "budget":  # fail fast, before any factorization
+        target = budget.absolute(original)
         lowest = minimum_reachable(cost_model, kind=kind, layers=layers, methods=methods)
         if target < lowest:
             raise ConfigError(
@@ -209,7 +208,7 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                 "at rank 1 with its cheapest method, plus everything that is not factorized); raise the budget.")
     try:
         spaces = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods, progress=progress)
-        if mode == "budget" and spaces:
+        if target is not None and spaces:  # budget mode
             lowest = minimum_cost(spaces, cost_model, kind)
             if target < lowest:
                 raise ConfigError(
@@ -225,7 +224,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
             if not spaces:
                 from .allocate import Allocation
                 allocation = Allocation({}, baseline, notes=["no factorizable layer to compress"])
-            elif mode == "tolerance":
+            elif target is None:  # tolerance mode
+                assert tolerance is not None
                 allocation = tolerance_allocation(session, spaces, cost_model, baseline=baseline,
                                                   tolerance=tolerance, kind=kind, sensitivity=sensitivity,
                                                   max_global=max_global_evaluations)
@@ -260,7 +260,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     final_plan.metadata.update({"mode": mode, "metric": session.metric.name, "baseline": baseline, "value": value,
                                 "fit": session.fit, "seed": seed})
     if apply_fn is not None:
-        final_plan.metadata["apply_fn"] = f"{getattr(apply_fn, '__module__', '')}.{getattr(apply_fn, '__qualname__', '')}"
+        final_plan.metadata["apply_fn"] = (f"{getattr(apply_fn, '__module__', '')}."
+                                           f"{getattr(apply_fn, '__qualname__', '')}")
     if mode == "tolerance":
         final_plan.metadata["tolerance"] = tolerance
     else:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from ..factorized import Factorized
+from ..factorized import Factorized, layer_weight
 from ..layers import factorizable_layers
 from ..methods import FITS, MethodConfig, factorize, make_config, select_options
 from ..metrics import eval_mode
@@ -145,7 +145,7 @@ class Factorizer:
             block = built.get_submodule(name)
         else:
             stats = self.calibration.get(name) if entry.fit == "activations" else None
-            with single_threaded(module.weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
+            with single_threaded(layer_weight(module).numel() <= SINGLE_THREAD_MAX_WEIGHTS):
                 block = factorize(module, entry, name=f"layer '{name}'", input_stats=stats)
         block.eval()
         self._memo[key] = block
@@ -329,7 +329,7 @@ class Distortion:
 
 def weight_distortion(module: nn.Module, block: nn.Module) -> float:
     """Relative squared weight error ‖W − W′‖²/‖W‖² (the data-free fallback proxy)."""
-    weight = module.weight.detach().double()
+    weight = layer_weight(module).detach().double()
     approx = block.dense_weight().double() if isinstance(block, Factorized) else weight
     norm = float(weight.pow(2).sum()) or 1.0
     return float((weight - approx).pow(2).sum()) / norm

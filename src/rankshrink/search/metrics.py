@@ -25,13 +25,14 @@ __all__ = ["Metric", "accuracy_metric", "per_class_metric", "agreement_metric", 
 METRIC_NAMES = ("accuracy", "agreement", "per-class", "worst-class")
 
 
-def _check_dataset(dataset: Dataset, what: str) -> None:
+def _check_dataset(dataset: Dataset | None, what: str) -> Dataset:
     from ..data import _dataset_len
 
     if dataset is None:
         raise DataError(f"the {what} metric needs a data set.")
     if _dataset_len(dataset) == 0:
         raise DataError(f"the data set for the {what} metric is empty; the search needs validation samples.")
+    return dataset
 
 
 class Metric:
@@ -73,16 +74,16 @@ class Metric:
         return f"Metric({self.name!r})"
 
 
-def accuracy_metric(dataset: Dataset, *, fingerprint: str | None = None, batch_size: int = 512) -> Metric:
+def accuracy_metric(dataset: Dataset | None, *, fingerprint: str | None = None, batch_size: int = 512) -> Metric:
     """Top-1 accuracy on ``dataset`` (a fraction in [0, 1])."""
     from ..metrics import accuracy
 
-    _check_dataset(dataset, "accuracy")
-    return Metric(lambda model: accuracy(model, dataset, batch_size), "accuracy", key="accuracy",
-                  data_fingerprint=fingerprint or dataset_fingerprint(dataset), dataset=dataset)
+    data = _check_dataset(dataset, "accuracy")
+    return Metric(lambda model: accuracy(model, data, batch_size), "accuracy", key="accuracy",
+                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data)
 
 
-def per_class_metric(dataset: Dataset, reduce: str = "mean", *, num_classes: int | None = None,
+def per_class_metric(dataset: Dataset | None, reduce: str = "mean", *, num_classes: int | None = None,
                      fingerprint: str | None = None, batch_size: int = 512) -> Metric:
     """Per-class accuracy reduced to one number: 'mean' (balanced accuracy) or 'min' (worst class).
 
@@ -92,19 +93,19 @@ def per_class_metric(dataset: Dataset, reduce: str = "mean", *, num_classes: int
 
     if reduce not in ("mean", "min"):
         raise ConfigError(f"per-class accuracy reduces by 'mean' or 'min', got {reduce!r}.")
-    _check_dataset(dataset, "per-class accuracy")
+    data = _check_dataset(dataset, "per-class accuracy")
 
     def fn(model: nn.Module) -> float:
-        values = [v for v in per_class_accuracy(model, dataset, batch_size, num_classes=num_classes)
+        values = [v for v in per_class_accuracy(model, data, batch_size, num_classes=num_classes)
                   if not math.isnan(v)]
         return (sum(values) / len(values)) if reduce == "mean" else min(values)
 
     name = "per-class" if reduce == "mean" else "worst-class"
     return Metric(fn, name, key=f"per_class_accuracy:{reduce}",
-                  data_fingerprint=fingerprint or dataset_fingerprint(dataset), dataset=dataset)
+                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data)
 
 
-def agreement_metric(original: nn.Module, dataset: Dataset, *, fingerprint: str | None = None,
+def agreement_metric(original: nn.Module, dataset: Dataset | None, *, fingerprint: str | None = None,
                      batch_size: int = 512) -> Metric:
     """Fraction of samples where the model predicts what ``original`` predicts (no labels needed).
 
@@ -112,17 +113,17 @@ def agreement_metric(original: nn.Module, dataset: Dataset, *, fingerprint: str 
     """
     from ..metrics import agreement, predictions
 
-    _check_dataset(dataset, "agreement")
+    data = _check_dataset(dataset, "agreement")
     reference: list[torch.Tensor] = []
 
     def fn(model: nn.Module) -> float:
         if not reference:
-            reference.append(predictions(original, dataset, batch_size))
-        return agreement(model, dataset, reference[0], batch_size)
+            reference.append(predictions(original, data, batch_size))
+        return agreement(model, data, reference[0], batch_size)
 
     # The reference is a function of the original model, whose fingerprint is in every cache key.
     return Metric(fn, "agreement", key="agreement",
-                  data_fingerprint=fingerprint or dataset_fingerprint(dataset), dataset=dataset)
+                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data)
 
 
 def as_metric(metric: Any, original: nn.Module, dataset: Dataset | None, *,

@@ -169,7 +169,8 @@ def smallest_rank(model: nn.Module, layer: str, data: Any = None, *, threads: in
     """The smallest rank of one layer whose metric drop stays within ``tolerance``.
 
     Only ``layer`` is factorized (with ``method``; default: the method registered as the
-    default for the layer's type, see :func:`rankshrink.methods.default_method`); ranks run from 1 to the break-even rank for ``rank_objective``
+    default for the layer's type, see :func:`rankshrink.methods.default_method`); ranks run
+    from 1 to the break-even rank for ``rank_objective``
     ('params' or 'macs'). ``guess``: 'evbmf' (the data-free estimate is probed first),
     an int rank, or None (plain bisection). Uses at most ``⌈log2 r_max⌉ + 2``
     evaluations, the original model's included. See :class:`~rankshrink.search.config.SearchConfig`

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..cost import break_even_rank, count, dense_cost, factorized_cost
 from ..errors import ConfigError, LayerError, PlanError
+from ..factorized import layer_weight
 from ..methods import MethodConfig, get_method, method_names, methods_for
 from ..plan import Plan
 from ..ranks import rank_grid
@@ -96,7 +97,7 @@ class LayerSpace:
 
     def frontier(self, kind: str) -> list[Candidate]:
         """Candidates (dense last) by rising cost, each strictly less distorted than all cheaper ones."""
-        order = {m: i for i, m in enumerate(method_names())}
+        order: dict[str | None, int] = {m: i for i, m in enumerate(method_names())}  # the dense candidate's is None
         pool = [c for c in self.candidates if c.cost(kind) < self.dense.cost(kind)] + [self.dense]
         pool.sort(key=lambda c: (c.cost(kind), c.distortion, order.get(c.method, 9), str(c.rank)))
         front: list[Candidate] = []
@@ -130,7 +131,7 @@ class CostModel:
 
 
 def _dtype_size(module: nn.Module) -> int:
-    return module.weight.element_size()
+    return layer_weight(module).element_size()
 
 
 def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Candidate:
@@ -233,8 +234,9 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
     bar = None
     total = sum(len(allowed) for _, _, allowed in work)
     if progress and total:
-        from tqdm.auto import tqdm
         import sys
+
+        from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="candidates", unit="method", file=sys.stderr, leave=False, dynamic_ncols=True)
     spaces = []
     try:
@@ -246,9 +248,9 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
             space = LayerSpace(row.name, row.type, row.geometry, tuple(row.input_size), row.calls, esize, dense,
                                [], {}, module=module)
             proxy_key = session.proxy_key(row.name)
-            known = session.cache.get_json("proxies", proxy_key) if proxy_key else None
-            if isinstance(known, dict):
-                space.known = {k: v for k, v in known.items() if isinstance(v, (int, float))}
+            cached = session.cache.get_json("proxies", proxy_key) if proxy_key else None
+            if isinstance(cached, dict):
+                space.known = {k: v for k, v in cached.items() if isinstance(v, (int, float))}
             for method in allowed:
                 impl = get_method(method)
                 be = break_even_rank(row.geometry, method, row.input_size, by=cap_objective)
@@ -258,8 +260,9 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
                 if bar is not None:
                     bar.update(1)
             try:
-                with single_threaded(module.weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
-                    space.estimates = layer_estimates(module.weight.detach(), row.geometry, input_size=row.input_size,
+                weight = layer_weight(module)
+                with single_threaded(weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
+                    space.estimates = layer_estimates(weight.detach(), row.geometry, input_size=row.input_size,
                                                       by=cap_objective, methods=tuple(allowed))
             except Exception:  # estimates only guide the first probe
                 space.estimates = {}
