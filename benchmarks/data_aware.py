@@ -6,12 +6,12 @@ Questions, one run (a few minutes on 2 CPU cores, one intra-op thread by default
    CIFAR-shaped CNN (trained on the built-in synthetic CIFAR-shaped data): the relative
    activation error ``‖Y − Y′‖_F / ‖Y‖_F`` of that layer's output on *held-out*
    (validation) inputs, and the test accuracy of the model with only that layer
-   factorized, against rank, for ``objective='weights'`` (plain SVD/CP of the weights)
-   and ``objective='activations'`` (calibrated on 512 training samples; with and
+   factorized, against rank, for ``fit='weights'`` (plain SVD/CP of the weights)
+   and ``fit='activations'`` (calibrated on 512 training samples; with and
    without the bias correction that puts ``(W − W′)·mean`` into the bias).
 2. **Damping** — the relative ridge on the statistics, on the digits CNN's first
    fully connected layer.
-3. **Whole network** — ``rankshrink.search.plan(..., tolerance=0.01)`` (at most one
+3. **Whole network** — ``rankshrink.compress(..., tolerance=0.01)`` (at most one
    accuracy point below the original on validation) with each objective: the MAC
    ratio reached; then the combined workflow ``compress_and_recover`` (search at a
    looser 3-point tolerance, 3 epochs of fine-tuning with distillation, verify against
@@ -87,13 +87,12 @@ def per_layer(name: str, model, splits, cal, held_out, quick: bool) -> list[dict
             top = full_rank(geometry, method)
             for rank in ranks_for(top)[: 3 if quick else None]:
                 row = {"model": name, "layer": layer_name, "method": method, "rank": rank, "full_rank": top}
-                for label, options in (("weights", {"objective": "weights"}),
-                                       ("activations", {"objective": "activations"}),
-                                       ("activations_no_bias", {"objective": "activations",
-                                                                "bias_correction": False})):
-                    block = rs.factorize(layer, method, rank, input_stats=cal[layer_name], **options)
-                    small = rs.apply(model, rs.Plan.from_mapping({layer_name: (method, rank)}), calibration=cal,
-                                     **options)
+                for label, options in (("weights", {"fit": "weights"}),
+                                       ("activations", {"fit": "activations"}),
+                                       ("activations_no_bias", {"fit": "activations", "bias_correction": False})):
+                    config = rs.methods.make_config(method, rank, **options)
+                    block = rs.factorize(layer, config, input_stats=cal[layer_name])
+                    small = rs.apply(model, rs.Plan.from_mapping({layer_name: config}), calibration=cal)
                     row[label] = {"error": affine_error(layer, block, held_out[layer_name]),
                                   "test_accuracy": accuracy(small, splits.test)}
                 rows.append(row)
@@ -107,8 +106,9 @@ def damping_study(model, splits, cal, held_out) -> list[dict]:
     layer = model.get_submodule("classifier.1")
     out = []
     for damping in (0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0):
-        block = rs.factorize(layer, "svd", 8, input_stats=cal["classifier.1"], damping=damping)
-        small = rs.apply(model, rs.Plan.from_mapping({"classifier.1": ("svd", 8)}), calibration=cal, damping=damping)
+        config = rs.SVDConfig(rank=8, fit="activations", damping=damping)
+        block = rs.factorize(layer, config, input_stats=cal["classifier.1"])
+        small = rs.apply(model, rs.Plan.from_mapping({"classifier.1": config}), calibration=cal)
         out.append({"damping": damping, "error": affine_error(layer, block, held_out["classifier.1"]),
                     "test_accuracy": accuracy(small, splits.test), "val_accuracy": accuracy(small, splits.val)})
     return out
@@ -118,8 +118,8 @@ def whole_network(name: str, model, splits, cache: Path) -> dict:
     result = {"baseline": {"val": accuracy(model, splits.val), "test": accuracy(model, splits.test)}}
     for objective in ("weights", "activations"):
         start = time.perf_counter()
-        found = search.plan(model, splits, tolerance=TOLERANCE, objective=objective, progress=False,
-                            cache=cache / f"{name}-{objective}")
+        found = search.compress(model, splits, tolerance=TOLERANCE, fit=objective, progress=False,
+                                cache=cache / f"{name}-{objective}")
         small = found.compressed_model()
         entry = {"search": {"macs_ratio": found.ratio("macs"), "params_ratio": found.ratio("params"),
                             "val": accuracy(small, splits.val), "test": accuracy(small, splits.test),
@@ -127,7 +127,7 @@ def whole_network(name: str, model, splits, cache: Path) -> dict:
                             "seconds": time.perf_counter() - start}}
         start = time.perf_counter()
         recovered = compress_and_recover(model, splits, tolerance=TOLERANCE, search_tolerance=SEARCH_TOLERANCE,
-                                         epochs=EPOCHS, distill=True, objective=objective, progress=False,
+                                         epochs=EPOCHS, distill=True, fit=objective, progress=False,
                                          search_options={"cache": cache / f"{name}-{objective}"})
         entry["finetuned"] = {"macs_ratio": recovered.macs_ratio, "params_ratio": recovered.params_ratio,
                               "accuracy": recovered.accuracy, "meets_tolerance": recovered.meets_tolerance,
@@ -157,7 +157,7 @@ def markdown(data: dict) -> str:
              f"total {data['seconds']:.0f} s. Calibration: {data['calibration_samples']} training samples; "
              "errors on validation inputs, accuracy on the test split unless noted.", ""]
     lines += ["## Whole-network search at a tolerance of 1 accuracy point", "",
-              f"Search: `rankshrink.search.plan(model, splits, tolerance={TOLERANCE})`. With fine-tuning: "
+              f"Search: `rankshrink.compress(model, splits, tolerance={TOLERANCE})`. With fine-tuning: "
               f"`compress_and_recover` searches at {SEARCH_TOLERANCE:g}, fine-tunes the factors for {EPOCHS} "
               "epochs with distillation, and must end within 1 point of the original on validation (else "
               "it tightens the search tolerance and retries).", "",

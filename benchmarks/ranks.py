@@ -44,7 +44,7 @@ from rankshrink.methods import full_rank, normalize_rank
 from rankshrink.metrics import accuracy
 from rankshrink.models import load_builtin
 from rankshrink.plan import Plan
-from rankshrink.search import compress
+from rankshrink.search import SearchConfig, compress
 from rankshrink.search.evaluate import single_threaded
 from rankshrink.search.session import Session
 from rankshrink.search.space import CostModel
@@ -62,7 +62,7 @@ class Bench:
 
     def __init__(self, name: str, model, splits):
         self.name, self.model, self.splits = name, model, splits
-        self.session = Session(model, splits, cache=False, progress=False)
+        self.session = Session(model, splits, SearchConfig(cache=False, progress=False))
         self.cost = CostModel(model, self.session.example_input)
         self.original = self.cost.original
         self.rows = [r for r in self.cost.model_cost.layers if r.method is None]
@@ -100,7 +100,7 @@ class Bench:
                 continue
             rank = self.rank_for_ratio(row, ratio)
             if rank is not None:
-                layers[row.name] = (self.method[row.name], rank)
+                layers[row.name] = self.session.factorizer.config(self.method[row.name], rank)  # data-aware
         return Plan.from_mapping(layers)
 
     def costs(self, plan: Plan) -> dict[str, int]:
