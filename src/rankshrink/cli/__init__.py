@@ -1,7 +1,9 @@
 """The ``rankshrink`` command line: a thin shell over the Python API.
 
 Each command lives in its own module exposing ``register(subparsers)``, which adds
-its sub-parser and sets ``func`` to a function ``(args) -> int``. Errors from the
+its sub-parser and sets ``func`` to a function ``(args) -> int``. Only the module of the
+command being run is imported (with what it needs, torch included): ``rankshrink --help``
+and ``--version`` import neither torch nor any command. Errors from the
 :class:`~rankshrink.errors.RankshrinkError` family become one line on stderr and exit
 status 1 (``--debug``, before or after the command, shows the traceback). So do
 file-system errors (disk full, permission denied) and, as "internal error", anything
@@ -19,12 +21,28 @@ from pathlib import Path
 
 from ..errors import ConfigError, RankshrinkError
 
-# Command modules, in the order `rankshrink --help` lists them.
-COMMAND_MODULES = ("demo", "analyze", "compress", "apply", "finetune", "lora", "export")
+# Command -> one-line help, in the order `rankshrink --help` lists them; each command's module
+# (``rankshrink.cli.<command>``) is imported only when that command runs.
+COMMANDS = {
+    "demo": "train (or load) the digits CNN and compress it within 1 accuracy point",
+    "analyze": "per-layer table: shapes, params, MACs, break-even ranks, singular-value energy",
+    "compress": "find the smallest ranks within a tolerance, or the best model within a budget",
+    "apply": "factorize the layers a plan names and save the compressed model",
+    "finetune": "fine-tune a factorized model's factors to recover accuracy (optionally distilling)",
+    "lora": "LoRA adapters: train them on a frozen base, merge them in",
+    "export": "export to ONNX and measure latency on ONNX Runtime",
+}
+COMMAND_MODULES = tuple(COMMANDS)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+def _command_in(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (the first word that is one), if any."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command``'s module is imported and registered, the others are only listed."""
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="rankshrink",
@@ -32,14 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rankshrink {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # command not part of this build
-            raise
-        module.register(subparsers)
+    for name, summary in COMMANDS.items():
+        if name == command:
+            importlib.import_module(f"{__name__}.{name}").register(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary, add_help=False)
     return parser
 
 
@@ -94,11 +109,11 @@ def _check_common_values(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:  # accepted before or after the command name
         argv = [a for a in argv if a != "--debug"]
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     args.debug = debug
     if not getattr(args, "func", None):
