@@ -10,10 +10,13 @@ module     replaces             factors
 ``cp``      Conv1d, Conv2d       1×1 → depthwise per axis → 1×1 (TensorLy underneath)
 =========  ===================  ==================================================
 
-See :mod:`.base` for what a method defines and how to add one.
+See :mod:`.base` for what a method defines and how to add one: a new module here is found and
+registered on import.
 """
 
-from . import cp, spatial, svd, tucker2, weight  # noqa: F401  (importing a method registers it)
+import importlib
+import pkgutil
+
 from .base import (
     FITS,
     Method,
@@ -28,11 +31,17 @@ from .base import (
     register,
     select_options,
 )
-from .cp import CPConfig
-from .spatial import SpatialConfig
-from .svd import SVDConfig
-from .tucker2 import Tucker2Config
-from .weight import WeightConfig
+
+# Every module of this package but `base` is a method; importing it registers it (no list to keep up to date).
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+from .cp import CPConfig  # noqa: E402  (the built-in methods' configs, re-exported for convenience)
+from .spatial import SpatialConfig  # noqa: E402
+from .svd import SVDConfig  # noqa: E402
+from .tucker2 import Tucker2Config  # noqa: E402
+from .weight import WeightConfig  # noqa: E402
 
 
 def full_rank(geometry: dict, method: str):
