@@ -42,8 +42,8 @@ def find_or_install_chromium(timeout: float = 900) -> tuple[str | None, str]:
         return None, "chromium is not installed and installing it with apt-get needs root"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     log = []
-    for step in (["apt-get", "install", "-y", "--no-install-recommends", "chromium"], ["apt-get", "update"],
-                 ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+    for step in (["apt-get", "install", "-y", "chromium"], ["apt-get", "update"],
+                 ["apt-get", "install", "-y", "chromium"]):
         try:
             done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:

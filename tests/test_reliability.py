@@ -543,7 +543,8 @@ def test_apply_force_replaces_only_its_own_files(tmp_path):
     assert run_cli([*argv, "--force"])[0] == 0
     assert (out / "mine.txt").read_text() == "keep"
     assert verify_output_set(out)["seed"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "model.safetensors", "plan.json", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "model.safetensors", "plan.json", "report.html",
+                                                     "summary.json"]
 
 
 def test_shared_reused_and_half_precision_models_end_to_end(tmp_path):

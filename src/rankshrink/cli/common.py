@@ -113,10 +113,14 @@ def add_command(subparsers, name: str, *, help: str, description: str, examples:
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, progress: bool = True) -> None:
-    """``--quiet`` (no progress bars; ``--no-progress`` is an alias) and ``--json [FILE]``, the same everywhere."""
-    if progress:
-        parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
-                            help="no progress bars (--no-progress is the same)")
+    """``--quiet`` (``--no-progress`` is an alias) and ``--json [FILE]``, the same on every command.
+
+    ``progress`` False: the command shows no progress bars, and ``--quiet`` is accepted so that
+    one set of options works everywhere.
+    """
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress bars (--no-progress is the same)" if progress
+                        else "accepted for uniformity: this command shows no progress bars")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="print one JSON summary on stdout and nothing else (tables and notes go to stderr); "
                              "with FILE, write the JSON to FILE instead and print the tables as usual")
