@@ -357,8 +357,10 @@ def chromium():
 
 
 PAGE_STATE = """(() => {
-  const box = el => { const r = el.getBoundingClientRect();
-                      return {x: r.left + window.scrollX, y: r.top + window.scrollY, width: r.width, height: r.height}; };
+  const box = el => {
+    const r = el.getBoundingClientRect();
+    return {x: r.left + window.scrollX, y: r.top + window.scrollY, width: r.width, height: r.height};
+  };
   return {
     scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
     sections: [...document.querySelectorAll('main > section')].map(s => s.id),

@@ -330,6 +330,10 @@ BAD_INPUTS = [
     Case("output", "export --compressed whose files do not match their checksums",
          lambda f: ["export", *_w(f), "--compressed", str(f["compressed"]), "--out",
                     str(f["good.pt"].parent / "m.onnx")], ("checksum", "Rerun the command")),
+    Case("report", "report on a directory without a run", lambda f: ["report", str(f["occupied"])],
+         ("holds no rankshrink run", "summary.json")),
+    Case("report", "report on a summary.json that is not a run's", lambda f: ["report", str(f["compressed"])],
+         ("is not the summary of a compress, apply or finetune run",)),
 ]
 
 

@@ -95,8 +95,8 @@ def load_run(directory: str | os.PathLike) -> dict[str, Any]:
                               f"command that wrote '{path}'.")
     kind = summary_kind(summary)
     if kind is None:
-        raise FileFormatError(f"'{file}' is not the summary of a compress, apply or finetune run (format "
-                              f"{summary.get('format')!r}); {hint}")
+        what = f"format {summary['format']!r}" if "format" in summary else "it has no 'format'"
+        raise FileFormatError(f"'{file}' is not the summary of a compress, apply or finetune run ({what}); {hint}")
     missing = [key for key in _REQUIRED[kind] if key not in summary]
     if missing:
         raise FileFormatError(f"'{file}' is incomplete: it lacks {', '.join(repr(k) for k in missing)}; rerun the "
@@ -170,6 +170,10 @@ def _rank_text(rank: Any) -> str:
     return str(rank)
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def _get(mapping: Any, *keys: Any) -> Any:
     for key in keys:
         if not isinstance(mapping, Mapping) or key not in mapping:
@@ -213,10 +217,10 @@ def spectrum_plot(plt, name: str, entry: Mapping[str, Any]) -> str | None:
     ax.semilogy(ranks, [max(v / values[0], 1e-12) for v in values], color="#1f5fa8", linewidth=1.4,
                 label="σᵢ / σ₁")
     be = entry.get("spectrum_break_even")
-    if _is_number(be) and 1 <= be <= len(values):
+    if isinstance(be, int) and 1 <= be <= len(values):
         ax.axvline(be, color="#888888", linestyle=":", linewidth=1.3, label=f"break-even r = {be}")
     chosen = entry.get("chosen_rank")
-    if _is_number(chosen) and 1 <= chosen <= len(values):
+    if isinstance(chosen, int) and 1 <= chosen <= len(values):
         ax.axvline(chosen, color="#c0392b", linewidth=1.6, label=f"chosen r = {chosen}")
         ax.axvspan(chosen, len(values), color="#c0392b", alpha=0.06)
     ax.set_xlabel("rank i")
@@ -320,10 +324,10 @@ def _accuracy_table(summary: Mapping[str, Any], kind: str) -> str:
             rows.append(f"<th>{_esc(title)}</th>" + '<td class="needs-labels">needs labels</td>' * len(sides)
                         + "<td></td>")
             continue
-        cells = "".join(_num(pointer(side, key), value, "pct") for (_, side), value in zip(sides, values))
+        shown = "".join(_num(pointer(side, key), value, "pct") for (_, side), value in zip(sides, values))
         change = (f'<td class="num">{100 * (values[1] - values[0]):+.2f} pts</td>'
                   if all(_is_number(v) for v in values) else "<td></td>")
-        rows.append(f"<th>{_esc(title)}</th>{cells}{change}")
+        rows.append(f"<th>{_esc(title)}</th>{shown}{change}")
     return _table(["", "original", "compressed", "change"], rows, "accuracy")
 
 
@@ -394,7 +398,7 @@ def _latency_section(summary: Mapping[str, Any]) -> str:
         cells, medians = [], {}
         for side in sides:
             base, per_batch = found[side]
-            value = per_batch.get(batch, per_batch.get(int(batch)) if batch.isdigit() else None)
+            value = per_batch.get(batch)
             if isinstance(value, Mapping):
                 median, p90 = value.get("median"), value.get("p90")
                 key = pointer(*base.split("/")[1:], batch, "median")
@@ -516,7 +520,7 @@ def _plan_layers(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def _dense_reason(summary: Mapping[str, Any], kind: str, row: Mapping[str, Any]) -> str:
     """Why a searched layer stayed dense, from what the run recorded."""
-    name = row.get("name")
+    name = str(row.get("name"))
     for key in ("reason", "kept_dense"):
         if isinstance(row.get(key), str):
             return row[key]
@@ -528,7 +532,7 @@ def _dense_reason(summary: Mapping[str, Any], kind: str, row: Mapping[str, Any])
     by = "macs" if summary.get("minimize") == "macs" else "params"
     spectrum = _get(summary, "spectra", name) or {}
     caps = [v.get(by) for v in (spectrum.get("break_even") or {}).values() if isinstance(v, Mapping)]
-    if caps and all(_is_number(c) and c < 1 for c in caps):
+    if caps and all(isinstance(c, int) and c < 1 for c in caps):
         return f"no factorization has fewer {by} than the dense layer (every break-even rank is below 1)"
     probe = _get(summary, "probes", name)
     if isinstance(probe, Mapping) and probe.get("evaluated") and probe.get("threshold") is None:
@@ -553,20 +557,20 @@ def _break_even_text(summary: Mapping[str, Any], name: str, method: str | None) 
 def _layer_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per-layer rows: compress's ``layers``, else the compressed model's counted layers (apply, finetune)."""
     rows = []
+    source: list[Any] = []
+    base: tuple[str, ...] = ()
     if isinstance(summary.get("layers"), list):
         source, base = summary["layers"], ("layers",)
     elif isinstance(_get(summary, "compressed", "layers"), list):
         source, base = summary["compressed"]["layers"], ("compressed", "layers")
-    else:
-        source, base = [], ()
     for index, row in enumerate(source):
         if isinstance(row, Mapping) and isinstance(row.get("name"), str):
             rows.append({**row, "method": row.get("method") or "dense", "_path": (*base, index)})
     if not rows:  # no counts: the plan's entries and the layers whose spectra were recorded
         plan = _plan_layers(summary)
-        spectra = summary.get("spectra") if isinstance(summary.get("spectra"), Mapping) else {}
+        spectra = _mapping(summary.get("spectra"))
         for name in list(spectra) + [n for n in plan if n not in spectra]:
-            entry = plan.get(name) if isinstance(plan.get(name), Mapping) else {}
+            entry = _mapping(plan.get(name))
             rows.append({"name": name, "type": _get(spectra, name, "type") or "",
                          "method": entry.get("method", "dense"), "rank": entry.get("rank"), "_path": None})
     return rows
@@ -659,7 +663,7 @@ def _probe_points(summary: Mapping[str, Any]) -> dict[str, dict[str, list[tuple[
             continue
         rank = entry.get("rank")
         x = rank[0] if isinstance(rank, list) and rank else rank
-        if _is_number(x):
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
             label = str(entry.get("method")) + (" (R_out)" if isinstance(rank, list) else "")
             curves.setdefault(name, {}).setdefault(label, []).append((float(x), float(record["value"])))
     return curves
@@ -734,7 +738,7 @@ def tradeoff_section(plt, summary: Mapping[str, Any], kind: str) -> str:
 
 
 def run_section(summary: Mapping[str, Any], kind: str) -> str:
-    run = summary.get("run") if isinstance(summary.get("run"), Mapping) else {}
+    run = _mapping(summary.get("run"))
     items: list[tuple[str, str]] = []
 
     def add(title: str, value: Any, path: str | None = None, code: bool = False) -> None:

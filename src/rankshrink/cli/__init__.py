@@ -51,7 +51,7 @@ def _command_in(argv: list[str]) -> str | None:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but a usage error is a user error: exit status 1, as every other one."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(1, f"{self.prog}: error: {message}\n")
 
