@@ -155,3 +155,28 @@ def test_json_prints_one_document_and_nothing_else(tmp_path, capsys):
     assert main([*analyze, "--json", str(target)]) == 0
     assert "features.2" in capsys.readouterr().out
     assert json.loads(target.read_text())["macs"] == data["macs"]
+
+
+def test_a_report_that_cannot_be_drawn_does_not_fail_the_run(tmp_path, capsys, monkeypatch):
+    """The outputs are complete before the report is drawn: a failure there is a warning with the retry."""
+    import rankshrink.html_report
+    from rankshrink.files import verify_output_set
+
+    weights = _untrained_weights(tmp_path)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": {"classifier.1": {"method": "svd", "rank": 8}}}))
+    out = tmp_path / "applied"
+
+    def broken(summary, **kwargs):
+        raise ValueError("no room on the page")
+
+    monkeypatch.setattr(rankshrink.html_report, "render_html", broken)
+    assert main(["apply", "--model", "builtin:digits-cnn", "--weights", str(weights), "--plan", str(plan),
+                 "--input-shape", "1,8,8", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: report.html not written (ValueError: no room on the page)" in err
+    assert f"rankshrink report {out}" in err
+    assert set(verify_output_set(out)["files"]) == {"model.safetensors", "plan.json"}
+    assert not (out / "report.html").exists()
+    monkeypatch.undo()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()

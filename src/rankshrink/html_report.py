@@ -170,6 +170,10 @@ def _rank_text(rank: Any) -> str:
     return str(rank)
 
 
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
@@ -675,7 +679,7 @@ def curves_section(plt, summary: Mapping[str, Any], kind: str) -> str:
     if not curves:
         why = ("this run did not probe single layers (a budget search ranks layers by the distortion proxy; "
                "pass --sensitivity probe to measure them)" if kind == "compress"
-               else f"only compress searches ranks; this is a {kind} run")
+               else f"only compress searches ranks; this is {_a(kind)} run")
         return head + f'<p class="missing">Not recorded: {why}.</p></section>'
     if plt is None:
         return head + _NO_PLOTS + "</section>"
@@ -707,7 +711,7 @@ def tradeoff_section(plt, summary: Mapping[str, Any], kind: str) -> str:
                and _is_number(r.get("macs")) and _is_number(r.get("value"))]
     if not records:
         why = ("its evaluation records carry no MACs" if summary.get("records") else
-               f"only compress evaluates plans; this is a {kind} run")
+               f"only compress evaluates plans; this is {_a(kind)} run")
         return head + f'<p class="missing">Not recorded: {why}.</p></section>'
     if plt is None:
         return head + _NO_PLOTS + "</section>"
