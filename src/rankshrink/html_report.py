@@ -365,7 +365,7 @@ def _per_class_section(summary: Mapping[str, Any], labelled: bool) -> str:
     if not columns:
         return ""
     count = max(len(per_class[w][p]) for w, p in columns)
-    headers = ["class"] + [f"{w} ({'validation' if p == 'val' else 'test'})" for w, p in columns]
+    headers = ["class"] + [f"{w} {'val.' if p == 'val' else 'test'}" for w, p in columns]
     rows = []
     for index in range(count):
         cells = []
@@ -814,7 +814,8 @@ code{font:.85em ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;overflow-wr
  .grid{grid-template-columns:1fr}
  dl{grid-template-columns:1fr}
  dt{margin-top:.4em}
- th,td{padding:.25em .4em}
+ th,td{padding:.25em .35em}
+ tbody th{white-space:normal}
  table{font-size:.8rem}
 }
 """
