@@ -72,7 +72,7 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     assert main(_args(weights, out, "--tolerance", "0.01")) == 0
     text = capsys.readouterr().out
     assert "features.2" in text and "MACs" in text and "test accuracy" in text
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json", "report.html", "summary.json"]
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())  # no staging left
     summary = json.loads((out / "summary.json").read_text())
     assert set(verify_output_set(out)["files"]) == {"model.safetensors", "plan.json"}  # one checked set

@@ -147,7 +147,7 @@ def test_killed_compress_resumes_without_repeating_evaluations(tmp_path, trained
     text = _run(args, tmp_path, "resumed")
     assert "corrupt" in text and str(victim.name) in text, text[-2000:]
 
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "notes.txt", "plan.json",
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "notes.txt", "plan.json", "report.html",
                                                      "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluations_cached"] == done - 1

@@ -330,6 +330,10 @@ BAD_INPUTS = [
     Case("output", "export --compressed whose files do not match their checksums",
          lambda f: ["export", *_w(f), "--compressed", str(f["compressed"]), "--out",
                     str(f["good.pt"].parent / "m.onnx")], ("checksum", "Rerun the command")),
+    Case("report", "report on a directory without a run", lambda f: ["report", str(f["occupied"])],
+         ("holds no rankshrink run", "summary.json")),
+    Case("report", "report on a summary.json that is not a run's", lambda f: ["report", str(f["compressed"])],
+         ("is not the summary of a compress, apply or finetune run",)),
 ]
 
 
@@ -543,7 +547,8 @@ def test_apply_force_replaces_only_its_own_files(tmp_path):
     assert run_cli([*argv, "--force"])[0] == 0
     assert (out / "mine.txt").read_text() == "keep"
     assert verify_output_set(out)["seed"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "model.safetensors", "plan.json", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "model.safetensors", "plan.json", "report.html",
+                                                     "summary.json"]
 
 
 def test_shared_reused_and_half_precision_models_end_to_end(tmp_path):

@@ -14,7 +14,8 @@ finetune → export::
 
 Also: ``rs.count`` (params, bytes, MACs), ``rs.factorize`` (one layer), ``rs.calibrate``
 (input statistics for activation fits), ``rs.Plan``, the method configs
-(``rs.SVDConfig`` ...), ``rs.SearchConfig``, ``rs.TrainConfig`` and ``rankshrink.lora``.
+(``rs.SVDConfig`` ...), ``rs.SearchConfig``, ``rs.TrainConfig``, ``rs.write_html_report(run_dir)``
+(report.html from a run directory) and ``rankshrink.lora``.
 
 Names are imported on first use, so ``import rankshrink`` (and the command line's
 ``--help``) does not pay for torch until something needs it.
@@ -43,19 +44,21 @@ _EXPORTS = {
     "factorizable_layers": "layers", "skipped_layers": "layers",
     "Plan": "plan",
     "TrainConfig": "train",
+    "write_html_report": "html_report",
     "ConfigError": "errors", "DataError": "errors", "FileFormatError": "errors", "LayerError": "errors",
     "PlanError": "errors", "RankshrinkError": "errors", "UnsafeFileError": "errors",
 }
 _SUBPACKAGES = ("lora", "methods", "search", "deploy", "decompose", "models", "data", "files", "plan", "surgery",
                 "cost", "calibration", "finetuning", "workflow", "train", "metrics", "errors", "fingerprint",
-                "report", "analysis", "ranks", "layers", "factorized", "validation", "cli")
+                "report", "analysis", "ranks", "layers", "factorized", "validation", "cli", "html_report",
+                "report_data")
 
 __all__ = ["__version__", "analyze", "Analysis", "compress", "CompressResult", "SearchConfig", "Budget", "apply",
     "save", "load", "finetune", "FinetuneResult", "export", "calibrate", "Calibration", "count", "Cost", "ModelCost",
     "break_even_rank", "linear_break_even", "size_ratio", "speed_ratio", "factorize", "method_names", "MethodConfig",
     "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig", "Factorized", "factorizable_layers",
     "skipped_layers", "Plan", "TrainConfig", "ConfigError", "DataError", "FileFormatError", "LayerError",
-    "PlanError", "RankshrinkError", "UnsafeFileError", "lora"]
+    "PlanError", "RankshrinkError", "UnsafeFileError", "write_html_report", "lora"]
 
 
 def __getattr__(name: str) -> Any:
@@ -82,6 +85,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from .errors import ConfigError, DataError, FileFormatError, LayerError, PlanError, RankshrinkError, UnsafeFileError
     from .factorized import Factorized
     from .finetuning import FinetuneResult, finetune
+    from .html_report import write_html_report
     from .layers import factorizable_layers, skipped_layers
     from .methods import (
         CPConfig,

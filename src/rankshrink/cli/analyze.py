@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arguments, format_count, print_table
+from .common import add_command, add_model_arguments, add_output_options, format_count, print_table, set_result
 from .inputs import example_batch, load_model
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "analyze", help="per-layer table: shapes, params, MACs, break-even ranks, singular-value energy",
-        description="Analyse a model: what each layer costs and how compressible its weights are.")
+    parser = add_command(
+        subparsers, "analyze", help="per-layer table: shapes, params, MACs, break-even ranks, singular-value energy",
+        description="Analyse a model: what each layer costs and how compressible its weights are.",
+        examples=["rankshrink analyze --model builtin:digits-cnn",
+                  "rankshrink analyze --model my_model.py:make --weights w.safetensors --input-shape 3,32,32",
+                  "rankshrink analyze --model builtin:cifar-cnn --json > analysis.json"])
     add_model_arguments(parser, model_default="builtin:digits-cnn")
     parser.add_argument("--data", help="data SPEC for the example input (builtin:digits, mnist:DIR, "
                                        "cifar10:DIR, synthetic:cifar); default: the model's own")
     parser.add_argument("--input-shape", help="per-sample input shape, e.g. 1,28,28 (instead of --data)")
-    parser.add_argument("--json", metavar="OUT", help="also write the full analysis as JSON")
+    parser.add_argument("--out", metavar="FILE", help="write the full analysis as JSON to FILE (as --json FILE)")
+    add_output_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze
-    from ..files import atomic_write_json
 
     model = load_model(args)
     batch = example_batch(args, model)
@@ -39,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
           f"{format_count(result.cost.macs)} MACs per sample")
     for name, reason in result.skipped:
         print(f"skipped {name}: {reason}")
-    if args.json:
-        atomic_write_json(args.json, result.to_dict())
-        print(f"wrote {args.json}")
+    data = result.to_dict()
+    if args.out:
+        from ..files import atomic_write_json
+
+        atomic_write_json(args.out, data)
+        print(f"wrote {args.out}")
+    set_result(args, data)
     return 0

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arguments, format_count, print_table
+from .common import (
+    add_command,
+    add_model_arguments,
+    add_output_options,
+    add_report_option,
+    format_count,
+    print_table,
+    set_result,
+    write_run_report,
+)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "apply", help="factorize the layers a plan names and save the compressed model",
-        description="Apply a plan (JSON: layer -> method, rank) to a model; write model.safetensors "
-                    "and plan.json to --out. The input model file is never modified. The outputs appear together "
-                    "or not at all: summary.json, written last, records the seed and the sha256 of the others.")
+    parser = add_command(
+        subparsers, "apply", help="factorize the layers a plan names and save the compressed model",
+        description="Apply a plan (JSON: layer -> method, rank) to a model; write model.safetensors, "
+                    "plan.json, summary.json and report.html to --out. The input model file is never modified. The "
+                    "outputs appear together or not at all: summary.json, written last, records the seed and the "
+                    "sha256 of the others.",
+        examples=["rankshrink apply --model builtin:digits-cnn --plan out/plan.json --out again/",
+                  "rankshrink apply --model my_model.py:make --weights w.safetensors --plan plan.json "
+                  "--data mnist:~/mnist --out applied/",
+                  "rankshrink apply --model builtin:digits-cnn --plan plan.json --fit weights --out w/ --json"])
     add_model_arguments(parser)
     parser.add_argument("--plan", required=True, help="plan JSON file (see docs/ARCHITECTURE.md)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -25,6 +39,8 @@ def register(subparsers) -> None:
                         help="re-fit every entry to the weights or to the activations (default: as the plan says)")
     parser.add_argument("--seed", type=int,
                         help="seed for randomized factorizations (CP, randomized SVD), replacing the plan's")
+    add_output_options(parser)
+    add_report_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         from ..data import load_data
 
         data = load_data(spec)
-    compressed = apply(model, plan, data=data, progress=True)  # validates the whole plan first
+    compressed = apply(model, plan, data=data, progress=not args.quiet)  # validates the whole plan first
     try:
         batch = example_batch(args, model)
     except ConfigError:
@@ -70,9 +86,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nparams {format_count(before.params)} -> {format_count(after.params)} "
               f"({before.params / after.params:.2f}x smaller), MACs {format_count(before.macs)} -> "
               f"{format_count(after.macs)} ({before.macs / max(after.macs, 1):.2f}x fewer)")
+    from ..report_data import enrich_summary
+
+    enrich_summary(summary, original=model, compressed=compressed, plan=plan.to_dict()["layers"],
+                   example_input=batch, argv=args.argv, data_spec=args.data, model_spec=args.model,
+                   weights=args.weights, seed=summary["seed"], splits=data, measure=False)
     with output_set(args.out, force=args.force, summary=summary) as staging:
         save(compressed, plan, staging)
-    print(f"wrote {args.out}/model.safetensors, plan.json, summary.json")
+    report = write_run_report(args, args.out)
+    print(f"wrote {args.out}/model.safetensors, plan.json, summary.json" + (", report.html" if report else ""))
+    set_result(args, {**summary, "out": str(args.out), "report": report})
     return 0
 
 

@@ -79,3 +79,84 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], file=None
 
 def _is_number(text: str) -> bool:
     return bool(re.fullmatch(r"-?[0-9.,]+[kMG%x]?", text))
+
+
+# --------------------------------------------------------------------------- one workflow: shared options, help
+
+EXIT_CODES = ("exit status: 0 success; 1 user error (a bad option, input file or data: the one-line message says "
+              "what to change); 2 internal error (a bug: rerun with --debug and report it); 130 interrupted "
+              "(finished work is kept, and rerunning the same command resumes it)")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, but an epilog of examples keeps its lines (descriptions still wrap)."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith(("exit status:", "examples:")):
+            import textwrap
+
+            head, _, examples = text.partition("\n\nexamples:\n")
+            wrapped = textwrap.fill(head, width, initial_indent=indent, subsequent_indent=indent + "  ")
+            return wrapped + ("\n\nexamples:\n" + examples if examples else "")
+        return super()._fill_text(text, width, indent)
+
+
+def epilog(*examples: str) -> str:
+    """The end of every command's --help: the exit codes, then two or three examples."""
+    return EXIT_CODES + "\n\nexamples:\n" + "\n".join(f"  {example}" for example in examples)
+
+
+def add_command(subparsers, name: str, *, help: str, description: str, examples: Sequence[str]):
+    """A command's sub-parser whose --help ends with the exit codes and ``examples``."""
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog(*examples),
+                                 formatter_class=HelpFormatter)
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, progress: bool = True) -> None:
+    """``--quiet`` (``--no-progress`` is an alias) and ``--json [FILE]``, the same on every command.
+
+    ``progress`` False: the command shows no progress bars, and ``--quiet`` is accepted so that
+    one set of options works everywhere.
+    """
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress bars (--no-progress is the same)" if progress
+                        else "accepted for uniformity: this command shows no progress bars")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="print one JSON summary on stdout and nothing else (tables and notes go to stderr); "
+                             "with FILE, write the JSON to FILE instead and print the tables as usual")
+
+
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not write report.html into --out (rankshrink report DIR writes it later)")
+
+
+def set_result(args: argparse.Namespace, payload: Any) -> None:
+    """The JSON summary ``--json`` prints (or writes) once the command has finished."""
+    args.json_result = payload
+
+
+def json_to_stdout(args: argparse.Namespace) -> bool:
+    return getattr(args, "json", None) == "-"
+
+
+def write_run_report(args: argparse.Namespace, directory) -> str | None:
+    """Write ``directory``/report.html unless ``--no-report``; the path, or None.
+
+    The run's outputs are complete before this is called, so a report that cannot be drawn
+    is a warning (with how to retry), not a failed command.
+    """
+    if getattr(args, "no_report", False):
+        return None
+    from ..html_report import write_html_report
+
+    try:
+        path = write_html_report(directory)
+    except Exception as exc:  # the outputs are safe; say so and how to retry
+        if getattr(args, "debug", False):
+            raise
+        command = " ".join(filter(None, [getattr(args, "command", None), getattr(args, "lora_command", None)]))
+        print(f"rankshrink {command}: warning: report.html not written ({type(exc).__name__}: {exc}); the other "
+              f"outputs are complete. Retry with: rankshrink report {directory}", file=sys.stderr)
+        return None
+    return str(path)

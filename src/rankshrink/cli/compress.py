@@ -22,7 +22,19 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_model_arguments, format_bytes, format_count, parse_bytes, parse_ratio, print_table
+from .common import (
+    add_command,
+    add_model_arguments,
+    add_output_options,
+    add_report_option,
+    format_bytes,
+    format_count,
+    parse_bytes,
+    parse_ratio,
+    print_table,
+    set_result,
+    write_run_report,
+)
 
 _COUNT_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
 METRICS = ("accuracy", "agreement", "per-class", "worst-class")
@@ -81,12 +93,18 @@ def parse_methods(text: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compress", help="find the smallest ranks within a tolerance, or the best model within a budget",
+    parser = add_command(
+        subparsers, "compress", help="find the smallest ranks within a tolerance, or the best model within a budget",
         description="Search every layer's factorization method and rank, then save the compressed model. "
                     "The tolerance is enforced on the validation split; test accuracy is only reported. "
                     "Budgets: a value up to 1 (or with %%) is a ratio of the original, above 1 an absolute "
-                    "count (1.2M, 350k) or size (256KB, 1.5MB).")
+                    "count (1.2M, 350k) or size (256KB, 1.5MB). Writes plan.json, model.safetensors, summary.json "
+                    "and report.html to --out.",
+        examples=["rankshrink compress --model builtin:digits-cnn --tolerance 1% --out out/",
+                  "rankshrink compress --model my_model.py:make --weights w.safetensors --data mnist:~/mnist "
+                  "--max-macs 30% --out out/",
+                  "rankshrink compress --model builtin:cifar-cnn --max-bytes 256KB --finetune 3 --distill "
+                  "--out small/ --json > small.json"])
     add_model_arguments(parser)
     parser.add_argument("--data", help="data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, synthetic:cifar); "
                                        "default: a built-in model's own data")
@@ -114,7 +132,8 @@ def register(subparsers) -> None:
     cache.add_argument("--cache", help="evaluation cache directory (default: the user cache dir)")
     cache.add_argument("--no-cache", action="store_true", help="do not read or write the evaluation cache")
     parser.add_argument("--seed", type=int, default=0, help="seed for factorizations and calibration sampling")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_options(parser)
+    add_report_option(parser)
     from .finetune import add_recovery_arguments
 
     add_recovery_arguments(parser)  # --finetune EPOCHS [--distill] [--finetune-lr ...]
@@ -181,8 +200,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"fine-tuned {recovery.epochs_run} epoch(s){' with distillation' if recovery.distilled else ''}: "
               f"validation accuracy {_pct(recovery.val_before)} -> {_pct(recovery.val_after)}, "
               f"test accuracy {_pct(recovery.test_before)} -> {_pct(recovery.test_after)}")
+    from ..report_data import enrich_summary
+
+    summary.setdefault("probes", result.probes)
+    enrich_summary(summary, original=model, compressed=compressed, plan=result.plan.to_dict()["layers"],
+                   splits=splits, argv=args.argv, data_spec=spec, model_spec=args.model, weights=args.weights,
+                   seed=args.seed)
     write_outputs(compressed, result.plan, summary, args.out, force=args.force)
-    print(f"wrote {args.out}/plan.json, model.safetensors, summary.json")
+    report = write_run_report(args, args.out)
+    print(f"wrote {args.out}/plan.json, model.safetensors, summary.json" + (", report.html" if report else ""))
+    set_result(args, {**summary, "out": str(args.out), "report": report})
     return 0
 
 

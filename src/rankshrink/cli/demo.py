@@ -11,29 +11,46 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import format_bytes, format_count
+from .common import (
+    add_command,
+    add_output_options,
+    add_report_option,
+    format_bytes,
+    format_count,
+    set_result,
+    write_run_report,
+)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="train (or load) the digits CNN and compress it within 1 accuracy point",
+    parser = add_command(
+        subparsers, "demo", help="train (or load) the digits CNN and compress it within 1 accuracy point",
         description="The whole pipeline on the built-in digits CNN: train or load it, search ranks within a "
-                    "one-point validation-accuracy tolerance, report before/after accuracy, size and MACs.")
-    parser.add_argument("--json", metavar="OUT", help="also write the summary as JSON to OUT")
+                    "one-point validation-accuracy tolerance, report before/after accuracy, size and MACs. With "
+                    "--out DIR it also writes what compress writes there (the model, plan.json, summary.json, "
+                    "report.html).",
+        examples=["rankshrink demo", "rankshrink demo --out demo/   # then open demo/report.html",
+                  "rankshrink demo --quiet --json > demo.json"])
     parser.add_argument("--tolerance", default="0.01", help="accuracy tolerance (default 0.01 = one point)")
+    parser.add_argument("--out", metavar="DIR", help="also save the compressed model, its plan, summary and report")
+    parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the evaluation cache")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_options(parser)
+    add_report_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import atomic_write_json
     from ..models import load_builtin
     from ..search import compress
     from ..search.evaluate import single_threaded
     from .compress import parse_tolerance, print_report
 
     tolerance = parse_tolerance(args.tolerance)
+    if args.out:
+        from ..files import check_output_dir
+
+        check_output_dir(args.out, force=args.force)  # before any work
     start = time.perf_counter()
     with single_threaded():  # a tiny model: one thread is as fast, and far faster on a busy machine
         model, splits = load_builtin("digits-cnn", progress=not args.quiet)
@@ -48,9 +65,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ndemo: {format_count(o['params'])} -> {format_count(c['params'])} parameters, "
           f"{format_count(o['macs'])} -> {format_count(c['macs'])} MACs, {format_bytes(o['bytes'])} -> "
           f"{format_bytes(c['bytes'])}, in {total:.1f} s")
-    if args.json:
-        summary.update({"model": "builtin:digits-cnn", "data": "builtin:digits", "seconds_total": round(total, 3),
-                        "seconds_model": round(loaded, 3)})
-        atomic_write_json(args.json, summary)
-        print(f"wrote {args.json}")
+    summary.update({"model": "builtin:digits-cnn", "data": "builtin:digits", "seconds_total": round(total, 3),
+                    "seconds_model": round(loaded, 3)})
+    if args.out:
+        from ..report_data import enrich_summary
+        from .compress import write_outputs
+
+        summary.setdefault("probes", result.probes)
+        enrich_summary(summary, original=model, compressed=result.model, plan=result.plan.to_dict()["layers"],
+                       splits=splits, argv=args.argv, data_spec="builtin:digits", model_spec="builtin:digits-cnn",
+                       seed=result.seed)
+        write_outputs(result.model, result.plan, summary, args.out, force=args.force)
+        report = write_run_report(args, args.out)
+        print(f"wrote {args.out}/plan.json, model.safetensors, summary.json" + (", report.html" if report else ""))
+        summary = {**summary, "out": str(args.out), "report": report}
+    set_result(args, summary)
     return 0

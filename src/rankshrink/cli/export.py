@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arguments, print_table
+from .common import add_command, add_model_arguments, add_output_options, print_table, set_result
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export", help="export to ONNX and measure latency on ONNX Runtime",
+    parser = add_command(
+        subparsers, "export", help="export to ONNX and measure latency on ONNX Runtime",
+        examples=["rankshrink export --model builtin:digits-cnn --out model.onnx",
+                  "rankshrink export --model builtin:digits-cnn --compressed out/ --out small.onnx --batch 32",
+                  "rankshrink export --model builtin:digits-cnn --compressed out/ --out small.onnx "
+                  "--drop-slower faster_plan.json --json"],
         description="Export a (compressed) model to ONNX, verified against PyTorch, and time it on "
                     "ONNX Runtime next to the original. With --compressed DIR (written by compress/apply) "
                     "each factorized layer is also timed against the dense layer it replaced, and "
@@ -24,6 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     parser.add_argument("--drop-slower", metavar="PLAN_OUT",
                         help="write the plan without factorized layers that ran slower than dense")
+    add_output_options(parser, progress=False)
     parser.set_defaults(func=run)
 
 
@@ -49,8 +54,13 @@ def run(args: argparse.Namespace) -> int:
     for name, value in latency.items():
         print(f"{name}: median {value.median_ms:.3f} ms, p90 {value.p90_ms:.3f} ms over {value.runs} runs "
               f"(batch {args.batch}, {args.threads} thread(s))")
+    result: dict = {"onnx": str(args.out), "batch": args.batch, "threads": args.threads,
+                    "latency_ms": {name: {"median": v.median_ms, "p90": v.p90_ms, "runs": v.runs}
+                                   for name, v in latency.items()}}
+    set_result(args, result)
     if args.compressed:
         speeds = layer_latencies(original, model, batch, runs=args.runs, threads=args.threads)
+        result["layers"] = [s.to_dict() for s in speeds]
         print_table(["layer", "method", "rank", "dense ms", "factorized ms", "speed-up"],
                     [[s.name, s.method, s.rank, f"{s.dense_ms:.4f}", f"{s.factorized_ms:.4f}",
                       f"{s.speedup:.2f}x"] for s in speeds])
@@ -63,4 +73,5 @@ def run(args: argparse.Namespace) -> int:
             dropped = kept.metadata.get("dropped_as_slower", [])
             print(f"wrote {args.drop_slower}: {len(kept)} layers kept"
                   + (f", dropped as slower: {', '.join(dropped)}" if dropped else ""))
+            result.update(drop_slower=str(args.drop_slower), dropped_as_slower=list(dropped))
     return 0

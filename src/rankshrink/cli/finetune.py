@@ -27,18 +27,32 @@ import argparse
 import shutil
 from pathlib import Path
 
-from .common import add_model_arguments, print_table
+from .common import (
+    add_command,
+    add_model_arguments,
+    add_output_options,
+    add_report_option,
+    print_table,
+    set_result,
+    write_run_report,
+)
 
 CHECKPOINT_DIR = ".finetune-checkpoint"
 SUMMARY_FILE = "summary.json"
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "finetune", help="fine-tune a factorized model's factors to recover accuracy (optionally distilling)",
+    parser = add_command(
+        subparsers, "finetune",
+        help="fine-tune a factorized model's factors to recover accuracy (optionally distilling)",
         description="Recovery fine-tuning: train the factor layers of a factorized model (or everything) on the "
-                    "training split, keep the best validation epoch, and save the result. Accuracy never gets "
-                    "worse on validation than the model it starts from.")
+                    "training split, keep the best validation epoch, and save the result (model.safetensors, "
+                    "plan.json, summary.json, report.html). Accuracy never gets worse on validation than the model "
+                    "it starts from.",
+        examples=["rankshrink finetune --model builtin:digits-cnn --weights out/ --epochs 3 --distill --out tuned/",
+                  "rankshrink finetune --model my_model.py:make --weights w.safetensors --plan plan.json "
+                  "--data mnist:~/mnist --epochs 5 --out tuned/",
+                  "rankshrink finetune --model builtin:digits-cnn --weights out/ --epochs 2 --out tuned/ --json"])
     add_model_arguments(parser)
     parser.add_argument("--plan", help="plan JSON; required unless --weights is a directory written by rankshrink")
     parser.add_argument("--data", help="data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, synthetic:cifar); "
@@ -53,7 +67,8 @@ def register(subparsers) -> None:
     parser.add_argument("--fit", "--objective", dest="fit", choices=("activations", "weights"),
                         help="when --weights holds the original model: re-fit every plan entry to the activations "
                              "or the weights (default: as the plan says)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_options(parser)  # --quiet (alias --no-progress), --json
+    add_report_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -104,7 +119,7 @@ def recover_from_args(args: argparse.Namespace, original, compressed, splits, *,
                     schedule=args.finetune_schedule, patience=args.finetune_patience,
                     distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
                     seed=getattr(args, "seed", 0) or 0, checkpoint_dir=checkpoint_dir,
-                    progress=not getattr(args, "no_progress", False))
+                    progress=not (getattr(args, "quiet", False) or getattr(args, "no_progress", False)))
 
 
 # --------------------------------------------------------------------------- finetune command
@@ -195,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("fine-tuning needs data: pass --data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, "
                           "synthetic:cifar).")
     splits = load_data(spec)
-    progress = not args.no_progress
+    progress = not args.quiet
     compressed, plan, original = _load_compressed(args, plan)
     fit = "loaded"
     if compressed is None:
@@ -225,10 +240,13 @@ def run(args: argparse.Namespace) -> int:
     accuracies["finetuned"] = {"val": result.val_after, "test": result.test_after}
     summary = {"command": "finetune", "model": args.model, "data": spec, "fit": fit,
                "seed": args.seed, "plan": plan.to_dict(), "accuracy": accuracies, "finetune": result.to_dict()}
+    _add_report_data(summary, args, reference, result.model, plan, splits)
     # --out was validated before training; it now holds only the checkpoint besides the user's files.
     with output_set(out, force=True, summary=summary, summary_name=SUMMARY_FILE) as stage:
         save(result.model, plan, stage, force=True)
     shutil.rmtree(checkpoint, ignore_errors=True)
+    report = write_run_report(args, out)
+    set_result(args, {**summary, "out": str(out), "report": report})
 
     def pct(value):
         return "" if value is None else f"{100 * value:.2f}%"
@@ -238,5 +256,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ntrained {result.trained} ({result.trained_parameters:,} of {result.total_parameters:,} parameters) for "
           f"{result.epochs_run} epochs{' with distillation' if result.distilled else ''}; best epoch "
           f"{result.best_epoch}{' (the starting model was best)' if result.best_epoch == 0 else ''}")
-    print(f"wrote {out}/model.safetensors, plan.json, {SUMMARY_FILE}")
+    print(f"wrote {out}/model.safetensors, plan.json, {SUMMARY_FILE}" + (", report.html" if report else ""))
     return 0
+
+
+def _add_report_data(summary: dict, args: argparse.Namespace, reference, tuned, plan, splits) -> None:
+    """Sizes of the original (when known) and the fine-tuned model, and what the report draws from."""
+    from ..cost import count
+    from ..metrics import to_model
+    from ..report_data import enrich_summary
+
+    example = to_model(splits.val.tensors[0][:1], tuned)
+    if reference is not None:
+        summary["original"] = count(reference, example).to_dict()
+    summary["compressed"] = count(tuned, example).to_dict()
+    enrich_summary(summary, original=reference, compressed=tuned, plan=plan.to_dict()["layers"],
+                   example_input=example, splits=splits, argv=args.argv, data_spec=summary["data"],
+                   model_spec=args.model, weights=args.weights, seed=args.seed)

@@ -13,7 +13,8 @@ def load_model(args: argparse.Namespace):
     from ..models import load_model_spec
 
     return load_model_spec(args.model, getattr(args, "weights", None),
-                           trust_pickle=getattr(args, "trust_pickle", False))
+                           trust_pickle=getattr(args, "trust_pickle", False),
+                           progress=not getattr(args, "quiet", False))
 
 
 def default_data_spec(model_spec: str) -> str | None:

@@ -23,6 +23,7 @@ from ..files import atomic_write_json, check_output_dir, output_set, save_tensor
 from ..lora.config import LoraConfig
 from ..lora.io import CONFIG_NAME, WEIGHTS_NAME, adapter_size_bytes, load_adapter, save_adapter
 from ..lora.model import add_adapters, count_parameters, lora_layers, remove_adapters
+from .common import HelpFormatter, add_output_options, epilog, set_result
 
 TRAIN_SUMMARY = "train_summary.json"
 MERGED_WEIGHTS = "model.safetensors"
@@ -149,12 +150,16 @@ def merge_adapter_command(*, model: str, weights: str | None, adapter: str, out:
 # ---------------------------------------------------------------------------- argparse
 def add_lora_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``lora train`` and ``lora merge`` on the main parser's sub-parsers."""
+    train_example = ("rankshrink lora train --model builtin:digits-cnn --target classifier.1,classifier.3 --rank 4 "
+                     "--alpha 8 --out adapter/")
+    merge_example = "rankshrink lora merge --model builtin:digits-cnn --adapter adapter/ --out merged/"
     parser = subparsers.add_parser(
         "lora", help="train LoRA adapters and merge them into a model",
         description="Low-rank adapters (LoRA): train only small A·B updates of chosen layers, save them in "
-                    "Hugging Face PEFT's file layout, merge them into the weights.")
+                    "Hugging Face PEFT's file layout, merge them into the weights.",
+        epilog=epilog(train_example, merge_example), formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="lora_command", metavar="SUBCOMMAND")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
 
     def model_args(p):
         p.add_argument("--model", required=True,
@@ -166,6 +171,9 @@ def add_lora_subparser(subparsers) -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="add adapters to a model and train them (base weights stay frozen)",
+        formatter_class=HelpFormatter,
+        epilog=epilog(train_example, "rankshrink lora train --model my_model.py:make --weights w.safetensors "
+                                     "--data mnist:~/mnist --target Linear --rank 8 --epochs 3 --out adapter/ --json"),
         description="Add a LoRA adapter to the --target layers, train only the adapter on --data, and write "
                     "adapter_config.json + adapter_model.safetensors (PEFT layout) and train_summary.json to "
                     "--out. An interrupted run resumes when rerun with the same arguments.")
@@ -187,11 +195,14 @@ def add_lora_subparser(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", required=True, help="adapter output directory")
     train.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_options(train)  # --quiet (alias --no-progress), --json
     train.set_defaults(func=_run_train)
 
     merge = commands.add_parser(
         "merge", help="fold an adapter into the base weights and save a plain model",
+        formatter_class=HelpFormatter,
+        epilog=epilog(merge_example, "rankshrink lora merge --model builtin:digits-cnn --weights out/ --adapter "
+                                     "adapter/ --out merged/ --json"),
         description="Load the base model and the adapter in --adapter, merge W + s·B·A, and write the merged "
                     "weights to --out (model.safetensors; for a compressed base also plan.json).")
     model_args(merge)
@@ -200,6 +211,7 @@ def add_lora_subparser(subparsers) -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
     merge.add_argument("--no-check-fingerprint", action="store_true",
                        help="load the adapter even if the base weights differ from the ones it was trained on")
+    add_output_options(merge, progress=False)
     merge.set_defaults(func=_run_merge)
     return parser
 
@@ -209,12 +221,13 @@ def _run_train(args: argparse.Namespace) -> int:
         model=args.model, weights=args.weights, data=args.data, target=args.target, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, rslora=args.rslora, init=args.init, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, patience=args.patience, seed=args.seed, out=args.out,
-        force=args.force, trust_pickle=args.trust_pickle, progress=not args.no_progress)
+        force=args.force, trust_pickle=args.trust_pickle, progress=not args.quiet)
     print(f"adapted layers: {', '.join(summary['targets'])}")
     print(f"trainable params: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
           f"({summary['trainable_percent']:.2f}%)")
     print(f"test accuracy: base {summary['base_test_accuracy']:.4f} -> adapted {summary['adapted_test_accuracy']:.4f}")
     print(f"wrote {args.out}/{CONFIG_NAME}, {WEIGHTS_NAME} ({summary['adapter_bytes']:,} bytes), {TRAIN_SUMMARY}")
+    set_result(args, summary)
     return 0
 
 
@@ -224,6 +237,7 @@ def _run_merge(args: argparse.Namespace) -> int:
                                     check_fingerprint=not args.no_check_fingerprint)
     print(f"merged adapter into: {', '.join(summary['merged_layers'])}")
     print(f"wrote {args.out}/ ({summary['parameters']:,} parameters)")
+    set_result(args, summary)
     return 0
 
 

@@ -154,6 +154,11 @@ class Method(ABC):
     def rank_estimates(self, weight: torch.Tensor, keep: float) -> tuple[Any, Any]:
         """(EVBMF rank, rank keeping ``keep`` of Σσ²) for this method's factorization of ``weight``."""
 
+    def spectrum_rank(self, rank: Any) -> int | None:
+        """The rank this factorization leaves the weight's (out, in·k…) matrix with, when it truncates that
+        matrix's spectrum (the report marks it there); None when its rank is a rank of another object."""
+        return None
+
     # -- structure
     @abstractmethod
     def build(self, geometry: dict[str, Any], rank: Any, *, dtype=None, device=None) -> Factorized:

@@ -83,6 +83,9 @@ class Tucker2(Method):
 
         return channel_mode_estimates(weight, keep)
 
+    def spectrum_rank(self, rank: Any) -> int | None:
+        return int(rank[0])  # the output-channel (mode-0) truncation
+
     def build(self, geometry: dict[str, Any], rank: Any, *, dtype=None, device=None) -> Factorized:
         kw = {"dtype": dtype, "device": device}
         cls = conv_class(geometry)

@@ -43,6 +43,9 @@ class Weight(Method):
     def rank_estimates(self, weight: torch.Tensor, keep: float) -> tuple[Any, Any]:
         return matrix_rank_estimates(weight.reshape(weight.shape[0], -1), keep)
 
+    def spectrum_rank(self, rank: Any) -> int | None:
+        return int(rank)
+
     def build(self, geometry: dict[str, Any], rank: Any, *, dtype=None, device=None) -> Factorized:
         kw = {"dtype": dtype, "device": device}
         cls = conv_class(geometry)

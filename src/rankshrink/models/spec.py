@@ -63,11 +63,12 @@ def _import_factory(file_part: str, attr: str) -> nn.Module:
 
 
 def load_model_spec(spec: str, weights: str | Path | None = None, *,
-                    trust_pickle: bool = False) -> nn.Module:
+                    trust_pickle: bool = False, progress: bool = True) -> nn.Module:
     """Build the model a SPEC names, load ``weights`` strictly if given, return it in eval mode.
 
     ``builtin:NAME`` without weights returns the cached trained model (training it on
-    first use); with weights, the model is built for its default data's shapes.
+    first use, with a progress bar unless ``progress`` is False); with weights, the model is
+    built for its default data's shapes.
     ``FILE.py:FACTORY`` imports the file by path and calls ``FACTORY()``.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -78,7 +79,7 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
         name = spec[len("builtin:"):]
         entry = builtin_entry(name)
         if weights is None:
-            return load_builtin(name)[0]
+            return load_builtin(name, progress=progress)[0]
         model = entry.create()
     else:
         file_part, sep, attr = spec.rpartition(":")
