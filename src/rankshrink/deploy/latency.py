@@ -21,7 +21,7 @@ from ..factorized import Factorized
 from ..plan import Plan
 from .onnx import onnx_bytes, ort_session, require_onnxruntime
 
-__all__ = ["Latency", "onnx_latency", "LayerSpeed", "layer_latencies", "drop_slower_layers"]
+__all__ = ["Latency", "onnx_latency", "LayerSpeed", "layer_latencies", "drop_slower_layers", "time_sessions"]
 
 
 @dataclass
@@ -49,6 +49,20 @@ def _summary(samples: list[float]) -> Latency:
     ordered = sorted(samples)
     return Latency(statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
                    len(ordered))
+
+
+def time_sessions(sessions: list, feeds: list[dict], *, runs: int = 30, warmup: int = 5, min_ms: float = 0.0,
+                  max_runs: int = 1000) -> list[Latency]:
+    """Interleaved timing of ONNX Runtime sessions: at least ``runs`` rounds, and more (up to
+    ``max_runs``) until every session has run for ``min_ms`` in all, so fast graphs get enough samples."""
+    if runs < 1 or warmup < 0 or max_runs < runs:
+        raise ConfigError("runs must be >= 1, warmup >= 0 and max_runs >= runs.")
+    times = _timed_runs(sessions, feeds, runs, warmup)
+    while min(sum(t) for t in times) < min_ms and len(times[0]) < max_runs:
+        more = min(max_runs - len(times[0]), len(times[0]))  # double the sample each round
+        for index, extra in enumerate(_timed_runs(sessions, feeds, more, 0)):
+            times[index].extend(extra)
+    return [_summary(t) for t in times]
 
 
 def onnx_latency(models: dict[str, nn.Module], example_input: torch.Tensor, *, runs: int = 50,
