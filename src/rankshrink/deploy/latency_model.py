@@ -441,6 +441,7 @@ class LatencyModel:
         interpolating the others' time ratio linearly in their MAC count."""
         impl = get_method(method)
         geometry = dict(geometry)
+        impl.check_layer(geometry)
         batches = self._batches(batches)
         ranks = list(dict.fromkeys(impl.normalize_rank(geometry, _rank_key(r)) for r in ranks))
         if not ranks:
@@ -489,6 +490,7 @@ class LatencyModel:
         check_number(band, "band", minimum=0)
         impl = get_method(method)
         geometry = dict(geometry)
+        impl.check_layer(geometry)
         batches = self._batches(batches)
         ranks = list(dict.fromkeys(impl.normalize_rank(geometry, _rank_key(r)) for r in ranks))
         if measure_all:
