@@ -7,7 +7,7 @@ shared fraction ρ of its dense MACs, with ρ bisected so the whole model lands 
 and 0.25 of its MACs (where the uncompressible part, e.g. depthwise convolutions, allows).
 The method per layer is fixed by layer shape: SVD for Linear layers, the rank-r 1×1 pair
 ('weight') for 1×1 convolutions, Tucker-2 for larger kernels. Activation fits (512 calibration
-samples), no fine-tuning.
+samples; weight fits for layers of more than 2048 inputs), no fine-tuning.
 
 Measured (ONNX Runtime, CPU execution provider, 1 thread): the original and both compressed
 models at batch 1 and 32, interleaved in one run; the MAC ratio next to the latency ratio;
@@ -26,6 +26,7 @@ and ``latency.md``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import subprocess
@@ -42,13 +43,14 @@ from rankshrink.deploy.latency import time_sessions
 from rankshrink.deploy.latency_model import LatencyModel, LatencySettings, cpu_model
 from rankshrink.deploy.onnx import onnx_bytes, ort_session, require_onnxruntime
 from rankshrink.files import atomic_write_json, atomic_write_text
-from rankshrink.methods import get_method
+from rankshrink.methods import get_method, make_config
 from rankshrink.metrics import accuracy
 from rankshrink.models import BUILTIN_MODELS, load_builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = (0.5, 0.25)
+MAX_ACTIVATION_FAN_IN = 2048  # the wide MLP's 8192 inputs: a weight fit (an 8192² eigenproblem takes minutes)
 BATCHES = (1, 32)
 
 
@@ -56,6 +58,12 @@ def method_for(geometry: dict) -> str:
     if geometry["type"] == "Linear":
         return "svd"
     return "weight" if all(k == 1 for k in geometry["kernel_size"]) else "tucker2"
+
+
+def fan_in(geometry: dict) -> int:
+    if geometry["type"] == "Linear":
+        return geometry["in_features"]
+    return geometry["in_channels"] * math.prod(geometry["kernel_size"])
 
 
 def largest_rank_within(geometry: dict, input_size, method: str, limit: float):
@@ -78,12 +86,14 @@ def uniform_plan(rows, total_macs: int, rho: float) -> tuple[Plan, int]:
         method = method_for(row.geometry)
         dense = dense_cost(row.geometry, row.input_size).macs * row.calls
         rank = largest_rank_within(row.geometry, row.input_size, method, rho * dense / row.calls)
-        if rank is None:
-            continue
+        if rank is None:  # even rank 1 is above the share: rank 1, the least this layer can cost
+            rank = get_method(method).normalize_rank(row.geometry, 1)
         cost = get_method(method).cost(row.geometry, rank, row.input_size).macs * row.calls
         if cost >= dense:
             continue
-        entries[row.name] = (method, list(rank) if isinstance(rank, tuple) else rank)
+        # Activation fits where the layer's input statistics are small enough to decompose quickly.
+        fit = "activations" if fan_in(row.geometry) <= MAX_ACTIVATION_FAN_IN else "weights"
+        entries[row.name] = make_config(method, rank, fit=fit)
         macs += cost - dense
     return Plan.from_mapping(entries), macs
 
@@ -125,7 +135,8 @@ def bench_model(name: str, settings: LatencySettings, latency_model: LatencyMode
     sample = splits.val.tensors[0][:1]
     cost = count(model, sample)
     rows = [row for row in cost.layers if row.method is None]
-    calibration = calibrate(model, splits.train, samples=512)
+    small = [row.name for row in rows if fan_in(row.geometry) <= MAX_ACTIVATION_FAN_IN]
+    calibration = calibrate(model, splits.train, layers=small, samples=512)
     compressed, plans = {"original": model}, {}
     record = {"model": name, "macs": cost.macs, "params": cost.params, "other_macs": cost.other_multiplies,
               "test_accuracy": accuracy(model, splits.test), "plans": {}}
@@ -133,7 +144,7 @@ def bench_model(name: str, settings: LatencySettings, latency_model: LatencyMode
         plan, ratio, rho = plan_for_target(rows, cost.macs, target)
         key = f"{target:g}"
         plans[key] = plan
-        compressed[key] = apply(model, plan, calibration=calibration, fit="activations")
+        compressed[key] = apply(model, plan, calibration=calibration)
         record["plans"][key] = {"target": target, "mac_ratio": ratio, "rho": rho, "layers": len(plan),
                                 "plan": plan.to_dict()["layers"],
                                 "test_accuracy": accuracy(compressed[key], splits.test)}
@@ -144,10 +155,13 @@ def bench_model(name: str, settings: LatencySettings, latency_model: LatencyMode
     for key, plan in plans.items():
         entry = record["plans"][key]
         predicted = latency_model.predict(baseline, plan)
+        in_context = latency_model.predict(baseline, plan, context="model")
         entry["latency_ratio"], entry["predicted_ratio"], entry["slower_layers"] = {}, {}, {}
+        entry["predicted_in_context_ratio"] = {}
         for batch in BATCHES:
             entry["latency_ratio"][str(batch)] = measured[key][batch].median_ms / measured["original"][batch].median_ms
             entry["predicted_ratio"][str(batch)] = predicted[batch] / baseline.model_ms[batch].median_ms
+            entry["predicted_in_context_ratio"][str(batch)] = in_context[batch] / baseline.model_ms[batch].median_ms
         slower = {str(b): [] for b in BATCHES}
         for layer, config in plan.items():
             row = baseline.layers[layer]
@@ -166,28 +180,41 @@ def markdown(data: dict) -> str:
              f"torch {data['versions']['torch']}; CPU execution provider, {data['threads']} thread; medians of "
              f"interleaved runs (at least {data['settings']['runs']} runs and {data['settings']['min_ms']:g} ms "
              "per graph). Uniform plans (every layer at the same fraction of its MACs), activation fits, no "
-             "fine-tuning. Ratios are compressed / original (below 1 is faster); *predicted* is the latency "
-             "model (layers timed alone against dense + the rest of the graph).", "",
-             "| model | MACs | target | MAC ratio | latency ratio b1 | b32 | predicted b1 | b32 | "
-             "layers slower than dense (b1 / b32) | test acc. orig → compr. |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "fine-tuning. Ratios are compressed / original (below 1 is faster, **bold**: slower); *predicted* is "
+             "the latency model (each factorized layer timed alone against its dense layer, plus the rest of the "
+             "graph); *in context* is the latency model's in-model mode (each layer factorized alone inside the "
+             "whole model, changes added). *Slower layers*: factorized layers timed alone slower than dense.", "",
+             "| model | MACs | target | MAC ratio | latency ratio b1 | b32 | predicted b1 | b32 | in context b1 | "
+             "b32 | slower layers (b1 / b32) | test acc. orig → compr. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in data["models"]:
         for key, entry in record["plans"].items():
             lr, pr, slow = entry["latency_ratio"], entry["predicted_ratio"], entry["slower_layers"]
+            cr = entry["predicted_in_context_ratio"]
             flag = lambda v: f"**{v:.2f}**" if v > 1 else f"{v:.2f}"  # noqa: E731
             lines.append(
                 f"| {record['model']} | {record['macs'] / 1e6:.2f} M | {key} | {entry['mac_ratio']:.2f} | "
-                f"{flag(lr['1'])} | {flag(lr['32'])} | {pr['1']:.2f} | {pr['32']:.2f} | "
+                f"{flag(lr['1'])} | {flag(lr['32'])} | {pr['1']:.2f} | {pr['32']:.2f} | {cr['1']:.2f} | "
+                f"{cr['32']:.2f} | "
                 f"{len(slow['1'])} / {len(slow['32'])} of {entry['layers']} | "
                 f"{record['test_accuracy']:.3f} → {entry['test_accuracy']:.3f} |")
-    errors = [abs(e["predicted_ratio"][b] / e["latency_ratio"][b] - 1)
-              for r in data["models"] for e in r["plans"].values() for b in ("1", "32")]
+    def errors_of(field: str, batch: str) -> list[float]:
+        return sorted(abs(e[field][batch] / e["latency_ratio"][batch] - 1) for r in data["models"]
+                      for e in r["plans"].values() if e["layers"])
+
+    def summary(field: str) -> str:
+        parts = []
+        for batch in ("1", "32"):
+            errors = errors_of(field, batch)
+            parts.append(f"batch {batch}: median {errors[len(errors) // 2]:.1%}, largest {errors[-1]:.1%}")
+        return "; ".join(parts)
+
     worse = [(r["model"], k) for r in data["models"] for k, e in r["plans"].items()
              if any(e["latency_ratio"][b] > 1 for b in ("1", "32"))]
     gaps = [(r["model"], k, max(e["latency_ratio"][b] for b in ("1", "32")) / e["mac_ratio"])
             for r in data["models"] if r["macs"] >= 1e6 for k, e in r["plans"].items()]
-    lines += ["", f"- Prediction error of the latency ratio: median {sorted(errors)[len(errors) // 2]:.1%}, "
-              f"largest {max(errors):.1%} (over {len(errors)} model × plan × batch cases).",
+    lines += ["", f"- Error of the predicted latency ratio, layers timed alone: {summary('predicted_ratio')}.",
+              f"- Error of the predicted latency ratio, in context: {summary('predicted_in_context_ratio')}.",
               f"- Compressed models slower than their original at some batch size: {len(worse)} of "
               f"{sum(len(r['plans']) for r in data['models'])} ({', '.join(f'{m} {k}' for m, k in worse) or 'none'}).",
               "- Latency ratio ÷ MAC ratio (worst batch) on models of at least 1 M MACs: "

@@ -177,3 +177,24 @@ def test_whole_model_prediction_and_its_check() -> None:
         assert math.isfinite(check.to_dict()["error"])
     with pytest.raises(LayerError, match="baseline"):
         model.predict(model.baseline(original, x, layers=["4"], batches=(1,)), plan)
+
+
+def test_in_context_measurements_time_the_whole_model_with_one_layer_factorized(tmp_path) -> None:
+    settings = LatencySettings(runs=10, warmup=2, min_ms=10.0, max_runs=200, batches=(1, 32))
+    model = LatencyModel(settings, cache_dir=tmp_path)
+    original = _mlp()
+    x = torch.randn(1, 512)
+    timings = model.measure_in_model(original, x, "0", "svd", [8], batches=(1, 32))
+    for t in timings[8].values():
+        assert t.measured and t.ratio < 1.0  # one 512×512 layer of three at 1/32 of its MACs
+    assert model.measurements == 1
+    assert model.measure_in_model(original, x, "0", "svd", [8], batches=(1, 32)) == timings
+    assert model.measurements == 1 and model.cache.hits == 2
+    baseline = model.baseline(original, x)
+    assert model.predict(baseline, Plan(), context="model") == {
+        b: pytest.approx(baseline.model_ms[b].median_ms) for b in (1, 32)}
+    plan = Plan.from_mapping({"0": ("svd", 8), "2": ("svd", 8)})
+    for check in model.check(baseline, original, apply(original, plan), plan, x, context="model"):
+        assert check.predicted_ratio < 0.8 and check.measured_ratio < 0.8
+    with pytest.raises(ConfigError, match="context"):
+        model.predict(baseline, plan, context="device")

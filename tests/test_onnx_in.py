@@ -107,3 +107,13 @@ def test_bad_onnx_inputs(tmp_path) -> None:
     path = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "model.onnx")
     with pytest.raises(ConfigError, match="drop --weights"):
         load_model_spec(str(path), weights=tmp_path / "w.safetensors")
+
+
+@needs_onnx2torch
+def test_cli_reads_an_onnx_model(tmp_path, capsys) -> None:
+    from rankshrink.cli import main
+
+    path = export_onnx(_cnn(), torch.randn(1, 3, 8, 8), tmp_path / "model.onnx")
+    assert main(["analyze", "--model", str(path), "--input-shape", "3,8,8"]) == 0
+    out = capsys.readouterr().out
+    assert "Conv2d" in out and "Linear" in out

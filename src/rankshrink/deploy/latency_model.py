@@ -21,13 +21,17 @@ measures instead:
   those layers alone (:meth:`LatencyModel.baseline`); the rest of the graph is the model's
   time minus the layers' own; a plan's latency is predicted as the rest plus each layer's
   time (dense, or dense × the measured ratio) (:meth:`LatencyModel.predict`), and
-  :meth:`LatencyModel.check` compares the prediction with a measurement of the final model.
+  :meth:`LatencyModel.check` compares the prediction with a measurement of the final model;
+* **in context** (:meth:`LatencyModel.measure_in_model`, ``predict(..., context='model')``):
+  the whole model with one layer factorized, timed against the model, for what a layer alone
+  cannot show (layout changes around the block; see ``benchmarks/results/latency.md``).
 
 Factor blocks are built through the method registry only (``get_method(name).build``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -42,12 +46,12 @@ from torch import nn
 
 from ..cost import count
 from ..errors import ConfigError, LayerError
-from ..factorized import Factorized, conv_arguments, conv_class
+from ..factorized import Factorized, conv_arguments, conv_class, layer_geometry
 from ..files import atomic_write_text, user_cache_dir
 from ..fingerprint import jsonable, object_fingerprint
 from ..methods import get_method
 from ..plan import Plan
-from ..validation import check_int, check_number
+from ..validation import check_choice, check_int, check_number
 from .latency import Latency, time_sessions
 from .onnx import onnx_bytes, ort_session, require_onnxruntime
 
@@ -306,6 +310,8 @@ class ModelBaseline:
     model_ms: dict[int, Latency]
     layers: dict[str, LayerBaseline]
     identity: dict[str, Any]
+    model: nn.Module | None = field(default=None, repr=False)     # kept for in-context measurements
+    sample: torch.Tensor | None = field(default=None, repr=False)  # one example input (batch 1)
 
     def rest_ms(self, batch: int) -> float:
         """The model's time minus its candidate layers' own: everything else in the graph
@@ -560,7 +566,64 @@ class LatencyModel:
         self.measurements += 1
         return ModelBaseline(model_ms, {row.name: LayerBaseline(row.name, dict(row.geometry), tuple(row.input_size),
                                                                 row.calls, layer_ms[row.name]) for row in rows},
-                             dict(self.identity))
+                             dict(self.identity), model=model, sample=sample)
+
+    def measure_in_model(self, model: nn.Module, example_input: torch.Tensor, layer: str, method: str,
+                         ranks: Iterable[Any], batches: Iterable[int] | None = None) -> dict[Any, dict[int, Timing]]:
+        """Each rank's timing *in context*: the whole model with only ``layer`` replaced by the
+        block, timed interleaved with the unchanged model (``dense_ms`` and ``factorized_ms`` are
+        whole-model times). Slower than :meth:`measure`, but it sees what a graph does around a
+        layer: ONNX Runtime's CPU provider keeps chains of convolutions in a blocked layout
+        (NCHWc) and leaves it around factors whose channel counts do not fit the blocks, which
+        costs reorders that a layer timed alone does not pay. Cached per model fingerprint."""
+        from ..fingerprint import module_fingerprint
+        from ..surgery import replace_layer
+
+        ort = require_onnxruntime()
+        settings = self.settings
+        batches = self._batches(batches)
+        impl = get_method(method)
+        dense = model.get_submodule(layer)
+        geometry = layer_geometry(dense)
+        impl.check_layer(geometry, layer)
+        ranks = list(dict.fromkeys(impl.normalize_rank(geometry, _rank_key(r), layer=layer) for r in ranks))
+        sample = example_input[:1].detach().float()
+        context = {"model": module_fingerprint(model), "layer": layer, "input_shape": list(sample.shape[1:])}
+
+        def payload(rank: Any, batch: int) -> dict[str, Any]:
+            return {**self._payload(geometry, (), method, rank, batch), "context": context}
+
+        result: dict[Any, dict[int, Timing]] = {}
+        missing = []
+        for rank in ranks:
+            bodies = [self.cache.get(payload(rank, b)) for b in batches]
+            if all(body is not None for body in bodies):
+                result[rank] = {b: Timing(float(body["dense_ms"]), float(body["factorized_ms"]), int(body["runs"]))
+                                for b, body in zip(batches, bodies) if body is not None}
+            else:
+                missing.append(rank)
+        if missing:
+            base = _session(ort, model, sample, settings.threads)
+            for start in range(0, len(missing), _GROUP):
+                group = missing[start:start + _GROUP]
+                sessions = [base]
+                for rank in group:
+                    variant = copy.deepcopy(model)
+                    replace_layer(variant, layer, factor_block(geometry, method, rank))
+                    sessions.append(_session(ort, variant.eval(), sample, settings.threads))
+                for batch in batches:
+                    feed = {"input": sample.expand(batch, *sample.shape[1:]).contiguous().numpy()}
+                    whole, *variants = time_sessions(sessions, [feed] * len(sessions), runs=settings.runs,
+                                                     warmup=settings.warmup, min_ms=settings.min_ms,
+                                                     max_runs=settings.max_runs)
+                    for rank, latency in zip(group, variants):
+                        timing = Timing(whole.median_ms, latency.median_ms, latency.runs)
+                        result.setdefault(rank, {})[batch] = timing
+                        self.cache.put(payload(rank, batch), {"dense_ms": timing.dense_ms,
+                                                              "factorized_ms": timing.factorized_ms,
+                                                              "runs": timing.runs})
+                self.measurements += 1
+        return {rank: result[rank] for rank in ranks}
 
     def _plan_entries(self, baseline: ModelBaseline, plan: Plan | Mapping[str, tuple[str, Any]]):
         entries = {}
@@ -573,12 +636,28 @@ class LatencyModel:
         return entries
 
     def predict(self, baseline: ModelBaseline, plan: Plan | Mapping[str, tuple[str, Any]], *,
-                measure: bool = True) -> dict[int, float]:
-        """Predicted latency (ms) per batch size of the baseline's model with ``plan`` applied:
-        the rest of the graph plus each layer's time (dense, or dense × its measured ratio;
-        interpolated from cached and anchor ranks when ``measure`` is False)."""
+                measure: bool = True, context: str = "layer") -> dict[int, float]:
+        """Predicted latency (ms) per batch size of the baseline's model with ``plan`` applied.
+
+        ``context='layer'``: the rest of the graph plus each layer's time (dense, or dense ×
+        its ratio measured alone; interpolated from cached and anchor ranks when ``measure``
+        is False). ``context='model'``: the model's time plus, for each planned layer, the
+        change it made to the whole model's time on its own (:meth:`measure_in_model`).
+        """
+        check_choice(context, "context", ("layer", "model"))
         entries = self._plan_entries(baseline, plan)
         batches = tuple(baseline.model_ms)
+        if context == "model":
+            if baseline.model is None or baseline.sample is None:
+                raise ConfigError("context='model' needs a baseline made by LatencyModel.baseline "
+                                  "(it keeps the model).")
+            change = {b: 0.0 for b in batches}
+            for name, (method, rank) in entries.items():
+                timing = next(iter(self.measure_in_model(baseline.model, baseline.sample, name, method, [rank],
+                                                         batches).values()))
+                for b in batches:
+                    change[b] += timing[b].ratio - 1.0
+            return {b: baseline.model_ms[b].median_ms * (1.0 + change[b]) for b in batches}
         ratios: dict[str, dict[int, float]] = {}
         for name, (method, rank) in entries.items():
             layer = baseline.layers[name]
@@ -593,11 +672,12 @@ class LatencyModel:
             for name, layer in baseline.layers.items()) for batch in batches}
 
     def check(self, baseline: ModelBaseline, original: nn.Module, compressed: nn.Module,
-              plan: Plan | Mapping[str, tuple[str, Any]], example_input: torch.Tensor) -> list[PredictionCheck]:
+              plan: Plan | Mapping[str, tuple[str, Any]], example_input: torch.Tensor, *,
+              context: str = "layer") -> list[PredictionCheck]:
         """Measure ``original`` and ``compressed`` (interleaved) at the baseline's batch sizes
         and compare with :meth:`predict` for ``plan``."""
         ort = require_onnxruntime()
-        predicted = self.predict(baseline, plan)
+        predicted = self.predict(baseline, plan, context=context)
         sample = example_input[:1].detach().float()
         sessions = [_session(ort, m, sample, self.settings.threads) for m in (original, compressed)]
         checks = []

@@ -126,7 +126,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         default_data="synthetic:vww",
         example_input_shape=(3, 96, 96),
         num_classes=2,
-        training={"epochs": 3, "lr": 3e-3, "batch_size": 32, "optimizer": "adam"},
+        training={"epochs": 6, "lr": 3e-3, "batch_size": 32, "optimizer": "adam"},
     ),
     "fc-autoencoder": BuiltinModel(
         name="fc-autoencoder",
