@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -124,14 +123,14 @@ def test_synthetic_sets_are_deterministic_and_shaped(kind, shape, classes) -> No
     assert set(a.train.tensors[1].tolist()) <= set(range(classes))
 
 
-@pytest.mark.parametrize("kind, above", [("mfcc", 0.5), ("spectrum", 0.8)])
+@pytest.mark.parametrize("kind, above", [("mfcc", 0.35), ("spectrum", 0.9)])
 def test_synthetic_sets_are_learnable(kind, above) -> None:
-    # A linear model on a few hundred samples beats chance clearly (the CNNs do much better).
+    # The nearest class mean of 600 samples beats chance (1/12, 1/10) clearly; the networks do much better.
     data = load_synthetic(kind, n_train=600, n_val=10, n_test=300)
-    x, y = data.train.tensors
-    xt, yt = data.test.tensors
-    classifier = LogisticRegression(max_iter=300).fit(x.flatten(1).numpy(), y.numpy())
-    assert classifier.score(xt.flatten(1).numpy(), yt.numpy()) > above
+    x, y = (t.flatten(1) if t.dim() > 1 else t for t in data.train.tensors)
+    xt, yt = (t.flatten(1) if t.dim() > 1 else t for t in data.test.tensors)
+    means = torch.stack([x[y == c].mean(0) for c in range(data.num_classes)])
+    assert (torch.cdist(xt, means).argmin(1) == yt).float().mean() > above
 
 
 def test_anomalies_stand_out_from_a_low_dimensional_normal_set() -> None:

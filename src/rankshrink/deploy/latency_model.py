@@ -363,7 +363,8 @@ class LatencyModel:
 
     ``cache_dir``: where measurements are kept (default ``user_cache_dir()/latency``);
     ``None`` keeps nothing. ``measurements`` counts the timed runs this instance made
-    (one run times a dense layer and several candidates at every batch size).
+    (one run times a dense layer and several candidates at every batch size). ``progress``
+    shows a progress bar per batch of measurements.
     """
 
     def __init__(self, settings: LatencySettings | None = None, *,
@@ -373,6 +374,12 @@ class LatencyModel:
         self.identity = runtime_identity(self.settings.threads)
         self.progress = progress
         self.measurements = 0
+
+    def _groups(self, count: int, what: str):
+        """Start indices of the groups of candidates timed together, with a progress bar if asked."""
+        from tqdm.auto import tqdm
+
+        return tqdm(range(0, count, _GROUP), desc=what, unit="group", disable=not self.progress, leave=False)
 
     # -- single candidates
     def _payload(self, geometry: Mapping[str, Any], input_size: Sequence[int], method: str, rank: Any,
@@ -421,7 +428,7 @@ class LatencyModel:
         out: dict[Any, dict[int, Timing]] = {rank: {} for rank in ranks}
         # Small groups (the dense layer and a few candidates): timed among many other graphs a
         # layer runs with a cold cache, and ratios from groups of different sizes disagree.
-        for start in range(0, len(ranks), _GROUP):
+        for start in self._groups(len(ranks), f"timing {method} on {geometry['type']}"):
             group = ranks[start:start + _GROUP]
             sessions = [dense] + [_session(ort, factor_block(geometry, method, r), example, settings.threads)
                                   for r in group]
@@ -604,7 +611,7 @@ class LatencyModel:
                 missing.append(rank)
         if missing:
             base = _session(ort, model, sample, settings.threads)
-            for start in range(0, len(missing), _GROUP):
+            for start in self._groups(len(missing), f"timing {layer} ({method}) in the model"):
                 group = missing[start:start + _GROUP]
                 sessions = [base]
                 for rank in group:
