@@ -71,7 +71,8 @@ def test_qualified_layer_names() -> None:
 
 
 def test_registry_entries_build_for_their_example_shapes() -> None:
-    assert set(BUILTIN_MODELS) == {"digits-cnn", "cifar-cnn", "mnist-mlp"}
+    assert set(BUILTIN_MODELS) == {"digits-cnn", "cifar-cnn", "mnist-mlp", "resnet8", "ds-cnn", "mobilenet-v1",
+                                   "fc-autoencoder", "wide-mlp"}
     for entry in BUILTIN_MODELS.values():
         model = entry.create()
         assert model(torch.zeros(2, *entry.example_input_shape)).shape == (2, entry.num_classes)

@@ -7,6 +7,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .splits import Splits, _make_splits
+from .synthetic import SIGNAL_KINDS, SIGNAL_SHAPES, load_signal_synthetic
 
 
 def load_digits_splits(seed: int = 0) -> Splits:
@@ -33,12 +34,14 @@ def load_digits_splits(seed: int = 0) -> Splits:
                         (x[test_idx], y[test_idx]))
 
 
-_SYNTHETIC_SHAPES = {"cifar": (3, 32, 32), "mnist": (1, 28, 28)}
+_SYNTHETIC_SHAPES: dict[str, tuple[int, ...]] = {"cifar": (3, 32, 32), "mnist": (1, 28, 28), **SIGNAL_SHAPES}
 
 
-def load_synthetic(kind: str = "cifar", *, n_train: int = 4000, n_val: int = 500,
-                   n_test: int = 500, num_classes: int = 10, seed: int = 0) -> Splits:
-    """A deterministic, learnable stand-in with CIFAR-10 or MNIST shapes.
+def load_synthetic(kind: str = "cifar", *, n_train: int | None = None, n_val: int | None = None,
+                   n_test: int | None = None, num_classes: int = 10, seed: int = 0) -> Splits:
+    """A deterministic, learnable stand-in with CIFAR-10 or MNIST shapes (4000 / 500 / 500 samples),
+    or one of the MLPerf Tiny-shaped sets of :mod:`.synthetic` (``mfcc``, ``vww``, ``anomaly``,
+    ``spectrum``: their own class counts and default sizes; ``num_classes`` applies to cifar/mnist).
 
     Each class has a smooth random template; a sample is its class template, randomly
     shifted by up to 4 pixels, blended with a second class's template and Gaussian
@@ -48,8 +51,11 @@ def load_synthetic(kind: str = "cifar", *, n_train: int = 4000, n_val: int = 500
     """
     if kind not in _SYNTHETIC_SHAPES:
         raise DataError(f"unknown synthetic data set {kind!r}; choose one of {sorted(_SYNTHETIC_SHAPES)}.")
-    if min(n_train, n_val, n_test) < 1 or num_classes < 2:
+    if min(n for n in (n_train, n_val, n_test, 1) if n is not None) < 1 or num_classes < 2:
         raise ConfigError("synthetic data needs at least one sample per split and two classes.")
+    if kind in SIGNAL_KINDS:
+        return load_signal_synthetic(kind, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+    n_train, n_val, n_test = n_train or 4000, n_val or 500, n_test or 500
     channels, height, width = _SYNTHETIC_SHAPES[kind]
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, channels, 6, 6, generator=gen)

@@ -14,6 +14,10 @@ DATA_SPEC_FORMS = (
     "cifar10:/path/to/dir",
     "synthetic:cifar",
     "synthetic:mnist",
+    "synthetic:mfcc",
+    "synthetic:vww",
+    "synthetic:anomaly",
+    "synthetic:spectrum",
 )
 
 
@@ -21,7 +25,8 @@ def load_data(spec: str | None = None) -> Splits:
     """Load the data set a SPEC string names; ``None`` means ``builtin:digits``.
 
     Forms: ``builtin:digits``, ``mnist:/path/dir``, ``cifar10:/path/dir``,
-    ``synthetic:cifar``, ``synthetic:mnist``.
+    ``synthetic:cifar``, ``synthetic:mnist``, and the MLPerf Tiny-shaped ``synthetic:mfcc``,
+    ``synthetic:vww``, ``synthetic:anomaly``, ``synthetic:spectrum`` (see :mod:`.synthetic`).
     """
     if spec is None:
         spec = "builtin:digits"

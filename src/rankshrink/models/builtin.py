@@ -22,6 +22,7 @@ from ..files import load_tensors, save_tensors, user_cache_dir
 from ..metrics import accuracy
 from ..train import train as train_model
 from .architectures import CifarCNN, DigitsCNN, MnistMLP
+from .tiny import DSCNN, AnomalyDetector, MobileNetV1, ResNet8, WideMLP
 from .weights import apply_state
 
 __all__ = ["BuiltinModel", "BUILTIN_MODELS", "builtin_entry", "builtin_weights_path", "load_builtin"]
@@ -59,6 +60,13 @@ def _image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return channels, height, width
 
 
+def _anomaly_detector(shape: tuple[int, ...], classes: int) -> nn.Module:
+    if classes != 2:
+        raise ConfigError(f"fc-autoencoder scores anomalies: it needs data with 2 classes (normal, anomalous), "
+                          f"got {classes}.")
+    return AnomalyDetector(math.prod(shape))
+
+
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "digits-cnn": BuiltinModel(
         name="digits-cnn",
@@ -88,6 +96,56 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         example_input_shape=(1, 8, 8),
         num_classes=10,
         training={"epochs": 20, "lr": 5e-3, "batch_size": 64, "optimizer": "adam"},
+    ),
+    # Embedded-sized models shaped like the MLPerf Tiny reference networks, trained briefly on
+    # offline synthetic stand-ins for their tasks' data (rankshrink.data.synthetic).
+    "resnet8": BuiltinModel(
+        name="resnet8",
+        description="MLPerf Tiny's ResNet-8 (32×32×3 image classification, 12.5 M MACs); trains on synthetic "
+                    "CIFAR-shaped data unless given data=cifar10:DIR",
+        factory=lambda shape, classes: ResNet8(_image_shape(shape), classes),
+        default_data="synthetic:cifar",
+        example_input_shape=(3, 32, 32),
+        num_classes=10,
+        training={"epochs": 3, "lr": 3e-3, "batch_size": 64, "optimizer": "adam"},
+    ),
+    "ds-cnn": BuiltinModel(
+        name="ds-cnn",
+        description="DS-CNN-S keyword spotting (49×10 MFCCs, 1 channel, 12 classes, 2.7 M MACs) on synthetic "
+                    "MFCC-like data",
+        factory=lambda shape, classes: DSCNN(_image_shape(shape), classes),
+        default_data="synthetic:mfcc",
+        example_input_shape=(1, 49, 10),
+        num_classes=12,
+        training={"epochs": 4, "lr": 3e-3, "batch_size": 64, "optimizer": "adam"},
+    ),
+    "mobilenet-v1": BuiltinModel(
+        name="mobilenet-v1",
+        description="MobileNetV1-0.25 visual wake words (96×96×3, 2 classes, 7.5 M MACs) on synthetic data",
+        factory=lambda shape, classes: MobileNetV1(_image_shape(shape), classes),
+        default_data="synthetic:vww",
+        example_input_shape=(3, 96, 96),
+        num_classes=2,
+        training={"epochs": 6, "lr": 3e-3, "batch_size": 32, "optimizer": "adam"},
+    ),
+    "fc-autoencoder": BuiltinModel(
+        name="fc-autoencoder",
+        description="MLPerf Tiny's anomaly-detection autoencoder (640→128×4→8→128×4→640) with its "
+                    "reconstruction-error score as (normal, anomalous) logits, on synthetic log-mel frames",
+        factory=lambda shape, classes: _anomaly_detector(shape, classes),
+        default_data="synthetic:anomaly",
+        example_input_shape=(640,),
+        num_classes=2,
+        training={"epochs": 30, "lr": 3e-3, "batch_size": 64, "optimizer": "adam"},
+    ),
+    "wide-mlp": BuiltinModel(
+        name="wide-mlp",
+        description="the seeds' wide MLP (8192 FFT coefficients → 128 → 10, 1.05 M MACs) on synthetic spectra",
+        factory=lambda shape, classes: WideMLP(math.prod(shape), num_classes=classes),
+        default_data="synthetic:spectrum",
+        example_input_shape=(8192,),
+        num_classes=10,
+        training={"epochs": 5, "lr": 1e-3, "batch_size": 64, "optimizer": "adam"},
     ),
 }
 

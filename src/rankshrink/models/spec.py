@@ -1,7 +1,8 @@
-"""The one way to load a model SPEC: ``builtin:NAME`` or ``path/to/file.py:factory``.
+"""The one way to load a model SPEC: ``builtin:NAME``, ``path/to/file.py:factory`` or ``path/to/model.onnx``.
 
 ``path/to/file.py:factory`` imports the file by path and calls ``factory()`` (a function
-that takes no arguments and returns an ``nn.Module``).
+that takes no arguments and returns an ``nn.Module``). ``path/to/model.onnx`` is converted
+to torch (:mod:`.onnx_in`, needs onnx2torch); the file carries its own weights.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
     ``builtin:NAME`` without weights returns the cached trained model (training it on
     first use, with a progress bar unless ``progress`` is False); with weights, the model is
     built for its default data's shapes.
-    ``FILE.py:FACTORY`` imports the file by path and calls ``FACTORY()``.
+    ``FILE.py:FACTORY`` imports the file by path and calls ``FACTORY()``. ``FILE.onnx`` is
+    converted to torch with onnx2torch (weights in ``Constant`` nodes included).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("a model spec must be a non-empty string such as builtin:digits-cnn or "
@@ -81,12 +83,18 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
         if weights is None:
             return load_builtin(name, progress=progress)[0]
         model = entry.create()
+    elif spec.lower().endswith(".onnx"):
+        if weights is not None:
+            raise ConfigError(f"model '{spec}' is an ONNX file, which carries its own weights; drop --weights.")
+        from .onnx_in import load_onnx_model
+
+        model = load_onnx_model(spec)
     else:
         file_part, sep, attr = spec.rpartition(":")
         if not sep or not file_part.endswith(".py") or not attr.isidentifier():
             raise ConfigError(
                 f"model spec {spec!r} is not understood; use builtin:NAME (one of "
-                f"{', '.join(sorted(BUILTIN_MODELS))}) or path/to/file.py:factory."
+                f"{', '.join(sorted(BUILTIN_MODELS))}), path/to/file.py:factory or path/to/model.onnx."
             )
         model = _import_factory(file_part, attr)
     if weights is not None:
