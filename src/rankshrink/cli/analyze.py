@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arguments, format_count, print_table
-from .inputs import example_batch, load_model
+from .common import add_model_arguments, check_input_paths, format_count, print_table
+from .inputs import example_batch, load_model, parse_shape
 
 
 def register(subparsers) -> None:
@@ -24,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from ..files import atomic_write_json
 
+    check_input_paths(args)  # every option and path before any work
+    if args.input_shape:
+        parse_shape(args.input_shape)
     model = load_model(args)
     batch = example_batch(args, model)
     result = analyze(model, batch)
