@@ -76,7 +76,7 @@ def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(entries["labels"])
     except (ValueError, TypeError) as exc:  # a ragged list: rows of different lengths
         raise FileFormatError(f"'{path}': 'data' and 'labels' must be arrays (N rows of 3072 bytes, N labels); "
-                              f"they cannot be read as such ({str(exc).splitlines()[0][:120]}).") from None
+                              f"they cannot be read as such ({str(exc).split('. ')[0][:160]}).") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise FileFormatError(
             f"'{path}': 'data' must be a uint8 array of shape (N, 3072); found {data.dtype} {data.shape}."
@@ -102,8 +102,7 @@ def load_cifar10(root: str | Path, *, normalize: bool = False) -> Splits:
     from ..files import require_dir
 
     root = require_dir(Path(root).expanduser(), "CIFAR-10 directory", error=DataError, hint=(
-        f"{_NEVER_DOWNLOADS[0].upper()}{_NEVER_DOWNLOADS[1:]}: unpack cifar-10-python.tar.gz there "
-        "(data_batch_1..5 and test_batch)."))
+        f"({_NEVER_DOWNLOADS}: unpack cifar-10-python.tar.gz there, data_batch_1..5 and test_batch.)"))
     directory = root
     if not os.path.lexists(root / "data_batch_1") and (root / "cifar-10-batches-py").is_dir():
         directory = root / "cifar-10-batches-py"

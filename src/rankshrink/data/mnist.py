@@ -105,8 +105,8 @@ def load_mnist(root: str | Path) -> Splits:
     from ..files import require_dir
 
     root = require_dir(Path(root).expanduser(), "MNIST directory", error=DataError, hint=(
-        f"{_NEVER_DOWNLOADS[0].upper()}{_NEVER_DOWNLOADS[1:]}: put train-images-idx3-ubyte, "
-        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (optionally .gz) there."))
+        f"({_NEVER_DOWNLOADS}: put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+        "and t10k-labels-idx1-ubyte, optionally .gz, there.)"))
     directories = [root, root / "MNIST" / "raw", root / "raw"]
     wanted = {
         "train-images-idx3-ubyte": ["train-images-idx3-ubyte", "train-images.idx3-ubyte"],

@@ -130,7 +130,7 @@ class EvaluationCache:
             if path.is_symlink() or (path.exists() and not path.is_file()):
                 raise IsADirectoryError(f"'{path}' is not a regular file")
             return path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no entry (or no directory of entries) yet
             return None
         except OSError as exc:
             self._drop(path, f"unreadable ({exc})")
