@@ -228,6 +228,7 @@ ls -a "$MOUNT"
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _tmpfs_available(), reason="needs unshare with user and mount namespaces (a real tmpfs)")
 def test_a_full_disk_names_the_directory_and_keeps_the_old_outputs(tmp_path, inputs):
     """A 1 MiB tmpfs with about 24 kB free: the 45 kB model does not fit; safetensors reports ENOSPC."""
@@ -244,6 +245,68 @@ def test_a_full_disk_names_the_directory_and_keeps_the_old_outputs(tmp_path, inp
     assert "Traceback" not in text and "SafetensorError" not in text, text
     assert "\nold\n" in text, text  # the old model file is intact
     assert ".out.rankshrink-staging" not in text, text  # nothing half-written is left beside it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _tmpfs_available(), reason="needs unshare with user and mount namespaces (a real tmpfs)")
+def test_a_full_disk_while_checkpointing_is_named_too(tmp_path, inputs):
+    """torch.save reports a full disk only as "unexpected pos ..."; the message still says no space left."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), MOUNT=str(mount))
+    argv = ["finetune", *DIGITS, "--weights", str(inputs["set"]), "--epochs", "1", "--out", str(mount / "out"),
+            "--force", "--no-progress"]
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _FULL_DISK, "sh",
+                             sys.executable, "-c", CLI, *argv], capture_output=True, text=True, env=env, timeout=240)
+    text = result.stdout + result.stderr
+    assert "exit=1" in text, text
+    lines = [line for line in text.splitlines() if line.startswith("rankshrink finetune: error:")]
+    assert len(lines) == 1 and f"no space left on {mount / 'out'}" in lines[0], text
+    assert "unexpected pos" not in text and "Traceback" not in text, text
+    assert "\nold\n" in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _tmpfs_available(), reason="needs unshare with user and mount namespaces (a real tmpfs)")
+def test_a_full_model_cache_warns_and_the_command_goes_on(tmp_path):
+    """The built-in model's checkpoints and weights do not fit the cache's disk: warnings, then success."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), MOUNT=str(mount),
+               RANKSHRINK_CACHE=str(mount / "cache"), OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _FULL_DISK, "sh",
+                             sys.executable, "-c", CLI, "analyze", *DIGITS], capture_output=True, text=True,
+                            env=env, timeout=400)
+    text = result.stdout + result.stderr
+    assert "exit=0" in text, text
+    assert "classifier.1" in text  # the analysis table
+    assert text.count("cannot write the built-in model cache") == 1, text  # one warning, then no more tries
+    assert "no space left on" in text and "Traceback" not in text, text
+
+
+def test_a_gzip_bomb_is_never_inflated(tmp_path):
+    """64 MiB of zeros behind a header declaring 1,280 bytes: refused after reading 1,281 of them."""
+    import gzip
+    import tracemalloc
+
+    import numpy as np
+
+    from rankshrink.data import read_idx
+    from rankshrink.errors import FileFormatError
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=9) as handle:
+        handle.write(bytes([0, 0, 8, 3]) + np.array([20, 8, 8], ">u4").tobytes())
+        for _ in range(64):
+            handle.write(bytes(1 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileFormatError, match="more data than the 1,280 bytes its header declares"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # far below the 64 MiB a whole read would take
 
 
 # --------------------------------------------------------------------------- caches
@@ -380,7 +443,7 @@ except ImportError:  # pragma: no cover
 
 _NAMES = ["model.safetensors", "plan.json", "summary.json", "keep.txt", "../outside/victim.txt",
           "../../outside/victim.txt", "{victim}", "/dev/zero", "sub/model.safetensors", ".", "..", "", "x" * 300,
-          ".rankshrink-complete", "a\nb"]
+          ".rankshrink-complete", ".finetune-checkpoint", "train_checkpoint.pt", "a\nb"]
 _STAGING_KINDS = ["none", "dir", "link-to-outside-dir", "link-to-victim", "file"]
 _LOCK_KINDS = ["none", "file", "link-to-victim", "hardlink-to-victim", "fifo"]
 
@@ -417,10 +480,11 @@ if st is not None:
     def hostile_folder(draw):
         names = st.sampled_from(_NAMES)
         return {
-            "command": draw(st.sampled_from(["apply --force", "apply", "finetune reader", "export reader"])),
+            "command": draw(st.sampled_from(["apply --force", "apply", "finetune --force", "finetune reader",
+                                             "export reader"])),
             "target": draw(st.sampled_from(["set", "empty", "missing"])),
-            "inside": draw(st.dictionaries(names, st.sampled_from(["bytes", "link-to-victim", "link-to-zero", "fifo"]),
-                                           max_size=3)),
+            "inside": draw(st.dictionaries(names, st.sampled_from(["bytes", "link-to-victim", "link-to-zero", "fifo",
+                                                                   "link-to-outside-dir"]), max_size=3)),
             "summary": draw(st.none() | st.dictionaries(names, st.sampled_from(["0" * 64, "bad", 7]), max_size=3)),
             "sizes": draw(st.booleans()),
             "staging": draw(st.sampled_from(_STAGING_KINDS)),
@@ -441,6 +505,8 @@ if st is not None:
             os.link(victim, path)
         elif kind == "fifo":
             os.mkfifo(path)
+        elif kind == "link-to-outside-dir":
+            path.symlink_to(victim.parent, target_is_directory=True)
 
     def _build(root: Path, case: dict, inputs: dict[str, Path]) -> Path:
         outside = root / "outside"
@@ -473,6 +539,8 @@ if st is not None:
             for name, how in case["staged"].items():
                 if "/" not in name and name not in ("", ".", "..") and len(name) < 200 and "\n" not in name:
                     _place(staging / name, how, victim)
+            if case["marker"] is not None:
+                (staging / ".rankshrink-complete").unlink(missing_ok=True)  # never write through a planted link
             if case["marker"] == "garbage":
                 (staging / ".rankshrink-complete").write_text("{not json")
             elif case["marker"] is not None:
@@ -496,6 +564,9 @@ if st is not None:
         if case["command"].startswith("apply"):
             extra = ["--force"] if "force" in case["command"] else []
             return _apply(inputs, target, *extra), "work/target"
+        if case["command"] == "finetune --force":
+            return ["finetune", *DIGITS, "--weights", str(inputs["set"]), "--epochs", "1", "--out", str(target),
+                    "--force", "--no-progress"], "work/target"
         if case["command"] == "finetune reader":
             return ["finetune", *DIGITS, "--weights", str(target), "--epochs", "0", "--out", str(root / "result"),
                     "--no-progress"], "result"
@@ -505,7 +576,7 @@ if st is not None:
     def _alarm(signum, frame):
         raise TimeoutError("a rankshrink command hung on the hostile folder (read a FIFO or device?)")
 
-    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                      HealthCheck.function_scoped_fixture])
     @given(case=hostile_folder())
     def test_no_command_changes_a_file_outside_the_directory_it_writes(inputs, case):

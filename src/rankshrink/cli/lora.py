@@ -20,10 +20,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..files import atomic_write_json, check_output_dir, output_set, save_tensors
-from .common import check_input_paths, writes_output_dir
 from ..lora.config import LoraConfig
 from ..lora.io import CONFIG_NAME, WEIGHTS_NAME, adapter_size_bytes, load_adapter, save_adapter
 from ..lora.model import add_adapters, count_parameters, lora_layers, remove_adapters
+from .common import check_input_paths, writes_output_dir
 
 TRAIN_SUMMARY = "train_summary.json"
 MERGED_WEIGHTS = "model.safetensors"
@@ -80,7 +80,6 @@ def train_adapter_command(*, model: str, weights: str | None, data: str | None, 
     from ..data import load_data
     from ..lora.training import train_adapter
     from ..metrics import accuracy
-
     from ..validation import check_int, check_number, check_optional_int
 
     check_int(epochs, "--epochs", minimum=0)  # every option before any work

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import os
 import math
+import os
 import struct
 import zlib
 from pathlib import Path

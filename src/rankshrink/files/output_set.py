@@ -363,6 +363,10 @@ def output_set(directory: str | os.PathLike, *, force: bool = False,
         try:
             yield staging
             names = sorted(p.name for p in staging.iterdir() if _lstat_kind(p) == "file")
+            unplain = [name for name in names if not is_plain_name(name)]
+            if unplain:  # a set must be verifiable: its readers accept plain names only
+                raise ConfigError(f"output file name {_shown_name(unplain[0])} is not a plain file name (letters, "
+                                  "digits and ._+-, not starting with a dot); an output set cannot hold it.")
             if summary is not None:
                 names = [n for n in names if n != summary_name]
                 record = dict(summary)

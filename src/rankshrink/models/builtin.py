@@ -160,6 +160,7 @@ def load_builtin(name: str, *, data: str | Splits | None = None, train: bool = T
     except DiskFullError as exc:  # the checkpoint no longer fits: train again without checkpoints
         _cache_warning(path, exc)
         writable = False
+        shutil.rmtree(checkpoint, ignore_errors=True)
         model = entry.create(splits.input_shape, splits.num_classes)
         result = train_model(model, splits.train, val_data=splits.val, seed=_TRAIN_SEED, progress=progress,
                              **dict(entry.training))
@@ -205,9 +206,9 @@ def _verified(model: nn.Module, path: Path, name: str, splits: Splits, metadata:
     """The cached weights in ``model``, or :class:`FileFormatError` naming the file to delete."""
     delete = f"Delete '{path}' and rerun to train {name} again."
     if metadata.get("rankshrink_model") != name or metadata.get("data_fingerprint") != splits.fingerprint:
+        made_for = f"{metadata.get('rankshrink_model')!r} on {metadata.get('data_fingerprint', '?')[:12]}"
         raise FileFormatError(f"the built-in model cache '{path}' was made for another model or data set "
-                              f"({metadata.get('rankshrink_model')!r} on {metadata.get('data_fingerprint', '?')[:12]}); "
-                              f"{delete}")
+                              f"({made_for}); {delete}")
     state = load_tensors(path)
     if state_fingerprint(state, sort=True) != metadata.get("sha256"):
         raise FileFormatError(f"the built-in model cache '{path}' does not match its checksum (modified or damaged). "
