@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -71,9 +72,7 @@ def _lstat_kind(path: Path) -> str:
     """What ``path`` itself is (a symbolic link is not followed)."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    except OSError:
+    except OSError:  # missing, or below something that is not a directory
         return "missing"
     if stat.S_ISLNK(mode):
         return "symbolic link"
@@ -314,8 +313,6 @@ def _move_in(staging: Path, directory: Path, order: list[str]) -> None:
 
 def _file_sha256(path: Path, limit: int | None = None) -> str | None:
     """sha256 of a regular file (never a link, FIFO or device); None when it holds more than ``limit`` bytes."""
-    import hashlib
-
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
