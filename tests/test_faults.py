@@ -263,7 +263,7 @@ def test_output_set_killed_between_any_two_renames_is_old_or_new(tmp_path):
         code = os.waitstatus_to_exitcode(status)
         assert code in (0, 9), code
         finished = code == 0
-        recover_output_dir(out)  # what any later writer or reader does first
+        recover_output_dir(out)  # what any later writer does first (readers refuse an interrupted set)
         summary = verify_output_set(out)
         assert summary is not None
         state = summary["run"]

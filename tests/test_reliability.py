@@ -105,6 +105,15 @@ def broken():
 
 def not_a_model():
     return {"weights": 1}
+
+
+def on_meta():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10, device="meta"))
+
+
+def exits():
+    import sys
+    sys.exit()
 '''
 
 
@@ -180,7 +189,145 @@ def make_inputs(d: Path) -> dict[str, Path]:
     not_out = path("occupied")
     not_out.mkdir()
     (not_out / "keep.txt").write_text("mine")
+    make_round2_inputs(d, f, state)
     return f
+
+
+def _idx(array, code: int = 0x08) -> bytes:
+    """An IDX file (MNIST's format) holding ``array``."""
+    import struct
+
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def _mnist_dir(root: Path, *, train_size: int = 8, test_size: int = 8, label_code: int = 0x08,
+               n: int = 20) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    (root / "train-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, train_size, train_size), np.uint8)))
+    (root / "t10k-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (5, test_size, test_size), np.uint8)))
+    labels = {0x08: np.uint8, 0x0D: np.float32}[label_code]
+    (root / "train-labels-idx1-ubyte").write_bytes(_idx((rng.integers(0, 10, n) + 0.5).astype(labels), label_code))
+    (root / "t10k-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, 5).astype(labels), label_code))
+    return root
+
+
+def _poisoned_cache(root: Path, state: dict, *, recorded: dict, tensors: dict | None = None) -> Path:
+    """A built-in model cache whose digits-cnn file is not what its training wrote."""
+    from safetensors.torch import save_file
+
+    from rankshrink.data import load_data
+    from rankshrink.fingerprint import state_fingerprint
+    from rankshrink.models import BUILTIN_MODELS, builtin_weights_path
+
+    entry = BUILTIN_MODELS["digits-cnn"]
+    splits = load_data("builtin:digits")
+    path = builtin_weights_path("digits-cnn", splits.fingerprint, root)
+    path.parent.mkdir(parents=True)
+    tensors = dict(state if tensors is None else tensors)
+    metadata = {"rankshrink_model": "digits-cnn", "data": "digits", "data_fingerprint": splits.fingerprint,
+                "recipe": json.dumps({"seed": 0, **dict(entry.training)}, sort_keys=True), "val_accuracy": "0.983333",
+                "best_epoch": "20", "sha256": state_fingerprint(tensors, sort=True)}
+    metadata.update(recorded)
+    save_file(tensors, str(path), metadata=metadata)
+    return root
+
+
+def make_round2_inputs(d: Path, f: dict[str, Path], state: dict) -> None:
+    """The inputs of the second round of bad inputs (hostile folders, odd values, odd files)."""
+    import gzip
+    import os
+    import pickle
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    def path(name):
+        f[name] = d / name
+        return f[name]
+
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    save_file({**state, **{k: (100 * v).to(torch.int64) for k, v in floats.items()}}, str(path("int.safetensors")))
+    save_file({**state, **{k: v > 0 for k, v in floats.items()}}, str(path("bool.safetensors")))
+    save_file({**state, **{k: v.to(torch.complex64) for k, v in floats.items()}}, str(path("complex.safetensors")))
+    torch.save({"model": state, "epoch": 3}, path("checkpoint_dict.pt"))
+    path("plan_rank_digits.json").write_text('{"layers": {"classifier.1": {"method": "svd", "rank": '
+                                             + "9" * 5000 + "}}}")
+    path("plan_deep.json").write_text('{"layers": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    os.mkfifo(path("fifo"))
+    path("exit0.py").write_text("import sys\nsys.exit(0)\n")
+    path("exit3.py").write_text("raise SystemExit(3)\n")
+
+    # MNIST folders: a header whose dimensions overflow, a gzip bomb, two image sizes, float labels
+    overflow = _mnist_dir(path("mnist_overflow"))
+    (overflow / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"\xff" * 12 + b"\x00" * 64)
+    bomb = _mnist_dir(path("mnist_bomb"))
+    os.remove(bomb / "train-images-idx3-ubyte")
+    header = _idx(np.zeros((20, 8, 8), np.uint8))[:16]  # declares 1,280 bytes of images
+    with gzip.open(bomb / "train-images-idx3-ubyte.gz", "wb", compresslevel=9) as handle:
+        handle.write(header)
+        zeros = bytes(1 << 20)
+        for _ in range(64):  # ... and inflates to 64 MiB
+            handle.write(zeros)
+    _mnist_dir(path("mnist_sizes"), test_size=6)
+    _mnist_dir(path("mnist_float_labels"), label_code=0x0D)
+    ragged = path("cifar_ragged")
+    ragged.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(ragged / name, "wb") as handle:
+            pickle.dump({b"data": [[1, 2, 3], [4, 5]], b"labels": [0, 1]}, handle, protocol=2)
+
+    # Output sets with hostile summaries, and one whose replacement was cut short
+    compressed = f["compressed"]
+    for name, listed in (("summary_pagemap", {"/proc/self/pagemap": "0" * 64}),
+                         ("summary_link", {"model.safetensors": "0" * 64})):
+        target = path(name)
+        target.mkdir()
+        (target / "plan.json").write_bytes((compressed / "plan.json").read_bytes())
+        if name == "summary_link":
+            (target / "model.safetensors").symlink_to("/dev/zero")
+        else:
+            (target / "model.safetensors").write_bytes((compressed / "model.safetensors").read_bytes())
+        (target / "summary.json").write_text(json.dumps({"files": listed}))
+    cut = path("interrupted")
+    cut.mkdir()
+    for name in ("model.safetensors", "plan.json"):
+        (cut / name).write_bytes((compressed / name).read_bytes())
+    staging = d / ".interrupted.rankshrink-staging"
+    staging.mkdir()
+    (staging / ".rankshrink-complete").write_text(json.dumps({"order": ["model.safetensors", "summary.json"]}))
+
+    # A LoRA adapter holding NaN, a fine-tuning checkpoint whose pickle would run code
+    from rankshrink.lora import LoraConfig, add_adapters, save_adapter
+    from rankshrink.models import BUILTIN_MODELS
+
+    base = BUILTIN_MODELS["digits-cnn"].create()
+    adapted = add_adapters(base, LoraConfig(r=2, target_modules=["classifier.1"]), seed=0)
+    adapter = save_adapter(adapted, path("adapter_nan"))
+    tensors = {k: v.clone() for k, v in load_file_tensors(adapter / "adapter_model.safetensors").items()}
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    planted = path("ft_out") / ".finetune-checkpoint"
+    planted.mkdir(parents=True)
+    torch.save({"format": Evil()}, planted / "train_checkpoint.pt")
+
+    # Built-in model caches that are not what training wrote
+    untrained = {k: v.contiguous() for k, v in BUILTIN_MODELS["digits-cnn"].create().state_dict().items()}
+    _poisoned_cache(path("cache_checksum"), untrained, recorded={"sha256": "0" * 64})
+    nan = dict(untrained)
+    nan["classifier.3.weight"] = untrained["classifier.3.weight"].clone()
+    nan["classifier.3.weight"][0, 0] = float("nan")
+    _poisoned_cache(path("cache_nan"), untrained, recorded={}, tensors=nan)
+    _poisoned_cache(path("cache_accuracy"), untrained, recorded={})
+
+
+def load_file_tensors(file: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(file))
 
 
 @dataclass(frozen=True)
@@ -189,6 +336,7 @@ class Case:
     what: str
     argv: Callable[[dict[str, Path]], list[str]]
     expect: tuple[str, ...]
+    env: Callable[[dict[str, Path]], dict[str, str]] | None = None  # environment variables for the run
 
 
 DIGITS = ["--model", "builtin:digits-cnn"]
@@ -209,6 +357,20 @@ def _user(f, factory, plan, *extra):
 
 def _compress(f, *extra):
     return ["compress", *_w(f), "--out", str(f["good.pt"].parent / "out"), "--quiet", *extra]
+
+
+def _early(f, *extra):
+    """compress with a --data folder that does not exist: an option refused first is refused before any work."""
+    return _compress(f, "--data", "mnist:" + str(f["good.pt"].parent / "nowhere"), *extra)
+
+
+def _export(f, compressed):
+    return ["export", *_w(f), "--compressed", str(f[compressed]), "--out", str(f["good.pt"].parent / "m.onnx"),
+            "--runs", "1"]
+
+
+def _mnist(f, folder):
+    return ["analyze", *_w(f), "--data", "mnist:" + str(f[folder])]
 
 
 BAD_INPUTS = [
@@ -334,6 +496,101 @@ BAD_INPUTS = [
          ("holds no rankshrink run", "summary.json")),
     Case("report", "report on a summary.json that is not a run's", lambda f: ["report", str(f["compressed"])],
          ("is not the summary of a compress, apply or finetune run",)),
+    # ---- round 2 (issue 11): hostile folders
+    Case("hostile folder", "a summary.json listing /proc/self/pagemap (once read 20 GB)",
+         lambda f: _export(f, "summary_pagemap"), ("'/proc/self/pagemap'", "not the name of a file inside",
+                                                   "never follows names")),
+    Case("hostile folder", "a summary.json whose model.safetensors is a link to /dev/zero",
+         lambda f: _export(f, "summary_link"), ("model.safetensors' is a symbolic link", "regular files only")),
+    Case("hostile folder", "a set whose replacement was interrupted (readers never roll it forward)",
+         lambda f: _export(f, "interrupted"), ("incomplete", "was interrupted", "Rerun the command")),
+    Case("hostile folder", "a planted fine-tuning checkpoint whose pickle would run code",
+         lambda f: ["finetune", *_w(f), "--plan", str(f["plan.json"]), "--epochs", "1", "--fit", "weights",
+                    "--out", str(f["ft_out"]), "--no-progress"], ("train_checkpoint.pt", "is not loaded")),
+    # ---- budgets and options: refused before any work (--data names a folder that does not exist)
+    *[Case("option", f"{flag} {value}", lambda f, flag=flag, value=value: _early(f, flag, value), expect)
+      for flag, value, expect in (
+          ("--max-macs", "1.5", ("--max-macs 1.5 is above 1", "whole numbers")),
+          ("--max-params", "1.5", ("--max-params 1.5 is above 1",)),
+          ("--max-bytes", "1.9", ("--max-bytes 1.9 is above 1",)),
+          ("--max-macs", "1e400", ("--max-macs must be a finite number",)),
+          ("--max-bytes", "nan", ("--max-bytes must be a finite number",)),
+          ("--max-bytes", "inf", ("--max-bytes must be a finite number",)),
+          ("--max-bytes", "1e400", ("--max-bytes must be a finite number",)))],
+    Case("option", "--finetune-lr -1 (checked before the search)",
+         lambda f: _early(f, "--tolerance", "0.01", "--finetune", "2", "--finetune-lr", "-1"),
+         ("--finetune-lr must be",)),
+    Case("option", "--finetune-batch-size 0", lambda f: _early(f, "--tolerance", "0.01", "--finetune-batch-size", "0"),
+         ("--finetune-batch-size must be a positive integer",)),
+    Case("option", "--distill-temperature inf",
+         lambda f: _early(f, "--tolerance", "0.01", "--finetune", "1", "--distill", "--distill-temperature", "inf"),
+         ("--distill-temperature must be a finite number",)),
+    Case("option", "finetune --distill-temperature inf",
+         lambda f: ["finetune", *_w(f), "--plan", str(f["plan.json"]), "--distill", "--distill-temperature", "inf",
+                    "--data", "mnist:" + str(f["good.pt"].parent / "nowhere"), "--out",
+                    str(f["good.pt"].parent / "out")], ("--distill-temperature must be a finite number",)),
+    Case("option", "--calibration-samples 0", lambda f: _early(f, "--tolerance", "0.01", "--calibration-samples", "0"),
+         ("--calibration-samples must be a positive integer",)),
+    Case("option", "--methods ''", lambda f: _early(f, "--tolerance", "0.01", "--methods", ""),
+         ("--methods takes", "got ''")),
+    Case("option", "--cache X --out X", lambda f: _early(f, "--tolerance", "0.01", "--cache",
+                                                         str(f["good.pt"].parent / "out")),
+         ("--cache", "overlap")),
+    Case("data", "--input-shape 1,100000,100000 (40 GB)",
+         lambda f: ["analyze", *_w(f), "--input-shape", "1,100000,100000"], ("10,000,000,000 values", "40.0 GB")),
+    # ---- weights of the wrong kind
+    Case("weights file", "integer weights", lambda f: ["analyze", *_w(f, "int.safetensors")],
+         ("holds integer values", "does not cast")),
+    Case("weights file", "bool weights", lambda f: ["analyze", *_w(f, "bool.safetensors")],
+         ("holds boolean values",)),
+    Case("weights file", "complex weights", lambda f: ["analyze", *_w(f, "complex.safetensors")],
+         ("holds complex values",)),
+    Case("weights file", "a .pt holding {'model': state_dict, 'epoch': 3}",
+         lambda f: ["analyze", *_w(f, "checkpoint_dict.pt")], ("under 'model'", "torch.save(torch.load(")),
+    Case("weights file", "/dev/zero", lambda f: ["analyze", *DIGITS, "--weights", "/dev/zero"],
+         ("is a character device, not a regular file",)),
+    Case("model", "parameters on the meta device",
+         lambda f: ["analyze", "--model", f"{f['models.py']}:on_meta", "--input-shape", "1,8,8"],
+         ("meta device", "to_empty")),
+    Case("model", "a model file that calls sys.exit(0) at import",
+         lambda f: ["analyze", "--model", f"{f['exit0.py']}:make", "--input-shape", "1,8,8"], ("sys.exit(0)",)),
+    Case("model", "a model file that raises SystemExit(3) at import",
+         lambda f: ["analyze", "--model", f"{f['exit3.py']}:make", "--input-shape", "1,8,8"], ("sys.exit(3)",)),
+    Case("model", "a factory that calls sys.exit()",
+         lambda f: ["analyze", "--model", f"{f['models.py']}:exits", "--input-shape", "1,8,8"],
+         ("exits() from", "sys.exit()")),
+    # ---- plans and paths that are not what they should be
+    Case("plan", "a rank with 5,000 digits", lambda f: _apply(f, "plan_rank_digits.json"),
+         ("number too long to read",)),
+    Case("plan", "a plan nested 100,000 deep", lambda f: _apply(f, "plan_deep.json"), ("nests lists or objects",)),
+    Case("plan", "a FIFO given as the plan", lambda f: _apply(f, "fifo"), ("is a FIFO (named pipe)",)),
+    Case("plan", "a directory given as the plan", lambda f: _apply(f, "compressed"),
+         ("is a directory, not a regular file",)),
+    # ---- data files
+    Case("data", "a file given as the MNIST directory",
+         lambda f: ["analyze", *_w(f), "--data", "mnist:" + str(f["notes.txt"])], ("is a file, not a directory",)),
+    Case("data", "an MNIST header whose dimensions overflow", lambda f: _mnist(f, "mnist_overflow"),
+         ("declares shape (4294967295, 4294967295, 4294967295)", "header is corrupt")),
+    Case("data", "a gzip bomb in an MNIST folder (64 MiB behind a 1,280-byte header)",
+         lambda f: _mnist(f, "mnist_bomb"), ("more data than the 1,280 bytes its header declares",)),
+    Case("data", "MNIST test images of another size than the training images",
+         lambda f: _mnist(f, "mnist_sizes"), ("8x8 pixels but test images of 6x6",)),
+    Case("data", "float labels (never truncated)", lambda f: _mnist(f, "mnist_float_labels"),
+         ("float32 labels", "integers")),
+    Case("data", "a ragged CIFAR 'data' list",
+         lambda f: ["analyze", *_w(f), "--data", "cifar10:" + str(f["cifar_ragged"])],
+         ("data_batch_1", "cannot be read as such")),
+    # ---- LoRA and caches
+    Case("lora", "lora merge of an adapter holding NaN",
+         lambda f: ["lora", "merge", *_w(f), "--adapter", str(f["adapter_nan"]), "--out",
+                    str(f["good.pt"].parent / "out")], ("NaN/Inf", "adapter_model.safetensors")),
+    Case("cache", "a built-in model cache file that fails its checksum", lambda f: ["analyze", *DIGITS],
+         ("does not match its checksum", "Delete '"), env=lambda f: {"RANKSHRINK_CACHE": str(f["cache_checksum"])}),
+    Case("cache", "a built-in model cache file holding NaN", lambda f: ["analyze", *DIGITS],
+         ("NaN/Inf", "Delete '"), env=lambda f: {"RANKSHRINK_CACHE": str(f["cache_nan"])}),
+    Case("cache", "a built-in model cache file with the wrong accuracy (poisoned)", lambda f: ["analyze", *DIGITS],
+         ("records validation accuracy '0.983333' but scores", "Delete '"),
+         env=lambda f: {"RANKSHRINK_CACHE": str(f["cache_accuracy"])}),
 ]
 
 
@@ -358,7 +615,8 @@ def run_case(case: Case, files: dict[str, Path]) -> str:
     from rankshrink.files import file_sha256
 
     inputs = {p: file_sha256(p) for p in files.values() if p.is_file()}
-    code, _, err = run_cli(case.argv(files))
+    with _environment(case.env(files) if case.env else {}):
+        code, _, err = run_cli(case.argv(files))
     assert code == 1, (case.what, err)
     line = error_line(err)
     for needle in case.expect:
@@ -366,6 +624,27 @@ def run_case(case: Case, files: dict[str, Path]) -> str:
     assert {p: file_sha256(p) for p in inputs} == inputs, f"{case.what}: an input file changed"
     assert "ARBITRARY CODE RAN" not in err
     return line
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    import os
+
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _command(case: Case, files: dict[str, Path]) -> str:
+    env = " ".join(f"{k}={v}" for k, v in (case.env(files) if case.env else {}).items())
+    return (env + " " if env else "") + "rankshrink " + " ".join(a if a else "''" for a in case.argv(files))
 
 
 def doc_text(rows: list[tuple[Case, str, str]]) -> str:
@@ -399,10 +678,36 @@ def doc_text(rows: list[tuple[Case, str, str]]) -> str:
         "  the same command resumes after the last finished epoch (`--force` starts over).",
         "- `apply` writes its outputs as one set: into a new or empty `--out` they appear all at",
         "  once; into a non-empty one (`--force`) a run killed while moving them in is finished by",
-        "  the next rankshrink command that writes or reads that directory. `summary.json`, written",
-        "  last, records the seed and the sha256 of the other files; `export --compressed` refuses",
-        "  a set whose files do not match (see the table). `compress` stages a new or empty `--out`",
-        "  the same way. `--force` replaces only rankshrink's own files; inputs are never written.",
+        "  the next rankshrink command that writes that directory (a command that only reads it",
+        "  refuses the incomplete set, see the table). `summary.json`, written last, records the",
+        "  seed and the sha256 and size of the other files; `export --compressed` refuses a set",
+        "  whose files do not match (see the table). `compress` stages a new or empty `--out` the",
+        "  same way. `--force` replaces only rankshrink's own files; inputs are never written.",
+        "- Ctrl-C exits with status 130. A built-in model trained on first use checkpoints after",
+        "  every epoch next to its cache file, so the rerun resumes its training too.",
+        "",
+        "## Hostile folders, concurrent runs, full disks and caches",
+        "",
+        "Tested in `tests/test_reliability.py`:",
+        "",
+        "- Names read from a completion marker or a `summary.json` are data, never paths: only plain",
+        "  file names of regular files inside the set are moved or hashed (no separators, no `..`,",
+        "  no absolute paths, no symbolic links, FIFOs or devices), a file is hashed only up to the",
+        "  size its summary records, and a command that only reads a directory never writes to it.",
+        "  A Hypothesis property test plants random files, links and markers in and beside an output",
+        "  directory: no command changes a file outside the directory it was asked to write.",
+        "- One writer per output directory: a second `compress`/`apply`/`finetune`/`lora` run into",
+        "  the same `--out` exits 1 at once with \"'DIR' is being written by another rankshrink (pid",
+        "  N)\" (an `fcntl` lock on the hidden sibling `.DIR.rankshrink-lock`, released by the kernel",
+        "  even on SIGKILL).",
+        "- A full disk while writing an output says \"no space left on DIR\" and leaves the outputs",
+        "  that were there before intact.",
+        "- A cache that cannot be written (full, read-only, an entry path that is a directory) gives",
+        "  one warning and the run goes on without caching. The caches are trusted-user storage:",
+        "  evaluation entries record the model and data fingerprints, plan and options they were",
+        "  computed for and are recomputed when they do not match; a built-in model's cached weights",
+        "  must match their recorded sha256, be finite and score the validation accuracy they record,",
+        "  else the command names the file to delete.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -416,8 +721,7 @@ def bad_input_rows(directory: Path) -> list[tuple[Case, str, str]]:
     rows = []
     for case in BAD_INPUTS:
         line = run_case(case, files)
-        command = "rankshrink " + " ".join(case.argv(files))
-        rows.append((case, _anonymize(command, directory), _anonymize(line, directory)))
+        rows.append((case, _anonymize(_command(case, files), directory), _anonymize(line, directory)))
     return rows
 
 
@@ -435,8 +739,7 @@ def _row(bad_input_files, index: int) -> tuple[Case, str, str]:
     if index not in rows:
         case = BAD_INPUTS[index]
         line = run_case(case, files)
-        command = "rankshrink " + " ".join(case.argv(files))
-        rows[index] = (case, _anonymize(command, directory), _anonymize(line, directory))
+        rows[index] = (case, _anonymize(_command(case, files), directory), _anonymize(line, directory))
     return rows[index]
 
 

@@ -32,3 +32,11 @@ class DataError(RankshrinkError, ValueError):
 
 class UnsafeFileError(RankshrinkError, PermissionError):
     """A file would need pickle (arbitrary code execution) to load."""
+
+
+class OutputBusyError(RankshrinkError, RuntimeError):
+    """Another rankshrink process is writing the same output directory."""
+
+
+class DiskFullError(RankshrinkError, OSError):
+    """A write failed because the file system is full; what was written before is intact."""

@@ -125,6 +125,9 @@ def finetune(model: nn.Module, data, epochs: int | None = None, *, val_data: Dat
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    from .models.weights import check_finite
+
+    check_finite(model)
     if train not in TRAIN_CHOICES:
         raise ConfigError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {train!r}.")
     if teacher is not None and not isinstance(teacher, nn.Module):

@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from .errors import ConfigError, LayerError, PlanError
+from .errors import ConfigError, FileFormatError, LayerError, PlanError
 from .files import atomic_write_json, read_json
 from .methods import MethodConfig, config_from_json, make_config
 
@@ -162,10 +162,12 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> "Plan":
+        from .files.atomic import parse_json
+
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{source} is not valid JSON ({exc}).") from None
+            data = parse_json(text, source)
+        except FileFormatError as exc:
+            raise PlanError(str(exc)) from None
         return cls.from_dict(data, source)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -126,10 +126,13 @@ def apply(model: nn.Module, plan: Plan | dict, *, data: Any = None, calibration=
     ('weights' or 'activations') re-fits every entry that way instead of as planned.
     With ``inplace=True`` the model itself is changed (for models too large to copy).
     """
+    from .models.weights import check_finite
+
     if isinstance(plan, dict):
         plan = Plan.from_mapping(plan)
     if fit is not None:
         plan = plan.with_fit(fit)
+    check_finite(model)  # no values (meta), integer/complex weights or NaN: refused, never cast or factorized
     validate_plan(model, plan)
     fitted = plan.activation_layers
     if fitted and calibration is None:
@@ -215,7 +218,9 @@ def load(factory: Callable[[], nn.Module] | nn.Module, directory: str | os.PathL
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
-    """``load_state_dict(strict=True)`` with an error naming the first mismatching key/shape."""
+    """``load_state_dict(strict=True)`` with an error naming the first mismatching key/shape/kind of dtype."""
+    from .models.weights import dtype_kind as _dtype_kind
+
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -228,4 +233,8 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise FileFormatError(f"'{source}' does not match the model: '{key}' has shape "
                                   f"{tuple(state[key].shape)} in the file but {tuple(tensor.shape)} in the model.")
+        if _dtype_kind(state[key].dtype) != _dtype_kind(tensor.dtype):  # load_state_dict would cast silently
+            raise FileFormatError(f"'{source}': '{key}' holds {_dtype_kind(state[key].dtype)} values "
+                                  f"({state[key].dtype}) but the model's is {_dtype_kind(tensor.dtype)} "
+                                  f"({tensor.dtype}); rankshrink does not cast weights between kinds.")
     model.load_state_dict(state, strict=True)

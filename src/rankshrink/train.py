@@ -238,11 +238,22 @@ def _save_checkpoint(path: Path, config: dict[str, Any], model: nn.Module,
 
 
 def _load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    import pickle
+
+    from .files import require_file
+
+    require_file(path, "training checkpoint", hint="Delete it to start fresh.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            payload = torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never for a file found on disk
+        raise FileFormatError(f"training checkpoint '{path}' holds objects other than tensors and plain data (a "
+                              "rankshrink checkpoint never does), so it is not loaded; delete it to start "
+                              "fresh.") from None
     except Exception as exc:  # any unreadable checkpoint is a file problem for the user
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise FileFormatError(f"training checkpoint '{path}' is unreadable ({type(exc).__name__}: "
-                              f"{exc}); delete it to start fresh.") from None
+                              f"{first}); delete it to start fresh.") from None
     if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
         raise FileFormatError(f"'{path}' is not a rankshrink training checkpoint; delete it or "
                               "choose another checkpoint_dir.")

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_command, add_model_arguments, add_output_options, format_count, print_table, set_result
-from .inputs import example_batch, load_model
+from .common import (
+    add_command,
+    add_model_arguments,
+    add_output_options,
+    check_input_paths,
+    format_count,
+    print_table,
+    set_result,
+)
+from .inputs import example_batch, load_model, parse_shape
 
 
 def register(subparsers) -> None:
@@ -27,6 +35,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze
 
+    check_input_paths(args)  # every option and path before any work
+    if args.input_shape:
+        parse_shape(args.input_shape)
     model = load_model(args)
     batch = example_batch(args, model)
     result = analyze(model, batch)

@@ -9,10 +9,12 @@ from .common import (
     add_model_arguments,
     add_output_options,
     add_report_option,
+    check_input_paths,
     format_count,
     print_table,
     set_result,
     write_run_report,
+    writes_output_dir,
 )
 
 
@@ -44,17 +46,21 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+@writes_output_dir
 def run(args: argparse.Namespace) -> int:
     from ..cost import count
     from ..errors import ConfigError
     from ..files import check_output_dir, output_set, recover_output_dir
     from ..plan import Plan
     from ..surgery import apply, save
-    from .inputs import default_data_spec, example_batch, load_model
+    from .inputs import default_data_spec, example_batch, load_model, parse_shape
 
+    check_input_paths(args)  # every option and path before any work
+    if args.input_shape:
+        parse_shape(args.input_shape)
     plan = Plan.load(args.plan)
-    recover_output_dir(args.out)  # finish what a killed earlier run left, then check
-    check_output_dir(args.out, force=args.force)  # fail before any work
+    recover_output_dir(args.out)  # we hold --out's lock: finish what a killed earlier run left, then check
+    check_output_dir(args.out, force=args.force)
     model = load_model(args)
     if args.fit is not None:
         plan = plan.with_fit(args.fit)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
 
@@ -160,3 +162,93 @@ def write_run_report(args: argparse.Namespace, directory) -> str | None:
               f"outputs are complete. Retry with: rankshrink report {directory}", file=sys.stderr)
         return None
     return str(path)
+
+
+# --------------------------------------------------------------------------- checks before any work
+
+def writes_output_dir(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Decorate a command's ``run(args)``: it runs holding the writers' lock of ``args.out``, so a second
+    rankshrink writing the same directory exits 1 at once ("DIR is being written by another rankshrink
+    (pid N)") instead of the two clean-ups deleting each other's files."""
+
+    @functools.wraps(run)
+    def locked(args: argparse.Namespace) -> int:
+        out = getattr(args, "out", None)
+        if not out:
+            return run(args)
+        from ..files import output_lock
+
+        with output_lock(out):
+            return run(args)
+
+    return locked
+
+
+def check_training_options(args: argparse.Namespace, *, prefix: str = "", epochs: str | None = None) -> None:
+    """Check the training options :func:`rankshrink.cli.finetune.add_recovery_arguments` (``prefix``
+    'finetune-') or the ``finetune`` command (no prefix) parsed, naming the flag, before any work.
+
+    The rules are :class:`rankshrink.train.TrainConfig`'s; only the names in its messages change.
+    ``epochs``: the flag that holds the epoch count (``--epochs``, ``--finetune``).
+    """
+    from ..train import TrainConfig
+
+    dest = prefix.replace("-", "_")
+    flags = {"lr": f"--{prefix}lr", "batch_size": f"--{prefix}batch-size", "patience": f"--{prefix}patience",
+             "schedule": f"--{prefix}schedule", "distill_temperature": "--distill-temperature",
+             "distill_weight": "--distill-weight", "seed": "--seed"}
+    values = {field: getattr(args, f"{dest}{field}") for field in ("lr", "batch_size", "patience", "schedule")}
+    values.update(distill_temperature=args.distill_temperature, distill_weight=args.distill_weight)
+    if isinstance(getattr(args, "seed", None), int):
+        values["seed"] = args.seed
+    if epochs is not None:
+        flags["epochs"] = epochs
+        values["epochs"] = getattr(args, epochs.lstrip("-").replace("-", "_"))
+    try:
+        TrainConfig(**values)
+    except ConfigError as exc:
+        text = str(exc)
+        for field, flag in flags.items():
+            if text.startswith(f"{field} "):
+                raise ConfigError(flag + text[len(field):]) from None
+        raise
+
+
+def check_cache_and_out(cache: str | None, out: str | None) -> None:
+    """``--cache`` must be a directory (or not exist yet) that neither is nor holds nor lies inside ``--out``."""
+    if not cache:
+        return
+    from ..files import path_kind, real_output_dir
+
+    kind = path_kind(cache)
+    if kind not in ("missing", "directory"):
+        raise ConfigError(f"--cache '{cache}' is a {kind}, not a directory; choose a cache directory.")
+    if out:
+        a, b = real_output_dir(cache), real_output_dir(out)
+        if a == b or a in b.parents or b in a.parents:
+            raise ConfigError(f"--cache '{cache}' and --out '{out}' overlap; the cache must lie outside the output "
+                              "directory (and not contain it). Choose another --cache or --out.")
+
+
+def check_input_paths(args: argparse.Namespace, *, weights_may_be_dir: bool = False) -> None:
+    """The input files and directories a command names exist and are what they should be, before any work."""
+    from ..files import require_dir, require_file
+    from ..files.state_dict import check_weights_path
+
+    weights = getattr(args, "weights", None)
+    if weights and not (weights_may_be_dir and Path(weights).is_dir()):
+        check_weights_path(weights)
+    teacher = getattr(args, "teacher_weights", None)
+    if teacher:
+        check_weights_path(teacher)
+    plan = getattr(args, "plan", None)
+    if plan:
+        require_file(plan, "plan file")
+    compressed = getattr(args, "compressed", None)
+    if compressed:
+        require_dir(compressed, "--compressed directory", hint="Pass a directory written by rankshrink "
+                                                                "compress or apply.")
+    adapter = getattr(args, "adapter", None)
+    if adapter:
+        require_dir(adapter, "adapter directory", hint="Pass the --out directory of 'rankshrink lora train' "
+                                                        "(or a PEFT adapter directory).")

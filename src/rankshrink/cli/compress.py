@@ -9,13 +9,15 @@ absolute amount (a number above 1: ``120000``, ``1.2M``, ``350k``; bytes also
 Writes ``--out``/plan.json, model.safetensors and summary.json as one set
 (:func:`rankshrink.files.output_set`): staged in a sibling directory and moved into
 place when complete, so an interrupted run leaves nothing half-written in ``--out``;
-summary.json records the other files' checksums. Evaluations finished before an
+summary.json records the other files' checksums. One writer at a time: a second rankshrink
+writing the same ``--out`` exits 1 naming the first one's pid. Evaluations finished before an
 interruption are cached, and rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -27,6 +29,9 @@ from .common import (
     add_model_arguments,
     add_output_options,
     add_report_option,
+    check_cache_and_out,
+    check_input_paths,
+    check_training_options,
     format_bytes,
     format_count,
     parse_bytes,
@@ -34,6 +39,7 @@ from .common import (
     print_table,
     set_result,
     write_run_report,
+    writes_output_dir,
 )
 
 _COUNT_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
@@ -60,11 +66,23 @@ def parse_amount(text: str, what: str) -> float:
     match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)", raw)
     if not match:
         raise ConfigError(f"{what} must be a ratio (0.5, 50%) or a count (120000, 1.2M), got {text!r}.")
-    value = float(match.group(1)) * _COUNT_UNITS[match.group(2).upper()]
+    return _budget_value(float(match.group(1)) * _COUNT_UNITS[match.group(2).upper()], text, what,
+                         unit=bool(match.group(2)))
+
+
+def _budget_value(value: float, text: str, what: str, *, unit: bool) -> float:
+    """A budget is a ratio in (0, 1] or a whole count above 1; anything else is refused, never truncated."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {text!r}.")
     if value <= 0:
         raise ConfigError(f"{what} must be positive, got {text!r}.")
     if value <= 1:
         return value
+    if not unit and value != int(value):
+        # 1.5 is neither a ratio (at most 1) nor a count: truncating it to 1 would mean "the whole model"
+        raise ConfigError(f"{what} {text.strip()} is above 1, so it would be a count, but counts are whole numbers; "
+                          "for a ratio of the original use a value up to 1 (0.5 or 50%), for a count a whole "
+                          "number (120000, 1.2M).")
     return float(int(value))
 
 
@@ -76,9 +94,7 @@ def parse_byte_budget(text: str) -> float:
         value = float(raw)
     except ValueError:
         return float(parse_bytes(raw, "--max-bytes"))
-    if value <= 0:
-        raise ConfigError(f"--max-bytes must be positive, got {text!r}.")
-    return value if value <= 1 else float(int(value))
+    return _budget_value(value, text, "--max-bytes", unit=False)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -132,6 +148,8 @@ def register(subparsers) -> None:
     cache.add_argument("--cache", help="evaluation cache directory (default: the user cache dir)")
     cache.add_argument("--no-cache", action="store_true", help="do not read or write the evaluation cache")
     parser.add_argument("--seed", type=int, default=0, help="seed for factorizations and calibration sampling")
+    parser.add_argument("--calibration-samples", type=int, default=512, metavar="N",
+                        help="training samples whose layer inputs the activation fits use (default 512)")
     add_output_options(parser)
     add_report_option(parser)
     from .finetune import add_recovery_arguments
@@ -150,13 +168,22 @@ def _target(args: argparse.Namespace) -> dict:
     return {"budget": {"bytes": parse_byte_budget(args.max_bytes)}}
 
 
+def check_recovery_options(args: argparse.Namespace) -> None:
+    """``--finetune EPOCHS`` and its ``--finetune-*``/``--distill-*`` options, checked before the search."""
+    if args.finetune < 0:
+        raise ConfigError(f"--finetune must be a non-negative number of epochs, got {args.finetune}.")
+    if args.finetune == 0 and args.distill:
+        raise ConfigError("--distill only applies with --finetune EPOCHS (EPOCHS > 0).")
+    check_training_options(args, prefix="finetune-")
+
+
 def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: bool) -> Path:
     """Save weights, plan.json and summary.json as one all-or-nothing set (``files.output_set``).
 
     A new (or empty) ``out`` appears in one rename; with ``force`` on a non-empty ``out``
     the files are moved in with summary.json, the completion marker, last, and a killed
-    run is rolled forward by the next reader or writer. summary.json records every
-    other file's sha256 (``files.verify_output_set`` checks them).
+    run is rolled forward by the next writer of ``out`` (readers only check). summary.json
+    records every other file's sha256 and size (``files.verify_output_set`` checks them).
     """
     from ..files import output_set
     from ..surgery import save
@@ -167,24 +194,32 @@ def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: 
     return out
 
 
+@writes_output_dir
 def run(args: argparse.Namespace) -> int:
     from ..data import load_data
     from ..files import check_output_dir
     from ..search import compress
+    from ..validation import check_int
     from .finetune import recover_from_args
     from .inputs import default_data_spec, load_model
 
-    target = _target(args)  # bad values fail before any work
-    methods = parse_methods(args.methods) if args.methods else None
+    # Every option and path is checked before any work (loading, training, searching).
+    target = _target(args)
+    methods = parse_methods(args.methods) if args.methods is not None else None
+    check_int(args.calibration_samples, "--calibration-samples", minimum=1)
+    check_recovery_options(args)
+    check_input_paths(args)
     check_output_dir(args.out, force=args.force)
+    check_cache_and_out(args.cache, args.out)
     spec = args.data or default_data_spec(args.model)
     if spec is None:
         raise ConfigError("--data is required for a model that is not built in (e.g. --data mnist:DIR).")
     cache = False if args.no_cache else (args.cache or True)
-    model = load_model(args)
     splits = load_data(spec)
+    model = load_model(args)
     result = compress(model, splits, metric=args.metric, minimize=args.minimize, methods=methods, fit=args.fit,
-                      sensitivity=args.sensitivity, cache=cache, progress=not args.quiet, seed=args.seed, **target)
+                      sensitivity=args.sensitivity, cache=cache, progress=not args.quiet, seed=args.seed,
+                      calibration_samples=args.calibration_samples, **target)
     compressed = result.model
     summary = result.summary()
     summary.update({"model": args.model, "weights": args.weights, "data": spec})

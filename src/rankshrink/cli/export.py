@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_command, add_model_arguments, add_output_options, print_table, set_result
+from .common import add_command, add_model_arguments, add_output_options, check_input_paths, print_table, set_result
 
 
 def register(subparsers) -> None:
@@ -36,10 +36,13 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
     from ..errors import ConfigError
     from ..surgery import PLAN_FILE, load
-    from .inputs import example_batch, load_model
+    from .inputs import example_batch, load_model, parse_shape
 
     if args.batch < 1 or args.runs < 1 or args.threads < 1:
         raise ConfigError("--batch, --runs and --threads must be at least 1.")
+    check_input_paths(args)  # every option and path before any work
+    if args.input_shape:
+        parse_shape(args.input_shape)
     original = load_model(args)
     if args.compressed:
         from ..files import verify_output_set

@@ -24,6 +24,7 @@ its ``--finetune EPOCHS [--distill]`` options with the same behaviour.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -32,9 +33,12 @@ from .common import (
     add_model_arguments,
     add_output_options,
     add_report_option,
+    check_input_paths,
+    check_training_options,
     print_table,
     set_result,
     write_run_report,
+    writes_output_dir,
 )
 
 CHECKPOINT_DIR = ".finetune-checkpoint"
@@ -190,6 +194,7 @@ def _load_compressed(args, plan):
         return skeleton.eval(), plan, None
 
 
+@writes_output_dir
 def run(args: argparse.Namespace) -> int:
     from ..data import load_data
     from ..errors import ConfigError
@@ -203,8 +208,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be a non-negative integer, got {args.epochs}.")
+    check_training_options(args, epochs="--epochs")  # every option and path before any work
+    check_input_paths(args, weights_may_be_dir=True)
     plan = Plan.load(args.plan) if args.plan else None
-    resume = _check_out(args.out, args.force)  # fail before any work
+    resume = _check_out(args.out, args.force)
     spec = args.data or default_data_spec(args.model)
     if spec is None:
         raise ConfigError("fine-tuning needs data: pass --data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, "
@@ -224,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
                                                                            trust_pickle=args.trust_pickle)
     out = Path(args.out)
     checkpoint = out / CHECKPOINT_DIR
+    if checkpoint.is_symlink() or (os.path.lexists(checkpoint) and not checkpoint.is_dir()):
+        checkpoint.unlink()  # a link or file under our name inside --out: never followed, never written through
+        resume = False
     if args.force and checkpoint.is_dir():
         shutil.rmtree(checkpoint)
     if resume:

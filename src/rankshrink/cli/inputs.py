@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -27,13 +28,22 @@ def default_data_spec(model_spec: str) -> str | None:
     return None
 
 
+# The largest example input a command builds: 2^28 values (1 GiB as float32), checked before allocating.
+MAX_INPUT_VALUES = 1 << 28
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
         shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise ConfigError(f"--input-shape must be positive integers like 1,28,28, got {text!r}.")
+    if not shape or any(d <= 0 for d in shape) or len(text) > 200:
+        raise ConfigError(f"--input-shape must be positive integers like 1,28,28, got {text[:60]!r}.")
+    values = math.prod(shape)
+    if values > MAX_INPUT_VALUES:
+        raise ConfigError(f"--input-shape {text} is {values:,} values per sample ({4 * values / 1e9:,.1f} GB as "
+                          f"float32), more than the {MAX_INPUT_VALUES:,} rankshrink allocates for an example input; "
+                          "pass the shape of one real sample, such as 3,224,224.")
     return shape
 
 

@@ -23,7 +23,7 @@ from ..files import atomic_write_json, check_output_dir, output_set, save_tensor
 from ..lora.config import LoraConfig
 from ..lora.io import CONFIG_NAME, WEIGHTS_NAME, adapter_size_bytes, load_adapter, save_adapter
 from ..lora.model import add_adapters, count_parameters, lora_layers, remove_adapters
-from .common import HelpFormatter, add_output_options, epilog, set_result
+from .common import HelpFormatter, add_output_options, check_input_paths, epilog, set_result, writes_output_dir
 
 TRAIN_SUMMARY = "train_summary.json"
 MERGED_WEIGHTS = "model.safetensors"
@@ -80,7 +80,13 @@ def train_adapter_command(*, model: str, weights: str | None, data: str | None, 
     from ..data import load_data
     from ..lora.training import train_adapter
     from ..metrics import accuracy
+    from ..validation import check_int, check_number, check_optional_int
 
+    check_int(epochs, "--epochs", minimum=0)  # every option before any work
+    check_number(lr, "--lr", minimum=0, low_open=True)
+    check_int(batch_size, "--batch-size", minimum=1)
+    check_optional_int(patience, "--patience", minimum=1)
+    check_int(seed, "--seed", minimum=0)
     out_dir = Path(out)
     resuming = (out_dir / "train_checkpoint.pt").exists()
     if not resuming:
@@ -128,6 +134,10 @@ def merge_adapter_command(*, model: str, weights: str | None, adapter: str, out:
     adapted = load_adapter(base, adapter, check_fingerprint=check_fingerprint)
     layers = sorted(lora_layers(adapted))
     merged = remove_adapters(adapted, merge=True, inplace=True)
+    from ..models import check_finite
+
+    check_finite(merged, f"the model merged with adapter '{adapter}'",
+                 fix="The adapter's update overflows the layer; retrain the adapter (lower --lr).")
     out_dir = Path(out)
     summary = {"model": model, "weights": weights, "adapter": str(adapter), "merged_layers": layers,
                "parameters": sum(p.numel() for p in merged.parameters()), "out": str(out_dir)}
@@ -216,7 +226,9 @@ def add_lora_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+@writes_output_dir
 def _run_train(args: argparse.Namespace) -> int:
+    check_input_paths(args, weights_may_be_dir=True)
     summary = train_adapter_command(
         model=args.model, weights=args.weights, data=args.data, target=args.target, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, rslora=args.rslora, init=args.init, epochs=args.epochs,
@@ -231,7 +243,9 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@writes_output_dir
 def _run_merge(args: argparse.Namespace) -> int:
+    check_input_paths(args, weights_may_be_dir=True)
     summary = merge_adapter_command(model=args.model, weights=args.weights, adapter=args.adapter, out=args.out,
                                     force=args.force, trust_pickle=args.trust_pickle,
                                     check_fingerprint=not args.no_check_fingerprint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from ..files import require_file
+
+    require_file(path, "CIFAR-10 batch")
     try:
         with open(path, "rb") as handle:
             obj = _RestrictedUnpickler(handle, encoding="bytes").load()
@@ -67,8 +71,12 @@ def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     entries = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
     if "data" not in entries or "labels" not in entries:
         raise FileFormatError(f"'{path}' lacks the 'data' or 'labels' entry of a CIFAR-10 batch.")
-    data = np.asarray(entries["data"])
-    labels = np.asarray(entries["labels"])
+    try:
+        data = np.asarray(entries["data"])
+        labels = np.asarray(entries["labels"])
+    except (ValueError, TypeError) as exc:  # a ragged list: rows of different lengths
+        raise FileFormatError(f"'{path}': 'data' and 'labels' must be arrays (N rows of 3072 bytes, N labels); "
+                              f"they cannot be read as such ({str(exc).split('. ')[0][:160]}).") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise FileFormatError(
             f"'{path}': 'data' must be a uint8 array of shape (N, 3072); found {data.dtype} {data.shape}."
@@ -91,16 +99,14 @@ def load_cifar10(root: str | Path, *, normalize: bool = False) -> Splits:
     unpickler that only rebuilds containers, bytes and numpy arrays. Validation is the
     last 5000 training images; ``test_batch`` is the test set.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(
-            f"CIFAR-10 directory '{root}' does not exist; {_NEVER_DOWNLOADS}. Unpack "
-            "cifar-10-python.tar.gz there (data_batch_1..5 and test_batch)."
-        )
+    from ..files import require_dir
+
+    root = require_dir(Path(root).expanduser(), "CIFAR-10 directory", error=DataError, hint=(
+        f"({_NEVER_DOWNLOADS}: unpack cifar-10-python.tar.gz there, data_batch_1..5 and test_batch.)"))
     directory = root
-    if not (root / "data_batch_1").is_file() and (root / "cifar-10-batches-py").is_dir():
+    if not os.path.lexists(root / "data_batch_1") and (root / "cifar-10-batches-py").is_dir():
         directory = root / "cifar-10-batches-py"
-    missing = [name for name in _CIFAR_FILES if not (directory / name).is_file()]
+    missing = [name for name in _CIFAR_FILES if not os.path.lexists(directory / name)]
     if missing:
         raise DataError(
             f"CIFAR-10 directory '{directory}' lacks {', '.join(missing)}; {_NEVER_DOWNLOADS}. "

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ..errors import DataError
+
 _NEVER_DOWNLOADS = "rankshrink never downloads data"
 
 
@@ -44,9 +46,14 @@ def _fingerprint(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> str:
 def _make_splits(name: str, num_classes: int, train: tuple[np.ndarray | torch.Tensor, ...],
                  val: tuple[np.ndarray | torch.Tensor, ...], test: tuple[np.ndarray | torch.Tensor, ...]) -> Splits:
     parts = []
-    for x, y in (train, val, test):
+    for part, (x, y) in zip(("train", "val", "test"), (train, val, test)):
+        y = torch.as_tensor(y)
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            # int64 conversion would truncate 2.7 to 2 without a word
+            raise DataError(f"data set '{name}': the {part} labels are {y.dtype}; class labels must be integers "
+                            "(convert whole-number labels with labels.astype('int64') first).")
         x = torch.as_tensor(x, dtype=torch.float32).contiguous()
-        y = torch.as_tensor(y, dtype=torch.int64).contiguous()
+        y = y.to(torch.int64).contiguous()
         parts.append((x, y))
     return Splits(
         train=TensorDataset(*parts[0]),

@@ -7,6 +7,7 @@ disk and renamed over the destination; the rename is flushed too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +17,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..errors import ConfigError, FileFormatError
+from ..errors import ConfigError, DiskFullError, FileFormatError
+from .paths import require_file
 
 
 @contextlib.contextmanager
@@ -31,15 +33,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as handle:  # make the bytes durable before the rename
-            os.fsync(handle.fileno())
-        os.chmod(tmp_path, _file_mode(path))  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp_path, path)
-        fsync_dir(path.parent)  # make the rename itself durable
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as handle:  # make the bytes durable before the rename
+                os.fsync(handle.fileno())
+            os.chmod(tmp_path, _file_mode(path))  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp_path, path)
+            fsync_dir(path.parent)  # make the rename itself durable
+        except Exception as exc:
+            if is_disk_full(exc, path.parent):  # judged before the partial file is removed and frees space
+                raise DiskFullError(no_space_message(path.parent, path.name)) from None
+            raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def no_space_message(directory: str | os.PathLike, name: str) -> str:
+    return (f"no space left on {directory} (while writing {name}); free some space and rerun. "
+            "Files written there before are intact.")
+
+
+# Writers that do not pass errno on: safetensors ("... (os error 28)") and torch.save, whose zip
+# writer only notices the short write later ("unexpected pos 576 vs 534", "file write failed").
+_NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_SHORT_WRITE_TEXT = ("unexpected pos", "file write failed")
+
+
+def is_disk_full(exc: BaseException, directory: str | os.PathLike) -> bool:
+    """Whether ``exc``, raised while writing into ``directory``, means the file system is full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DiskFullError):
+            return True
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(seen) for text in _NO_SPACE_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if any(text in str(exc) for text in _SHORT_WRITE_TEXT):
+        try:
+            free = os.statvfs(directory)
+        except OSError:
+            return False
+        return free.f_bavail * free.f_frsize < (1 << 20)
+    return False
 
 
 def _make_parent(path: Path) -> None:
@@ -88,14 +126,33 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{what} '{path}' does not exist.")
+def read_json(path: str | os.PathLike, what: str = "JSON file", *, max_bytes: int | None = None) -> Any:
+    """Parse a JSON file; any problem (not a regular file, larger than ``max_bytes``, not UTF-8,
+    not JSON, nested too deeply, a number too long) is a :class:`FileFormatError` naming it."""
+    path = require_file(path, what)
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise FileFormatError(f"{what} '{path}' is {path.stat().st_size:,} bytes, more than the {max_bytes:,} "
+                              "such a file can hold; it is not one rankshrink wrote.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise FileFormatError(f"{what} '{path}' is not valid JSON ({exc}).") from None
+    return parse_json(text, f"{what} '{path}'")
+
+
+def parse_json(text: str, source: str) -> Any:
+    """``json.loads`` with every failure, the pathological ones included, as one :class:`FileFormatError`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(f"{source} is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise FileFormatError(f"{source} nests lists or objects too deeply to read; no file rankshrink reads "
+                              "is nested more than a few levels.") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        detail = str(exc).split(";")[0]
+        raise FileFormatError(f"{source} holds a number too long to read ({detail}); no value rankshrink "
+                              "reads is that long.") from None
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
@@ -113,9 +170,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"weights file '{path}' does not exist.")
+    path = require_file(path, "weights file")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import FileFormatError, UnsafeFileError
 from .atomic import load_tensors
+from .paths import require_file
 
 
 def sniff_weights_format(path: str | os.PathLike) -> str:
@@ -46,6 +47,28 @@ def _first_line(exc: BaseException) -> str:
     return sentence[:300]
 
 
+def check_weights_path(path: str | os.PathLike) -> Path:
+    """``path`` if it is a non-empty regular file (what :func:`load_state_dict` reads), checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(
+            f"weights path '{path}' is a directory; pass a .safetensors or .pt file (a directory written by "
+            "'rankshrink apply'/'compress' is read by finetune, lora and 'export --compressed').")
+    require_file(path, "weights file", hint="Pass a .safetensors or .pt file.")
+    if path.stat().st_size == 0:
+        raise FileFormatError(f"weights file '{path}' is empty (0 bytes); it was probably not written completely.")
+    return path
+
+
+def _nested_state_dict(obj: Mapping) -> str | None:
+    """The key under which a checkpoint dict (``{'model': state_dict, 'epoch': 3}``) keeps a state dict."""
+    for key, value in obj.items():
+        if (isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values())
+                and all(isinstance(k, str) for k in value)):
+            return str(key)
+    return None
+
+
 def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load a state dict from a safetensors or PyTorch (``.pt``/``.pth``) file.
 
@@ -55,15 +78,7 @@ def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
     Missing, empty, truncated, corrupt or foreign files raise :class:`FileFormatError`
     naming the file.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise FileFormatError(
-            f"weights path '{path}' is a directory; pass a .safetensors or .pt file (a directory written by "
-            "'rankshrink apply'/'compress' is read by finetune, lora and 'export --compressed').")
-    if not path.is_file():
-        raise FileFormatError(f"weights file '{path}' does not exist.")
-    if path.stat().st_size == 0:
-        raise FileFormatError(f"weights file '{path}' is empty (0 bytes); it was probably not written completely.")
+    path = check_weights_path(path)
     kind = sniff_weights_format(path)
     if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
         return load_tensors(path)
@@ -98,6 +113,14 @@ def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
         obj = obj.state_dict()
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = _nested_state_dict(obj)
+        if inner is not None:
+            keys = ", ".join(repr(str(k)) for k in list(obj)[:6]) + (", ..." if len(obj) > 6 else "")
+            raise FileFormatError(
+                f"'{path}' holds a checkpoint dict (keys {keys}), not a state dict; the state dict is under "
+                f"{inner!r}. Extract it with: python -c \"import torch; torch.save(torch.load('{path}', "
+                f"weights_only=True)[{inner!r}], 'state_dict.pt')\" and pass state_dict.pt.")
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FileFormatError(
             f"'{path}' does not hold a state dict (a mapping of names to tensors); "

@@ -117,13 +117,16 @@ def _init_for_json(init: Any):
 
 def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Parse an adapter directory: (config, raw JSON, {layer: {'A': tensor, 'B': tensor}})."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileFormatError(f"adapter directory '{directory}' does not exist; pass the --out directory of "
-                              "'rankshrink lora train' (or a PEFT adapter directory).")
+    from ..files import path_kind, require_dir, require_file
+
+    directory = require_dir(directory, "adapter directory", hint="Pass the --out directory of 'rankshrink lora "
+                                                                   "train' (or a PEFT adapter directory).")
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not config_path.is_file():
+    if path_kind(config_path) == "missing":
         raise FileFormatError(f"'{directory}' has no {CONFIG_NAME}; it is not a saved LoRA adapter.")
+    require_file(config_path, "adapter config")
+    if path_kind(weights_path) not in ("missing", "file"):
+        require_file(weights_path, "adapter weights file")
     if not weights_path.is_file():
         extra = " (adapter_model.bin pickles are not read; convert to safetensors)" \
             if (directory / "adapter_model.bin").exists() else ""
@@ -140,6 +143,13 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, Any], dic
                 "'base_model.model.<layer>.lora_A.weight'; rankshrink loads plain LoRA adapters only "
                 "(no modules_to_save, no lora bias)."
             )
+        if not tensor.dtype.is_floating_point:
+            raise FileFormatError(f"'{weights_path}': tensor '{key}' is {tensor.dtype}, not floating point; an "
+                                  "adapter holds real-valued weights, and rankshrink does not cast them.")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:  # merged in, these would spread NaN/Inf through the whole layer
+            raise FileFormatError(f"'{weights_path}': tensor '{key}' holds {bad} NaN/Inf value(s) of {tensor.numel()}; "
+                                  "the adapter is damaged or its training diverged. Retrain it (lower --lr).")
         layers.setdefault(match["layer"], {})[match["ab"]] = tensor
     for layer, pair in layers.items():
         if set(pair) != {"A", "B"}:

@@ -44,6 +44,16 @@ FITS = ("weights", "activations")
 COMMON_OPTIONS = ("damping", "bias_correction", "seed")
 
 
+def short_repr(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters (a rank read from a file may have 4000 digits)."""
+    if isinstance(value, int) and value.bit_length() > 4 * limit:  # repr() itself refuses over 4300 digits
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}…{text[-8:]} ({len(text)} characters)"
+
+
 # --------------------------------------------------------------------------- configs
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +134,7 @@ class Method(ABC):
         """``rank`` validated for this layer; the form the built block records."""
         top = self.full_rank(geometry)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
-            raise LayerError(f"{layer}: rank {rank!r} is outside 1..{top} for method '{self.name}' on "
+            raise LayerError(f"{layer}: rank {short_repr(rank)} is outside 1..{top} for method '{self.name}' on "
                              f"{geometry['type']} with weight shape {weight_shape(geometry)}; choose a rank in "
                              "that range.")
         return rank

@@ -6,8 +6,11 @@ Built-in models are trained on first use, deterministically, and cached under
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +20,15 @@ import torch
 from torch import nn
 
 from ..data import Splits, load_data
-from ..errors import ConfigError, FileFormatError
-from ..files import load_tensors, save_tensors, user_cache_dir
+from ..errors import ConfigError, DiskFullError, FileFormatError
+from ..files import load_tensors, path_kind, save_tensors, user_cache_dir
+from ..fingerprint import state_fingerprint
 from ..metrics import accuracy
+from ..train import CHECKPOINT_NAME
 from ..train import train as train_model
 from .architectures import CifarCNN, DigitsCNN, MnistMLP
 from .tiny import DSCNN, AnomalyDetector, MobileNetV1, ResNet8, WideMLP
-from .weights import apply_state
+from .weights import apply_state, check_finite
 
 __all__ = ["BuiltinModel", "BUILTIN_MODELS", "builtin_entry", "builtin_weights_path", "load_builtin"]
 
@@ -174,6 +179,14 @@ def load_builtin(name: str, *, data: str | Splits | None = None, train: bool = T
     when absent, unreadable or made with another training recipe, are trained deterministically on ``splits.train`` (the
     best validation epoch is kept) and cached atomically. ``train=False`` returns the
     untrained model with its fixed initial weights and leaves the cache alone.
+
+    The cache is trusted-user storage (whoever can write it decides what loads), but it is
+    checked: a cached file must record the model, the data fingerprint and recipe it was
+    trained for, the sha256 of its tensors, finite weights and the validation accuracy it
+    scores; a file that fails is refused with :class:`FileFormatError` naming it (delete it
+    to train again). Training checkpoints after every epoch next to the cache file, so an
+    interrupted first run (Ctrl-C, SIGKILL) resumes where it stopped. A cache that cannot be
+    written gives one warning and the model is used uncached.
     """
     entry = builtin_entry(name)
     splits = data if isinstance(data, Splits) else load_data(data or entry.default_data)
@@ -186,30 +199,98 @@ def load_builtin(name: str, *, data: str | Splits | None = None, train: bool = T
     recipe = json.dumps({"seed": _TRAIN_SEED, **dict(entry.training)}, sort_keys=True)
     if path.is_file():
         try:
-            if _cache_recipe(path) == recipe:
-                return apply_state(model, load_tensors(path), path).eval(), splits
+            metadata = _cache_metadata(path)
         except FileFormatError as exc:
             warnings.warn(f"ignoring the cached weights ({exc}); training {name} again.",
                           RuntimeWarning, stacklevel=2)
-            model = entry.create(splits.input_shape, splits.num_classes)
-    result = train_model(model, splits.train, val_data=splits.val, seed=_TRAIN_SEED,
-                         progress=progress, **dict(entry.training))
-    save_tensors(path, result.model.state_dict(), metadata={
-        "rankshrink_model": name,
-        "recipe": recipe,
-        "data": splits.name,
-        "data_fingerprint": splits.fingerprint,
-        "val_accuracy": f"{accuracy(result.model, splits.val):.6f}",
-        "best_epoch": str(result.best_epoch),
-    })
+        else:
+            if metadata.get("recipe") == recipe and "sha256" in metadata:
+                return _verified(model, path, name, splits, metadata).eval(), splits
+    checkpoint = path.parent / f".{path.stem}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}.training"
+    writable = _writable(checkpoint, path)
+    if writable and (checkpoint / CHECKPOINT_NAME).is_file() and progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"resuming the training of {name} from its checkpoint in '{checkpoint}'", file=sys.stderr)
+    try:
+        result = train_model(model, splits.train, val_data=splits.val, seed=_TRAIN_SEED, progress=progress,
+                             checkpoint_dir=checkpoint if writable else None, **dict(entry.training))
+    except DiskFullError as exc:  # the checkpoint no longer fits: train again without checkpoints
+        _cache_warning(path, exc)
+        writable = False
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        model = entry.create(splits.input_shape, splits.num_classes)
+        result = train_model(model, splits.train, val_data=splits.val, seed=_TRAIN_SEED, progress=progress,
+                             **dict(entry.training))
+    state = result.model.state_dict()
+    if writable:
+        try:
+            save_tensors(path, state, metadata={
+                "rankshrink_model": name,
+                "recipe": recipe,
+                "data": splits.name,
+                "data_fingerprint": splits.fingerprint,
+                "val_accuracy": f"{accuracy(result.model, splits.val):.6f}",
+                "best_epoch": str(result.best_epoch),
+                "sha256": state_fingerprint(state, sort=True),
+            })
+        except (OSError, ConfigError) as exc:  # disk full, an entry that is a directory: go on uncached
+            _cache_warning(path, exc)
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return result.model.eval(), splits
 
 
-def _cache_recipe(path: Path) -> str | None:
+def _cache_warning(path: Path, exc: BaseException) -> None:
+    warnings.warn(f"cannot write the built-in model cache '{path}' ({exc}); going on without caching (the model is "
+                  "trained again next time).", RuntimeWarning, stacklevel=3)
+
+
+def _writable(checkpoint: Path, path: Path) -> bool:
+    """Whether the cache can take a checkpoint and the trained file; warns once when it cannot."""
+    try:
+        if path.exists() and not path.is_file():
+            raise IsADirectoryError(f"'{path}' is a {path_kind(path)}")
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        probe = checkpoint / ".probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError as exc:
+        _cache_warning(path, exc)
+        return False
+
+
+def _verified(model: nn.Module, path: Path, name: str, splits: Splits, metadata: Mapping[str, str]) -> nn.Module:
+    """The cached weights in ``model``, or :class:`FileFormatError` naming the file to delete."""
+    delete = f"Delete '{path}' and rerun to train {name} again."
+    if metadata.get("rankshrink_model") != name or metadata.get("data_fingerprint") != splits.fingerprint:
+        made_for = f"{metadata.get('rankshrink_model')!r} on {metadata.get('data_fingerprint', '?')[:12]}"
+        raise FileFormatError(f"the built-in model cache '{path}' was made for another model or data set "
+                              f"({made_for}); {delete}")
+    state = load_tensors(path)
+    if state_fingerprint(state, sort=True) != metadata.get("sha256"):
+        raise FileFormatError(f"the built-in model cache '{path}' does not match its checksum (modified or damaged). "
+                              f"{delete}")
+    apply_state(model, state, path)
+    check_finite(model, f"the built-in model cache '{path}'", fix=delete)
+    try:
+        recorded = float(metadata.get("val_accuracy", "nan"))
+    except ValueError:
+        recorded = math.nan
+    measured = accuracy(model, splits.val)
+    # The same file on the same data scores the same; allow one sample for another machine's arithmetic.
+    if not abs(measured - recorded) * len(splits.val) <= 1.5:
+        raise FileFormatError(f"the built-in model cache '{path}' records validation accuracy "
+                              f"{metadata.get('val_accuracy')!r} but scores {measured:.6f}; it was modified or "
+                              f"damaged. {delete}")
+    return model
+
+
+def _cache_metadata(path: Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("recipe")
+            return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise FileFormatError(f"'{path}' is not a readable safetensors file ({exc})") from None

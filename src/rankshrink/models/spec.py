@@ -22,9 +22,9 @@ __all__ = ["load_model_spec"]
 
 
 def _import_factory(file_part: str, attr: str) -> nn.Module:
-    path = Path(file_part).expanduser()
-    if not path.is_file():
-        raise FileFormatError(f"model file '{path}' does not exist.")
+    from ..files import require_file
+
+    path = require_file(Path(file_part).expanduser(), "model file")
     module_name = "rankshrink_user_model_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -36,6 +36,10 @@ def _import_factory(file_part: str, attr: str) -> nn.Module:
     try:
         try:
             spec.loader.exec_module(module)
+        except SystemExit as exc:  # a script's sys.exit() must not end rankshrink silently (or with its code)
+            sys.modules.pop(module_name, None)
+            raise ConfigError(f"importing model file '{path}' called sys.exit({_exit_code(exc)}); a model file must "
+                              "only define the model (put script code under if __name__ == '__main__':).") from None
         except Exception as exc:
             sys.modules.pop(module_name, None)
             raise ConfigError(f"importing model file '{path}' failed: {type(exc).__name__}: {exc}") from exc
@@ -49,6 +53,9 @@ def _import_factory(file_part: str, attr: str) -> nn.Module:
                               "function; name a function that returns the model.")
         try:
             model = factory()
+        except SystemExit as exc:
+            raise ConfigError(f"calling {attr}() from '{path}' called sys.exit({_exit_code(exc)}); the factory must "
+                              "return an nn.Module, not exit.") from None
         except Exception as exc:
             raise ConfigError(f"calling {attr}() from '{path}' failed: {type(exc).__name__}: {exc} "
                               "(the factory must take no arguments and return an nn.Module).") from exc
@@ -61,6 +68,10 @@ def _import_factory(file_part: str, attr: str) -> nn.Module:
         raise ConfigError(f"{attr}() from '{path}' returned a {type(model).__name__}, not a "
                           "torch.nn.Module.")
     return model
+
+
+def _exit_code(exc: SystemExit) -> str:
+    return "" if exc.code is None else repr(exc.code)[:40]
 
 
 def load_model_spec(spec: str, weights: str | Path | None = None, *,

@@ -10,10 +10,19 @@ the sha256 of everything the value depends on:
 * the metric (its key, e.g. 'accuracy') and the data fingerprint,
 * the factorization options (fit, calibration fingerprint, seed, ...).
 
-Every entry carries a checksum of its key and value. An entry that cannot be
-parsed, whose checksum or key does not match, is reported with a
+Every entry carries a checksum of its key and value, and records what it was computed
+for (``bound``: the model and data fingerprints, the plan, the metric and the options);
+the reader checks those against what it is evaluating now. An entry that cannot be
+parsed, whose checksum, key or binding does not match, is reported with a
 :class:`CacheWarning`, deleted and recomputed. A process killed at any point leaves
-complete entries (or none): a rerun resumes with every finished evaluation.
+complete entries (or none): a rerun resumes with every finished evaluation. A cache that
+cannot be written (a full disk, an entry path that is a directory) gives one warning and
+the search goes on without storing.
+
+The cache is trusted-user storage: its entries decide what a search believes about a
+plan, so keep it where only you can write (the default is under your home directory).
+The checks above catch damage and entries moved or copied between keys, not a forger
+who can write the directory and recompute the checksums.
 """
 
 from __future__ import annotations
@@ -26,13 +35,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..files import atomic_write_text, user_cache_dir
 from ..fingerprint import jsonable, object_fingerprint
 
 __all__ = ["CacheWarning", "EvaluationCache", "cache_key", "default_cache_dir"]
 
 _FORMAT = "rankshrink-evaluation"
-_VERSION = 2
+_VERSION = 3
 
 
 class CacheWarning(UserWarning):
@@ -50,8 +60,8 @@ def cache_key(model_fp: str, plan_key: str, metric_key: str, data_fp: str, optio
                                "metric": metric_key, "data": data_fp, "factorize": options_fp})
 
 
-def _checksum(key: str, value: float) -> str:
-    return hashlib.sha256(json.dumps([key, repr(float(value))]).encode()).hexdigest()
+def _checksum(key: str, value: float, bound: Any = None) -> str:
+    return hashlib.sha256(json.dumps([key, repr(float(value)), bound], sort_keys=True).encode()).hexdigest()
 
 
 def _body_checksum(key: str, body: Any) -> str:
@@ -72,6 +82,7 @@ class EvaluationCache:
         self.hits = 0
         self.writes = 0
         self.dropped = 0
+        self.unwritable = False
 
     @classmethod
     def disabled(cls) -> "EvaluationCache":
@@ -85,39 +96,64 @@ class EvaluationCache:
         assert self.root is not None
         return self.root / "evaluations" / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The stored entry (``value``, ``seconds``, ...) or None; corrupt entries are dropped."""
+    def get(self, key: str, *, bound: Any = None) -> dict[str, Any] | None:
+        """The stored entry (``value``, ``seconds``, ...) or None; corrupt entries are dropped.
+
+        ``bound``: what the entry must have been computed for (as given to :meth:`put`).
+        """
         if self.root is None:
             return None
         path = self.path(key)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        text = self._read(path)
+        if text is None:
             return None
-        except OSError as exc:
-            self._drop(path, f"unreadable ({exc})")
-            return None
+        expected = jsonable(bound)
         try:
             entry = json.loads(text)
             ok = (isinstance(entry, dict) and entry.get("format") == _FORMAT and entry.get("key") == key
                   and isinstance(entry.get("value"), (int, float)) and not isinstance(entry.get("value"), bool)
-                  and math.isfinite(entry["value"]) and entry.get("checksum") == _checksum(key, entry["value"]))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+                  and math.isfinite(entry["value"])
+                  and entry.get("checksum") == _checksum(key, entry["value"], entry.get("bound")))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, RecursionError):
             ok = False
         if not ok:
             self._drop(path, "corrupt (bad JSON, key or checksum)")
             return None
+        if entry.get("bound") != expected:
+            self._drop(path, "for another model, data set or plan than its key says")
+            return None
         self.hits += 1
         return entry
 
-    def put(self, key: str, value: float, **info: Any) -> None:
-        """Store ``value`` (and JSON-friendly ``info``) under ``key``, atomically."""
-        if self.root is None:
+    def _read(self, path: Path) -> str | None:
+        try:
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise IsADirectoryError(f"'{path}' is not a regular file")
+            return path.read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):  # no entry (or no directory of entries) yet
+            return None
+        except OSError as exc:
+            self._drop(path, f"unreadable ({exc})")
+            return None
+
+    def put(self, key: str, value: float, *, bound: Any = None, **info: Any) -> None:
+        """Store ``value`` (and JSON-friendly ``info``) under ``key``, atomically, bound to ``bound``."""
+        if self.root is None or self.unwritable:
             return
-        entry = {"format": _FORMAT, "version": _VERSION, "key": key, "value": float(value),
-                 **jsonable(info), "checksum": _checksum(key, value)}
-        atomic_write_text(self.path(key), json.dumps(entry, sort_keys=True) + "\n")
+        bound = jsonable(bound)
+        entry = {"format": _FORMAT, "version": _VERSION, "key": key, "value": float(value), **jsonable(info),
+                 "bound": bound, "checksum": _checksum(key, value, bound)}
+        self._write(self.path(key), json.dumps(entry, sort_keys=True) + "\n")
         self.writes += 1
+
+    def _write(self, path: Path, text: str) -> None:
+        """Write an entry; a cache that cannot be written warns once and is not written again."""
+        try:
+            atomic_write_text(path, text)
+        except (OSError, ConfigError) as exc:  # disk full, read-only, an entry path that is a directory
+            self.unwritable = True
+            warnings.warn(f"cannot write the evaluation cache in '{self.root}' ({exc}); going on without storing "
+                          "evaluations (an interrupted search will not resume them).", CacheWarning, stacklevel=4)
 
     # Small JSON documents besides evaluations (e.g. the distortion proxies of a layer's
     # candidates), stored and checked the same way under ``<root>/<namespace>/``.
@@ -125,11 +161,12 @@ class EvaluationCache:
         if self.root is None:
             return None
         path = self.root / namespace / key[:2] / f"{key}.json"
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        text = self._read(path)
+        if text is None:
             return None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        try:
+            entry = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
             self._drop(path, "corrupt (bad JSON)")
             return None
         body = entry.get("body") if isinstance(entry, dict) else None
@@ -140,18 +177,20 @@ class EvaluationCache:
         return body
 
     def put_json(self, namespace: str, key: str, body: Any) -> None:
-        if self.root is None:
+        if self.root is None or self.unwritable:
             return
         body = jsonable(body)
         path = self.root / namespace / key[:2] / f"{key}.json"
-        atomic_write_text(path, json.dumps({"key": key, "body": body, "checksum": _body_checksum(key, body)},
-                                           sort_keys=True) + "\n")
+        self._write(path, json.dumps({"key": key, "body": body, "checksum": _body_checksum(key, body)},
+                                     sort_keys=True) + "\n")
 
     def _drop(self, path: Path, why: str) -> None:
         warnings.warn(f"evaluation cache entry '{path}' is {why}; it was removed and will be recomputed.",
                       CacheWarning, stacklevel=3)
         self.dropped += 1
         try:
+            if path.is_dir() and not path.is_symlink():
+                return  # an entry path that is a directory: left alone, and the entry is not stored
             path.unlink()
         except OSError:
             pass

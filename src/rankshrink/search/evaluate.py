@@ -230,7 +230,10 @@ class Evaluator:
         if text in self._values:
             return self._values[text]
         key = self.key(plan)
-        entry = self.cache.get(key) if key is not None else None
+        # What the entry is computed for, stored in it and checked on reading (see search/cache.py).
+        bound = {"model": self.model_fp, "data": self.metric.data_fingerprint, "metric": self.metric.key,
+                 "plan": text, "factorize": self.options_fp}
+        entry = self.cache.get(key, bound=bound) if key is not None else None
         if entry is not None:
             value, seconds, cached = float(entry["value"]), 0.0, True
             self.cached += 1
@@ -242,7 +245,7 @@ class Evaluator:
             cached = False
             self.evaluations += 1
             if key is not None:
-                self.cache.put(key, value, seconds=seconds, metric=self.metric.key,
+                self.cache.put(key, value, bound=bound, seconds=seconds, metric=self.metric.key,
                                plan={n: e.to_json() for n, e in plan.items()})
         self._values[text] = value
         drop = None if self.baseline is None else self.baseline - value
