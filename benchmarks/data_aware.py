@@ -38,8 +38,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import rankshrink as rs  # noqa: E402
+from provenance import provenance, provenance_line  # noqa: E402
 from rankshrink import search  # noqa: E402
 from rankshrink.calibration import CalibrationWarning, calibrate  # noqa: E402
 from rankshrink.factorized import layer_geometry  # noqa: E402
@@ -152,7 +154,7 @@ def pct(x) -> str:
 
 
 def markdown(data: dict) -> str:
-    lines = ["# Data-aware factorization and recovery fine-tuning", "",
+    lines = ["# Data-aware factorization and recovery fine-tuning", "", provenance_line(data["provenance"]), "",
              f"Machine: {data['machine']}; torch {data['torch']}, {data['threads']} intra-op thread(s); "
              f"total {data['seconds']:.0f} s. Calibration: {data['calibration_samples']} training samples; "
              "errors on validation inputs, accuracy on the test split unless noted.", ""]
@@ -239,6 +241,7 @@ def main() -> None:
             data["whole_network"][name] = whole_network(name, model, splits, Path(tmp))
     data["seconds"] = time.perf_counter() - start
     out = Path(args.out)
+    data["provenance"] = provenance()
     atomic_write_json(out / "data_aware.json", data)
     atomic_write_text(out / "data_aware.md", markdown(data))
     print(f"wrote {out / 'data_aware.json'} and {out / 'data_aware.md'} ({data['seconds']:.0f} s)")

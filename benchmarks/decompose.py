@@ -39,7 +39,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from provenance import provenance, provenance_line  # noqa: E402
 from rankshrink.decompose import cp, reconstruct_cp, reconstruct_tucker2, truncated_svd, tucker2  # noqa: E402
 from rankshrink.decompose.svd import choose_svd_method  # noqa: E402
 from rankshrink.files import atomic_write_json, atomic_write_text  # noqa: E402
@@ -214,7 +216,7 @@ def fmt_s(seconds: float) -> str:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# Decomposition benchmark", "",
+        "# Decomposition benchmark", "", provenance_line(result["provenance"]), "",
         f"{m['cores']} cores ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}, "
         f"TensorLy {m['tensorly']}; load average {m.get('load_average_start', float('nan')):.1f} at start, "
         f"{m.get('load_average_end', float('nan')):.1f} at end; run took {result['runtime_s']:.0f} s. "
@@ -304,6 +306,7 @@ def main(argv=None) -> int:
         result["machine"]["load_average_end"] = os.getloadavg()[0]
     result["notes"] = notes(result)
     args.out.mkdir(parents=True, exist_ok=True)
+    result["provenance"] = provenance()
     atomic_write_json(args.out / "decompose.json", result)
     atomic_write_text(args.out / "decompose.md", markdown(result))
     print(markdown(result))

@@ -41,7 +41,9 @@ from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from provenance import provenance, provenance_line  # noqa: E402
 from rankshrink import lora  # noqa: E402
 from rankshrink.data import load_digits_splits  # noqa: E402
 from rankshrink.files import atomic_write_json, atomic_write_text, save_tensors  # noqa: E402
@@ -319,7 +321,7 @@ def _bytes(n) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# LoRA benchmark", "",
+    lines = ["# LoRA benchmark", "", provenance_line(result["provenance"]), "",
              f"torch {result['env']['torch']}, {result['env']['threads']} thread(s), {result['env']['machine']}; "
              f"run took {result['env']['seconds']:.0f} s. Timings: {result['env']['clock']}, medians over "
              "interleaved rounds (every variant runs once per round, order alternating). The machine is shared, "
@@ -430,6 +432,7 @@ def main(argv=None) -> int:
     result["env"]["seconds"] = time.perf_counter() - start
     result["goals"] = goals(result)
     out = Path(args.out)
+    result["provenance"] = provenance()
     atomic_write_json(out / "lora.json", result)
     text = markdown(result)
     atomic_write_text(out / "lora.md", text)
