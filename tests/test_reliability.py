@@ -259,7 +259,7 @@ BAD_INPUTS = [
          lambda f: ["analyze", *_w(f), "--data", "mnist:" + str(f["good.pt"].parent / "mnist")],
          ("does not exist", "never downloads")),
     Case("data", "data of another shape than the model takes",
-         lambda f: ["analyze", *_w(f), "--data", "synthetic:cifar"], ("(1, 3, 32, 32)", "1 channels")),
+         lambda f: ["analyze", *_w(f), "--data", "synthetic:cifar"], ("(3, 32, 32)", "built for the data")),
     Case("data", "an --input-shape that is not a shape", lambda f: ["analyze", *_w(f), "--input-shape", "0,a"],
          ("--input-shape",)),
     Case("data", "an --input-shape the model cannot take",
@@ -671,7 +671,7 @@ def test_search_handles_half_precision_models():
 
     model = BUILTIN_MODELS["mnist-mlp"].create().to(torch.bfloat16)
     result = plan(model, load_data("builtin:digits"), budget={"params": 0.5}, fit="weights",
-                  progress=False, cache=False)
+                  progress=False, cache=False, min_baseline=0.0)  # untrained: its accuracy is at chance
     assert all(p.dtype == torch.bfloat16 for p in result.compressed_model().parameters())
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import Splits, _dataset_len
+from .data import Splits, _dataset_len, has_labels
 from .errors import ConfigError, DataError
 from .factorized import Factorized
 from .metrics import accuracy
@@ -152,7 +152,7 @@ def finetune(model: nn.Module, data, epochs: int | None = None, *, val_data: Dat
         params = list(work.parameters())
         if not params:
             raise ConfigError(f"{type(model).__name__} has no parameters to train.")
-    test_before = accuracy(work, test) if test is not None and _dataset_len(test) else None
+    test_before = accuracy(work, test) if test is not None and _dataset_len(test) and has_labels(test) else None
     # train() sets requires_grad for exactly these parameters during the run and restores it after.
     result = train_loop(work, train_data, val_data=val, config=run_config, parameters=params, teacher=teacher,
                         metric=metric, checkpoint_dir=checkpoint_dir, progress=progress)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arguments, format_count, print_table
-from .inputs import example_batch, load_model
+from .common import add_layer_arguments, add_model_arguments, format_count, layer_patterns, print_table
+from .inputs import add_data_arguments, example_batch, load_data_from_args, load_model
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "analyze", help="per-layer table: shapes, params, MACs, break-even ranks, singular-value energy",
-        description="Analyse a model: what each layer costs and how compressible its weights are.")
+        description="Analyse a model: what each layer costs and how compressible its weights are. Every op that "
+                    "multiplies is counted: layers without a formula are measured and listed as 'not counted'.")
     add_model_arguments(parser, model_default="builtin:digits-cnn")
-    parser.add_argument("--data", help="data SPEC for the example input (builtin:digits, mnist:DIR, "
-                                       "cifar10:DIR, synthetic:cifar); default: the model's own")
-    parser.add_argument("--input-shape", help="per-sample input shape, e.g. 1,28,28 (instead of --data)")
+    add_data_arguments(parser, data_help="data SPEC for the example input (builtin:digits, PATH.npz, file.py:function, "
+                                         "imagefolder:DIR, mnist:DIR, cifar10:DIR, synthetic:cifar); default: the "
+                                         "model's own")
+    add_layer_arguments(parser)
     parser.add_argument("--json", metavar="OUT", help="also write the full analysis as JSON")
     parser.set_defaults(func=run)
 
@@ -24,9 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from ..files import atomic_write_json
 
-    model = load_model(args)
-    batch = example_batch(args, model)
-    result = analyze(model, batch)
+    splits = load_data_from_args(args) if args.data else None
+    model = load_model(args, splits)
+    batch = example_batch(args, model, splits)
+    include, exclude = layer_patterns(args)
+    result = analyze(model, batch, layers=include, exclude=exclude)
     rows = []
     for layer in result.layers:
         be = "/".join(str(layer.break_even[m]["params"]) for m in layer.methods)
@@ -35,10 +39,23 @@ def run(args: argparse.Namespace) -> int:
                      layer.rank_for_energy["90%"], layer.rank_for_energy["99%"], len(layer.singular_values)])
     print_table(["layer", "type", "weight shape", "params", "MACs", "break-even rank (params)", "r@90%E",
                  "r@99%E", "full"], rows)
-    print(f"\ntotal: {format_count(result.cost.params)} params, {format_count(result.cost.bytes)}B, "
-          f"{format_count(result.cost.macs)} MACs per sample")
+    cost = result.cost
+    if cost.others or cost.not_counted:
+        print()
+        extra = [[o.name, o.type, format_count(o.params), format_count(o.macs), o.reason] for o in cost.others]
+        extra += [[m.name or "(model)", m.type or "-", "", format_count(m.macs),
+                   f"not counted by formula: {', '.join(m.ops)} measured by FlopCounterMode"] for m in cost.not_counted]
+        print_table(["not factorized", "type", "params", "MACs", "why"], extra)
+    print(f"\ntotal: {format_count(cost.params)} params, {format_count(cost.bytes)}B, "
+          f"{format_count(cost.macs)} MACs per sample")
+    for group in result.tied:
+        print(f"tied: {', '.join(group)} share one weight (kept dense: factorizing one would untie them)")
+    for names in result.shared:
+        print(f"shared: one module under the names {', '.join(names)} (factorized once, everywhere)")
+    listed = {o.name for o in cost.others}
     for name, reason in result.skipped:
-        print(f"skipped {name}: {reason}")
+        if name not in listed:
+            print(f"skipped {name}: {reason}")
     if args.json:
         atomic_write_json(args.json, result.to_dict())
         print(f"wrote {args.json}")

@@ -16,8 +16,10 @@ See :mod:`.base` for what a method defines and how to add one.
 from . import cp, spatial, svd, tucker2, weight  # noqa: F401  (importing a method registers it)
 from .base import (
     FITS,
+    FactorizationWarning,
     Method,
     MethodConfig,
+    bigger_than_dense,
     config_from_json,
     default_method,
     factorize,
@@ -49,4 +51,5 @@ def normalize_rank(geometry: dict, method: str, rank, *, layer: str = "layer"):
 
 __all__ = ["full_rank", "normalize_rank", "FITS", "Method", "MethodConfig", "config_from_json", "default_method",
            "factorize", "get_method", "make_config", "method_names", "methods_for", "register", "select_options",
-           "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig"]
+           "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig", "FactorizationWarning",
+           "bigger_than_dense"]

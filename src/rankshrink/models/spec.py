@@ -20,37 +20,54 @@ from .weights import check_finite, load_weights
 __all__ = ["load_model_spec"]
 
 
-def _import_factory(file_part: str, attr: str) -> nn.Module:
+def import_python_file(file_part: str | Path, what: str = "model file") -> tuple[Path, object]:
+    """(path, module) of a Python file imported by path (helpers next to it importable)."""
     path = Path(file_part).expanduser()
     if not path.is_file():
-        raise FileFormatError(f"model file '{path}' does not exist.")
+        raise FileFormatError(f"{what} '{path}' does not exist.")
     module_name = "rankshrink_user_model_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise FileFormatError(f"model file '{path}' cannot be imported as a Python module.")
+        raise FileFormatError(f"{what} '{path}' cannot be imported as a Python module.")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up here
     # The file may import helpers that sit next to it.
     sys.path.insert(0, str(path.parent.resolve()))
     try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ConfigError(f"importing {what} '{path}' failed: {type(exc).__name__}: {exc}") from exc
+    finally:
         try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(module_name, None)
-            raise ConfigError(f"importing model file '{path}' failed: {type(exc).__name__}: {exc}") from exc
-        factory = getattr(module, attr, None)
-        if factory is None:
-            callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-            raise ConfigError(f"model file '{path}' has no attribute '{attr}'; callables in it: "
-                              f"{', '.join(callables) or 'none'}.")
-        if not callable(factory):
-            raise ConfigError(f"'{attr}' in model file '{path}' is a {type(factory).__name__}, not a "
-                              "function; name a function that returns the model.")
-        try:
-            model = factory()
-        except Exception as exc:
-            raise ConfigError(f"calling {attr}() from '{path}' failed: {type(exc).__name__}: {exc} "
-                              "(the factory must take no arguments and return an nn.Module).") from exc
+            sys.path.remove(str(path.parent.resolve()))
+        except ValueError:
+            pass
+    return path, module
+
+
+def function_from_file(file_part: str | Path, attr: str, what: str = "model file"):
+    """(path, the function ``attr``) from a Python file, with errors listing what the file has."""
+    path, module = import_python_file(file_part, what)
+    factory = getattr(module, attr, None)
+    if factory is None:
+        callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ConfigError(f"{what} '{path}' has no attribute '{attr}'; callables in it: "
+                          f"{', '.join(callables) or 'none'}.")
+    if not callable(factory):
+        raise ConfigError(f"'{attr}' in {what} '{path}' is a {type(factory).__name__}, not a "
+                          "function; name a function.")
+    return path, factory
+
+
+def _import_factory(file_part: str, attr: str) -> nn.Module:
+    path, factory = function_from_file(file_part, attr)
+    sys.path.insert(0, str(path.parent.resolve()))  # a factory may import helpers lazily
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ConfigError(f"calling {attr}() from '{path}' failed: {type(exc).__name__}: {exc} "
+                          "(the factory must take no arguments and return an nn.Module).") from exc
     finally:
         try:
             sys.path.remove(str(path.parent.resolve()))
@@ -63,11 +80,13 @@ def _import_factory(file_part: str, attr: str) -> nn.Module:
 
 
 def load_model_spec(spec: str, weights: str | Path | None = None, *,
-                    trust_pickle: bool = False) -> nn.Module:
+                    trust_pickle: bool = False, data=None) -> nn.Module:
     """Build the model a SPEC names, load ``weights`` strictly if given, return it in eval mode.
 
     ``builtin:NAME`` without weights returns the cached trained model (training it on
-    first use); with weights, the model is built for its default data's shapes.
+    first use on ``data``, a :class:`~rankshrink.data.Splits`, or its default data); with
+    weights, the model is built for the shapes of ``data`` (default: its default data's), so
+    ``builtin:mnist-mlp`` has 784 inputs on MNIST and 64 on the digits.
     ``FILE.py:FACTORY`` imports the file by path and calls ``FACTORY()``.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -77,9 +96,14 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
     if spec.startswith("builtin:"):
         name = spec[len("builtin:"):]
         entry = builtin_entry(name)
+        if data is not None and not (isinstance(data.input_shape, tuple)
+                                     and all(isinstance(d, int) for d in data.input_shape)):
+            raise ConfigError(f"built-in model '{name}' takes one image tensor; the data has inputs "
+                              f"{data.input_shape}. Use your own model (file.py:factory) for several inputs.")
         if weights is None:
-            return load_builtin(name)[0]
-        model = entry.create()
+            return load_builtin(name, data=data)[0]
+        model = entry.create(data.input_shape if data is not None else None,
+                             data.num_classes if data is not None else None)
     else:
         file_part, sep, attr = spec.rpartition(":")
         if not sep or not file_part.endswith(".py") or not attr.isidentifier():
@@ -89,6 +113,13 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
             )
         model = _import_factory(file_part, attr)
     if weights is not None:
-        load_weights(model, weights, trust_pickle=trust_pickle)
+        try:
+            load_weights(model, weights, trust_pickle=trust_pickle)
+        except FileFormatError as exc:
+            if not spec.startswith("builtin:") or data is None:
+                raise
+            raise FileFormatError(f"{exc} The model was built for the data's inputs {tuple(data.input_shape)} and "
+                                  f"{data.num_classes} classes; the weights were made for another shape (pass the "
+                                  "--data they were trained on).") from None
     check_finite(model, f"weights file '{weights}'" if weights is not None else f"model '{spec}'")
     return model.eval()
