@@ -259,8 +259,8 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Ite
     """(samples in this call, iterator of float64 row chunks) for one hooked input."""
     if isinstance(module, nn.Linear):
         if x.dim() == 0 or x.shape[-1] != module.in_features:
-            raise DataError(f"layer '{name}' (Linear, in_features={module.in_features}) received input of "
-                            f"shape {tuple(x.shape)}; the calibration data does not fit the model.")
+            raise DataError(f"the calibration data does not fit the model: layer '{name}' (Linear, expects inputs of "
+                            f"shape (..., {module.in_features})) got {tuple(x.shape)}.")
         rows = x.reshape(-1, module.in_features)
         batch = x.shape[0] if x.dim() > 1 else 1
         step = max(1, _CHUNK_ELEMENTS // max(1, module.in_features))
@@ -270,8 +270,8 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Ite
     if x.dim() == spatial_dims + 1:
         x = x.unsqueeze(0)
     if x.dim() != spatial_dims + 2 or x.shape[1] != module.in_channels:
-        raise DataError(f"layer '{name}' ({layer_type(module)}, in_channels={module.in_channels}) received "
-                        f"input of shape {tuple(x.shape)}; the calibration data does not fit the model.")
+        raise DataError(f"the calibration data does not fit the model: layer '{name}' ({layer_type(module)}, expects "
+                        f"(batch, {module.in_channels}, {', '.join(['…'] * spatial_dims)}) inputs) got {tuple(x.shape)}.")
     per_sample = module.in_channels * math.prod(module.kernel_size) * math.prod(x.shape[2:])
     step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
     return x.shape[0], (conv_patches(module, x[i:i + step]) for i in range(0, x.shape[0], step))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import add_layer_arguments, add_model_arguments, format_count, layer_patterns, print_table
-from .inputs import add_data_arguments, example_batch, load_data_from_args, load_model
+from .inputs import add_data_arguments, default_data_spec, example_batch, load_data_from_args, load_model
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from ..files import atomic_write_json
 
-    splits = load_data_from_args(args) if args.data else None
+    spec = args.data or default_data_spec(args.model)
+    splits = load_data_from_args(args, spec) if spec else None
     model = load_model(args, splits)
     batch = example_batch(args, model, splits)
     include, exclude = layer_patterns(args)

@@ -33,11 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..inputs import map_tensors
     from ..surgery import PLAN_FILE, load
-    from .inputs import example_batch, load_data_from_args, load_model
+    from .inputs import default_data_spec, example_batch, load_data_from_args, load_model
 
     if args.batch < 1 or args.runs < 1 or args.threads < 1:
         raise ConfigError("--batch, --runs and --threads must be at least 1.")
-    splits = load_data_from_args(args) if args.data else None
+    spec = args.data or default_data_spec(args.model)
+    splits = load_data_from_args(args, spec) if spec else None
     original = load_model(args, splits)
     if args.compressed:
         from ..files import verify_output_set

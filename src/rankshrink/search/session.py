@@ -242,7 +242,8 @@ class Session:
         name = self.metric.name
         detail = (f"chance is {chance:.1%} (always predicting the most common class)" if chance is not None
                   and self.metric.key == "accuracy" else f"chance is {chance:.1%}" if chance is not None else "")
-        where = "at or below" if chance is not None and baseline <= chance else "below"
+        where = "at or below" if self.config.min_baseline is None and chance is not None and baseline <= chance \
+            else "below"
         limit = (f"{where} chance" if where == "at or below" else f"below the least accepted {least:.1%}")
         raise DataError(f"the original model scores {baseline:.1%} {name} on this data's validation split, {limit}"
                         f"{' (' + detail + ')' if detail else ''}; is it the data it was trained on (same inputs, "
