@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from user_models import Attention, ImageAndSide, KeywordSpotter, ResNetish, TiedMLP, side_features
 
 import rankshrink as rs
 from rankshrink.inputs import batch_size, call_model
 from rankshrink.models import CifarCNN, DigitsCNN, MnistMLP
+from user_models import Attention, ImageAndSide, KeywordSpotter, ResNetish, TiedMLP, side_features
 
 
 def oracle_macs(model: nn.Module, inputs) -> float:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from user_models import ImageAndSide, KeywordSpotter, ResNetish, TiedMLP, side_features
 
 import rankshrink as rs
 from rankshrink.cli import main
@@ -23,6 +22,7 @@ from rankshrink.errors import ConfigError, DataError
 from rankshrink.files import load_tensors, save_tensors
 from rankshrink.metrics import accuracy
 from rankshrink.search.evaluate import single_threaded
+from user_models import ImageAndSide, KeywordSpotter, ResNetish, TiedMLP, side_features
 
 MODELS = Path(__file__).resolve().parent / "user_models.py"
 

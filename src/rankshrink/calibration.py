@@ -270,8 +270,9 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Ite
     if x.dim() == spatial_dims + 1:
         x = x.unsqueeze(0)
     if x.dim() != spatial_dims + 2 or x.shape[1] != module.in_channels:
+        axes = ", ".join(["…"] * spatial_dims)
         raise DataError(f"the calibration data does not fit the model: layer '{name}' ({layer_type(module)}, expects "
-                        f"(batch, {module.in_channels}, {', '.join(['…'] * spatial_dims)}) inputs) got {tuple(x.shape)}.")
+                        f"(batch, {module.in_channels}, {axes}) inputs) got {tuple(x.shape)}.")
     per_sample = module.in_channels * math.prod(module.kernel_size) * math.prod(x.shape[2:])
     step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
     return x.shape[0], (conv_patches(module, x[i:i + step]) for i in range(0, x.shape[0], step))
@@ -280,9 +281,12 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Ite
 # --------------------------------------------------------------------------- calibrate
 
 def _as_dataset(dataset) -> Dataset:
+    from .data import as_dataset, load_data
+
+    if isinstance(dataset, str):
+        dataset = load_data(dataset)
     if isinstance(dataset, Splits):
         return dataset.train
-    from .data import as_dataset
 
     try:
         return as_dataset(dataset, "calibration data")

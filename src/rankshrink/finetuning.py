@@ -95,6 +95,13 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _splits_of(data, val_data, test_data) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    if data is not None and not isinstance(data, Splits):
+        from .data import as_dataset
+        from .search.session import as_search_data
+
+        data = as_search_data(data)  # a data SPEC string or a {'train', 'val', 'test'} mapping
+        if not isinstance(data, Splits):
+            data = as_dataset(data, "the training data")
     if isinstance(data, Splits):
         return data.train, val_data if val_data is not None else data.val, \
             test_data if test_data is not None else data.test
