@@ -161,11 +161,11 @@ def load_array_file(path: str | Path, *, fractions: Sequence[float] = DEFAULT_FR
 
     path = Path(path).expanduser()
     arrays = read_arrays(path)
+    inputs = _inputs(arrays, path)
     unknown = sorted(k for k in arrays if k not in ("x", "y", *INDEX_KEYS) and not k.startswith("x."))
     if unknown:
         raise DataError(f"data file '{path}' has unexpected key(s) {', '.join(map(repr, unknown))}; the keys are "
                         f"{_KEYS_HELP}.")
-    inputs = _inputs(arrays, path)
     try:
         n = model_inputs.batch_size(inputs)
     except DataError as exc:

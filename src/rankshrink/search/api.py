@@ -209,20 +209,21 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         if target < breakdown["total"]:
             raise ConfigError(_below_minimum(kind, target, breakdown, original))
     try:
-        spaces = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods, progress=progress)
-        if target is not None and spaces:  # budget mode
-            lowest = minimum_cost(spaces, cost_model, kind)
-            if target < lowest:
-                breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
-                breakdown["total"] = lowest
-                raise ConfigError(_below_minimum(kind, target, breakdown, original))
-        r_max = max([1, *(s.r_max for s in spaces)])
-        total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
-        evaluator = session.start(total=total if sensitivity == "probe" else MAX_GLOBAL_EVALUATIONS + 1)
+        evaluator = session.start(total=None)  # the total is known once the candidates are
         try:
             baseline = evaluator(Plan(), "baseline")
             evaluator.baseline = baseline
             session.check_baseline(baseline)  # a model at chance on this data: stop before searching
+            spaces = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods, progress=progress)
+            if target is not None and spaces:  # budget mode
+                lowest = minimum_cost(spaces, cost_model, kind)
+                if target < lowest:
+                    breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
+                    breakdown["total"] = lowest
+                    raise ConfigError(_below_minimum(kind, target, breakdown, original))
+            r_max = max([1, *(s.r_max for s in spaces)])
+            total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
+            evaluator.set_phase_total(total if sensitivity == "probe" else MAX_GLOBAL_EVALUATIONS + 1)
             if not spaces:
                 from .allocate import Allocation
                 allocation = Allocation({}, baseline, notes=["no factorizable layer to compress"])
