@@ -451,9 +451,11 @@ def run_own_models() -> list[dict]:
                 rows.append({"model": name, "setting": setting, "method": "search", "infeasible": str(exc)})
                 continue
             seconds = time.perf_counter() - t0
-            row = b.row("search (probe)" if kind == "tolerance" else "search (proxy)", setting, result.plan,
+            row = b.row("search (probe)" if kind == "tolerance" else "search (proxy)", setting, Plan(),
                         result.requested, seconds, value=result.value, tolerance=kw.get("tolerance"))
-            small = result.model
+            small = result.model  # built from the folded model the search ran on (the bench's own is not folded)
+            row.update(test_accuracy=accuracy(small, data.test), macs_ratio=result.ratio("macs"),
+                       params_ratio=result.ratio("params"), plan=result.plan.to_dict())
             row["macs_counted"] = count(small, example).macs
             row["macs_flop_counter"] = _flop_counter_macs(small, example)
             row["macs_reported"] = result.compressed["macs"]
@@ -463,8 +465,12 @@ def run_own_models() -> list[dict]:
             t0 = time.perf_counter()
             before = b.requests
             plan_u, _ = uniform(b, **({"tolerance": value} if kind == "tolerance" else {"budget": value}))
-            rows.append(b.row("uniform", setting, plan_u, b.requests - before, time.perf_counter() - t0,
-                              tolerance=kw.get("tolerance")))
+            row = b.row("uniform", setting, plan_u, b.requests - before, time.perf_counter() - t0,
+                        tolerance=kw.get("tolerance"))
+            if kind == "budget" and row["macs_ratio"] > value:
+                row = {"model": name, "setting": setting, "method": "uniform",
+                       "infeasible": "no single MAC ratio for every layer fits the budget"}
+            rows.append(row)
             print(f"[{name}] {setting}: " + "; ".join(
                 f"{r['method']} acc {r['val_accuracy']:.3f} macs {r['macs_ratio']:.3f} evals {r['evaluations']}"
                 for r in rows[-2:] if "val_accuracy" in r), file=sys.stderr)

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"shared: one module under the names {', '.join(names)} (factorized once, everywhere)")
     listed = {o.name for o in cost.others}
     for name, reason in result.skipped:
-        if name not in listed:
+        if name not in listed and not any(name.startswith(f"{other}.") for other in listed):
             print(f"skipped {name}: {reason}")
     if args.json:
         atomic_write_json(args.json, result.to_dict())

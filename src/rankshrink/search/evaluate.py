@@ -159,6 +159,13 @@ class Factorizer:
         With ``share`` the memoised blocks are used as they are (fine for evaluation);
         otherwise each block is copied, so the result owns all its weights.
         """
+        if plan.fold_batchnorm:
+            from ..layers import get_layer
+
+            unfolded = [bn for _, bn in plan.fold_batchnorm if not isinstance(get_layer(self.model, bn), nn.Identity)]
+            if unfolded:  # the memoised blocks were fitted to this model's (unfolded) layers
+                raise ConfigError(f"the plan folds BatchNorm layer(s) {', '.join(unfolded)}, which this search's "
+                                  "model still has; build it with rankshrink.apply(model, plan, data=...).")
         if self.apply_fn is not None and not share:
             return self.apply_fn(self.model, plan)
 
