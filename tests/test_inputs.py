@@ -66,6 +66,7 @@ def two_input_splits():
     return splits_from(part(digits.train), part(digits.val), part(digits.test))
 
 
+@pytest.mark.slow
 def test_calibrate_finetune_and_lora_take_dict_inputs(two_input_splits):
     from rankshrink.lora import LoraConfig, add_adapters, train_adapter
 

@@ -25,6 +25,7 @@ from rankshrink.search.evaluate import single_threaded
 from user_models import ImageAndSide, KeywordSpotter, ResNetish, TiedMLP, side_features
 
 MODELS = Path(__file__).resolve().parent / "user_models.py"
+pytestmark = pytest.mark.slow  # the models are trained here, and most tests search
 
 
 def _train(model: nn.Module, splits, epochs: int) -> nn.Module:
@@ -78,7 +79,6 @@ def _load(factory: str, weights: Path) -> nn.Module:
 
 # --------------------------------------------------------------------------- every input form, end to end
 
-@pytest.mark.slow
 @pytest.mark.parametrize("form,data,factory,weights", [
     ("tensor", "digits.npz", "make_resnetish", "resnetish"),
     ("tuple", "pair.npz", "make_image_and_side", "image_and_side"),
@@ -120,7 +120,6 @@ def test_compress_load_export_for_every_input_form(tmp_path, files, capsys, form
     capsys.readouterr()
 
 
-@pytest.mark.slow
 def test_a_gru_model_compresses_and_its_budget_counts_the_gru(tmp_path, files, capsys):
     root, trained = files
     model = _load("make_keyword_spotter", trained["keyword_spotter"])
@@ -176,7 +175,6 @@ def test_batchnorm_folding_is_exact_and_replayed_by_plans(tmp_path):
         assert torch.equal(again(x), small(x))
 
 
-@pytest.mark.slow
 def test_compress_folds_batchnorm_and_apply_reproduces_it(tmp_path, files, capsys):
     root, trained = files
     spec = ["--model", f"{MODELS}:make_resnetish", "--weights", str(trained["resnetish"]),
@@ -201,7 +199,6 @@ def test_compress_folds_batchnorm_and_apply_reproduces_it(tmp_path, files, capsy
 
 # --------------------------------------------------------------------------- tied layers, budgets, big factors
 
-@pytest.mark.slow
 def test_tied_layers_are_listed_as_kept_dense_with_the_reason(tmp_path, files, capsys):
     root, trained = files
     spec = ["--model", f"{MODELS}:make_tied", "--weights", str(trained["tied"]), "--data", str(root / "digits.npz")]

@@ -257,6 +257,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                            "dense_params": space.dense.params, "dense_macs": space.dense.macs,
                            "distortion": cand.distortion, "break_even": dict(space.break_even), "reason": None})
     layers_out += _kept_dense(session, cost_model, by_name, layers)
+    position = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    layers_out.sort(key=lambda row: position.get(row["name"], len(position)))  # model order, ops last
     final_plan = plan_of(choices)
     if folds:
         final_plan = final_plan.with_folds(folds)
