@@ -198,3 +198,40 @@ def test_functional_ops_in_a_custom_layer_are_attributed_to_it():
     (row,) = cost.not_counted
     assert row.name == "1" and row.type == "Gate" and row.macs == 5 * 8
     assert cost.macs == 3 * 8 + 5 * 8
+
+
+def _other_test_models():
+    """The models defined in the other test modules, each with an input it takes."""
+    import test_cost
+    import test_data_aware
+    import test_finetune
+    import test_lora
+    import test_reliability
+    import test_surgery
+    import test_train
+
+    namespace: dict = {}
+    exec(test_reliability.MODELS_PY, namespace)  # the CLI's user-model fixtures
+    exec(test_finetune.MODEL_FILE, namespace)
+    eight = torch.rand(2, 1, 8, 8)
+    return {
+        "test_cost.SmallCNN": (test_cost.SmallCNN, torch.rand(2, 3, 8, 16)),
+        "test_cost.Twice": (test_cost.Twice, torch.rand(2, 6)),
+        "test_data_aware._TwoBranch": (test_data_aware._TwoBranch, torch.rand(2, 2, 6, 6)),
+        "test_finetune.Small": (namespace["Small"], eight),
+        "test_lora.ConvNet": (test_lora.ConvNet, torch.rand(2, 3, 11, 12)),
+        "test_lora.MLP": (test_lora.MLP, torch.rand(2, 16)),
+        "test_surgery.Net": (test_surgery.Net, torch.rand(2, 3, 4, 4)),
+        "test_surgery.Shared": (test_surgery.Shared, torch.rand(2, 6)),
+        "test_surgery.Tied": (test_surgery.Tied, torch.rand(2, 6)),
+        "test_train._BNNet": (test_train._BNNet, eight),
+        **{f"test_reliability.{name}": (namespace[name], (eight, torch.rand(2, 4)) if name == "TwoInputs" else eight)
+           for name in ("Tied", "Shared", "Reused", "TwoInputs")},
+    }
+
+
+def test_every_model_of_the_other_tests_matches_flop_counter():
+    for name, (cls, inputs) in _other_test_models().items():
+        torch.manual_seed(0)
+        model = cls().eval()
+        assert rs.count(model, inputs).macs == pytest.approx(oracle_macs(model, inputs), rel=0.01), name
