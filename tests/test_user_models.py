@@ -363,3 +363,33 @@ def test_builtin_mnist_mlp_takes_784_inputs_with_mnist_shaped_data(tmp_path, cap
         warnings.simplefilter("ignore")
         assert main(["analyze", "--model", "builtin:mnist-mlp", "--weights", str(weights)]) == 1
     assert "built for the data's inputs (1, 8, 8)" in capsys.readouterr().err
+
+
+def test_untraceable_models_fold_only_what_keeps_their_outputs():
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            self.head = nn.Linear(4 * 64, 10)
+
+        def forward(self, x):
+            if float(x.sum()) > 0:
+                x = self.body(x)
+            else:
+                x = self.body(-x)
+            return self.head(x.flatten(1))
+
+    class Skipping(Branchy):  # uses the conv's output without its BatchNorm: folding would change it
+        def forward(self, x):
+            h = self.body[0](x)
+            if float(x.sum()) > 0:
+                h = h + 0 * self.body[1](h)
+            return self.head(h.flatten(1))
+
+    x = torch.rand(3, 1, 8, 8)
+    for cls, keeps in ((Branchy, True), (Skipping, False)):
+        torch.manual_seed(0)
+        model = _randomise_batchnorm(cls())
+        assert rs.layers.batchnorm_folds(model) == [("body.0", "body.1")]  # the nn.Sequential pattern
+        folded = rs.surgery.fold_batchnorm(model)
+        assert rs.surgery.folding_preserves_outputs(model, folded, x) is keeps

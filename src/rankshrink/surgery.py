@@ -32,7 +32,7 @@ from .methods import MethodConfig, factorize, get_method
 from .plan import Plan
 
 __all__ = ["WEIGHTS_FILE", "PLAN_FILE", "replace_layer", "validate_plan", "build", "apply", "empty_skeleton",
-           "save", "load", "load_state_dict_checked", "fold_batchnorm"]
+           "save", "load", "load_state_dict_checked", "fold_batchnorm", "folding_preserves_outputs"]
 
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
@@ -132,6 +132,24 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None,
         for alias in where[id(bn)]:
             replace_layer(target, alias, nn.Identity())
     return target
+
+
+def folding_preserves_outputs(model: nn.Module, folded: nn.Module, inputs: Any, *, rtol: float = 1e-4) -> bool:
+    """Whether ``folded`` computes what ``model`` does on ``inputs`` (eval mode), to ``rtol`` of the largest output.
+
+    The check behind folding a model whose graph could not be traced: its BatchNorm layers were
+    paired with the layer before them in an ``nn.Sequential``, which its forward might not follow.
+    """
+    from .inputs import call_model, output_tensor, to_model
+    from .metrics import eval_mode
+
+    with torch.no_grad(), eval_mode(model, folded):
+        try:
+            x = output_tensor(call_model(model, to_model(inputs, model))).double()
+            y = output_tensor(call_model(folded, to_model(inputs, folded))).double()
+        except Exception:  # the model fails on these inputs anyway; the caller reports that properly
+            return True
+    return x.shape == y.shape and bool((x - y).abs().max() <= rtol * max(1.0, float(x.abs().max())))
 
 
 def build(model: nn.Module, plan: Plan, make_block: BlockMaker, *, inplace: bool = False,

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..layers import batchnorm_folds, select_layers
     from ..methods import FactorizationWarning
     from ..plan import Plan
-    from ..surgery import apply, save
+    from ..surgery import apply, fold_batchnorm, folding_preserves_outputs, save
     from .inputs import default_data_spec, example_batch, load_data_from_args, load_model
 
     plan = Plan.load(args.plan)
@@ -62,14 +62,18 @@ def run(args: argparse.Namespace) -> int:
         plan = plan.only(select_layers(list(plan), include, exclude))
     if args.seed is not None:
         plan = plan.with_options(seed=args.seed)
-    if not args.fold_bn:
-        plan = plan.with_folds([])
-    elif not plan.fold_batchnorm:
-        plan = plan.with_folds(batchnorm_folds(model))
     try:
         batch = example_batch(args, model, data)
     except ConfigError:
         batch = None
+    if not args.fold_bn:
+        plan = plan.with_folds([])
+    elif not plan.fold_batchnorm and (folds := batchnorm_folds(model)):
+        if batch is None or folding_preserves_outputs(model, fold_batchnorm(model, folds), batch):
+            plan = plan.with_folds(folds)
+        else:
+            print("rankshrink apply: warning: folding BatchNorm changed the model's outputs; the BatchNorm layers "
+                  "are kept (--no-fold-bn silences this).", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FactorizationWarning)
         compressed = apply(model, plan, data=data if plan.activation_layers else None, progress=True,

@@ -311,7 +311,7 @@ def _fold_batchnorm(model: nn.Module, data: Any, config: SearchConfig, example_i
     if not config.fold_bn or apply_fn is not None:
         return model, []
     from ..layers import batchnorm_folds
-    from ..surgery import fold_batchnorm
+    from ..surgery import fold_batchnorm, folding_preserves_outputs
 
     folds = batchnorm_folds(model)
     if not folds:
@@ -326,7 +326,7 @@ def _fold_batchnorm(model: nn.Module, data: Any, config: SearchConfig, example_i
             probe = first_batch(source, 64)[0]
         except Exception:  # the Session reports unusable data with the full message
             probe = None
-    if probe is not None and not _same_outputs(model, folded, probe):
+    if probe is not None and not folding_preserves_outputs(model, folded, probe):
         import warnings
 
         warnings.warn("folding BatchNorm changed the model's outputs (its forward does not use the layers as "
@@ -334,21 +334,6 @@ def _fold_batchnorm(model: nn.Module, data: Any, config: SearchConfig, example_i
                       "this.", UserWarning, stacklevel=4)
         return model, []
     return folded, folds
-
-
-def _same_outputs(a: nn.Module, b: nn.Module, inputs: Any) -> bool:
-    import torch
-
-    from ..inputs import call_model, output_tensor, to_model
-    from ..metrics import eval_mode
-
-    with torch.no_grad(), eval_mode(a, b):
-        try:
-            x = output_tensor(call_model(a, to_model(inputs, a))).double()
-            y = output_tensor(call_model(b, to_model(inputs, b))).double()
-        except Exception:  # the Session runs the model again and reports a failure properly
-            return True
-    return x.shape == y.shape and bool((x - y).abs().max() <= 1e-4 * max(1.0, float(x.abs().max())))
 
 
 def _selected_layers(cost_model: CostModel, config: SearchConfig) -> list[str] | None:
