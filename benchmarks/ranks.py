@@ -22,8 +22,9 @@ baselines use one method per layer type, as AIMET does: SVD for Linear layers an
 spatial SVD for convolutions; the search also chooses the method.
 
 Run: ``python benchmarks/ranks.py`` (a few minutes on 2 cores). Writes
-``benchmarks/results/ranks.json`` and ``ranks.md``. ``--cifar-dir DIR`` uses real
-CIFAR-10 instead of the synthetic CIFAR-shaped set; ``--quick`` skips brute force.
+``benchmarks/results/ranks.json`` and ``ranks.md``; ``--section own`` runs only the three
+user models (a BatchNorm CNN, a Conv1d+GRU, a dict-input model) into ``ranks_own.json``/``.md``.
+``--cifar-dir DIR`` uses real CIFAR-10 instead of the synthetic CIFAR-shaped set; ``--quick`` skips brute force.
 """
 
 from __future__ import annotations
@@ -312,12 +313,241 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------- your own models (issue 10)
+#
+# A BatchNorm CNN, a Conv1d+GRU keyword spotter and a model taking a dict of inputs, each
+# trained here on the digits: the search on models that are not built in, with the MACs it
+# reports checked against FlopCounterMode on the compressed model. Kept apart from the
+# reference-model table above (its own results files) so either can change alone.
+
+class _BNResNet(torch.nn.Module):
+    """BatchNorm, a residual addition, a stride-2, a depthwise and a dilated conv."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=2, dilation=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2 * width)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width * 16, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        x = self.stem(x)
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        x = F.relu(self.bn3(self.depthwise(F.relu(self.down(x)))))
+        return self.head(F.relu(self.fc(x.flatten(1))))
+
+
+class _KeywordSpotter(torch.nn.Module):
+    """The 64 pixels as a 1-D signal: Conv1d padding='same', two strided Conv1d, a GRU."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv1d(1, 32, 5, padding="same")
+        self.conv2 = nn.Conv1d(32, 64, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(64, 64, 3, stride=2, padding=1)
+        self.gru = nn.GRU(64, 32, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        h = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x.reshape(len(x), 1, -1)))))))
+        out, _ = self.gru(h.transpose(1, 2))
+        return self.head(out.mean(1))
+
+
+class _ImageAndSide(torch.nn.Module):
+    """forward(image, side), fed a dict {'image': (N, 1, 8, 8), 'side': (N, 4)}."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.side = nn.Linear(4, 16)
+        self.fc = nn.Linear(32 * 16 + 16, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, image, side):
+        F = torch.nn.functional
+        h = F.max_pool2d(F.relu(self.conv2(F.relu(self.bn(self.conv(image))))), 2).flatten(1)
+        return self.head(F.relu(self.fc(torch.cat([h, F.relu(self.side(side))], 1))))
+
+
+def _dict_digits(splits):
+    from rankshrink.data import splits_from
+
+    def part(dataset):
+        x, y = dataset.tensors
+        flat = x.flatten(1)
+        side = torch.stack([flat.mean(1), flat.std(1), x[:, 0, 3:5, 3:5].mean((1, 2)), x[:, 0, 0].mean(1)], 1)
+        return {"image": x, "side": side}, y
+
+    return splits_from(part(splits.train), part(splits.val), part(splits.test), name="digits + side features")
+
+
+class _OwnBench(Bench):
+    """Bench for models with Conv1d layers: the uniform baseline uses weight SVD there (spatial is 2-D only)."""
+
+    def __init__(self, name, model, splits):
+        super().__init__(name, model, splits)
+        self.method = {r.name: ("svd" if r.type == "Linear" else "spatial" if r.type == "Conv2d" else "weight")
+                       for r in self.rows}
+
+
+def _flop_counter_macs(model, inputs) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rankshrink.inputs import batch_size, call_model
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        call_model(model.eval(), inputs)
+    return counter.get_total_flops() / 2 / batch_size(inputs)
+
+
+OWN_TOLERANCES = (0.005, 0.01)
+OWN_BUDGETS = (0.7, 0.5, 0.3)
+
+
+def run_own_models() -> list[dict]:
+    """Search and a uniform baseline on the three models a user brings; every budget row's MACs checked."""
+    from rankshrink.cost import count
+    from rankshrink.data import first_batch, load_digits_splits
+    from rankshrink.train import train
+
+    digits = load_digits_splits()
+    rows = []
+    for name, cls, data, epochs in (("BatchNorm CNN (residual, stride-2, depthwise, dilated)", _BNResNet, digits, 15),
+                                    ("Conv1d + GRU keyword spotter", _KeywordSpotter, digits, 20),
+                                    ("dict-input model (image + side features)", _ImageAndSide, _dict_digits(digits),
+                                     15)):
+        torch.manual_seed(0)
+        model = cls()
+        train(model, data.train, val_data=data.val, epochs=epochs, lr=3e-3, progress=False)
+        model.eval()
+        example = first_batch(data.val)[0]
+        b = _OwnBench(name, model, data)
+        original = count(model, example)
+        print(f"[{name}] baseline val {b.baseline:.4f}; MACs {original.macs:,} (FlopCounterMode "
+              f"{_flop_counter_macs(model, example):,.0f}); not factorized: "
+              f"{[(o.name, o.type, o.macs) for o in original.others]}", file=sys.stderr)
+        for kind, value in [("tolerance", t) for t in OWN_TOLERANCES] + [("budget", m) for m in OWN_BUDGETS]:
+            setting = f"tolerance {value:g}" if kind == "tolerance" else f"MACs <= {value:g}"
+            kw = {"tolerance": value} if kind == "tolerance" else {"budget": {"macs": value}}
+            t0 = time.perf_counter()
+            try:
+                result = compress(model, data, cache=False, progress=False, **kw)
+            except Exception as exc:  # an unreachable budget is a result too: say why
+                rows.append({"model": name, "setting": setting, "method": "search", "infeasible": str(exc)})
+                continue
+            seconds = time.perf_counter() - t0
+            row = b.row("search (probe)" if kind == "tolerance" else "search (proxy)", setting, Plan(),
+                        result.requested, seconds, value=result.value, tolerance=kw.get("tolerance"))
+            small = result.model  # built from the folded model the search ran on (the bench's own is not folded)
+            row.update(test_accuracy=accuracy(small, data.test), macs_ratio=result.ratio("macs"),
+                       params_ratio=result.ratio("params"), plan=result.plan.to_dict())
+            row["macs_counted"] = count(small, example).macs
+            row["macs_flop_counter"] = _flop_counter_macs(small, example)
+            row["macs_reported"] = result.compressed["macs"]
+            row["folded_batchnorm"] = len(result.plan.fold_batchnorm)
+            row["kept_dense"] = {layer["name"]: layer["reason"] for layer in result.layers if layer.get("reason")}
+            rows.append(row)
+            t0 = time.perf_counter()
+            before = b.requests
+            plan_u, _ = uniform(b, **({"tolerance": value} if kind == "tolerance" else {"budget": value}))
+            row = b.row("uniform", setting, plan_u, b.requests - before, time.perf_counter() - t0,
+                        tolerance=kw.get("tolerance"))
+            if kind == "budget" and row["macs_ratio"] > value:
+                row = {"model": name, "setting": setting, "method": "uniform",
+                       "infeasible": "no single MAC ratio for every layer fits the budget"}
+            rows.append(row)
+            print(f"[{name}] {setting}: " + "; ".join(
+                f"{r['method']} acc {r['val_accuracy']:.3f} macs {r['macs_ratio']:.3f} evals {r['evaluations']}"
+                for r in rows[-2:] if "val_accuracy" in r), file=sys.stderr)
+    return rows
+
+
+def markdown_own(rows: list[dict], meta: dict) -> str:
+    out = ["# Rank selection on your own models", "",
+           f"Machine: {meta['machine']}; torch {meta['torch']}; one thread; wall time {meta['seconds']:.0f} s.", "",
+           "Three models a user brings, trained here on the digits (`benchmarks/ranks.py --section own`): a "
+           "BatchNorm CNN (BatchNorm folded into its convs before the search), a Conv1d + GRU keyword spotter "
+           "(the GRU is not factorizable, so it bounds the budgets), and a model taking a dict of inputs. "
+           "`MACs` is the compressed model's share of the original's as the search reports it; `counted / "
+           "FlopCounterMode` compares `rs.count` of the compressed model with torch's FlopCounterMode (flops/2) "
+           "on the same input. The uniform baseline gives every layer one MAC ratio (weight SVD for Conv1d, "
+           "spatial SVD for Conv2d, SVD for Linear).", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        first = next((r for r in mine if "val_accuracy" in r), None)
+        out += [f"## {model}", ""]
+        if first is not None:
+            out += [f"Original validation accuracy {first['val_accuracy'] + first['drop']:.4f}.", ""]
+        out += ["| setting | method | val acc | drop | test acc | MACs | params | evals | time (s) | tolerance met "
+                "| counted / FlopCounterMode | kept dense |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            if "infeasible" in r:
+                out.append(f"| {r['setting']} | {r['method']} | infeasible: {r['infeasible']} |||||||||||")
+                continue
+            met = "" if r["tolerance_met"] is None else ("yes" if r["tolerance_met"] else "**no**")
+            check = (f"{r['macs_counted']:,} / {r['macs_flop_counter']:,.0f}" if "macs_counted" in r else "")
+            kept = ", ".join(f"{n} ({why})" for n, why in r.get("kept_dense", {}).items()
+                             if "left out" not in why and "cheaper" not in why)
+            out.append(f"| {r['setting']} | {r['method']} | {r['val_accuracy']:.4f} | {r['drop']:+.4f} | "
+                       f"{r['test_accuracy']:.4f} | {r['macs_ratio']:.3f} | {r['params_ratio']:.3f} | "
+                       f"{r['evaluations']} | {r['seconds']:.1f} | {met} | {check} | {kept} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _meta(start: float) -> dict:
+    from rankshrink._version import __version__
+
+    commit = "unknown"
+    try:
+        import subprocess
+
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or commit
+    except OSError:
+        pass
+    return {"machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads "
+                       "available", "torch": torch.__version__, "seconds": time.perf_counter() - start,
+            "python": platform.python_version(), "rankshrink": __version__, "commit": commit}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar-dir", help="real CIFAR-10 (python batches) instead of synthetic:cifar")
     parser.add_argument("--quick", action="store_true", help="skip brute force")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--section", choices=("all", "reference", "own"), default="all",
+                        help="reference: the built-in models (ranks.json/md); own: the three user models "
+                             "(ranks_own.json/md); all: both")
     args = parser.parse_args(argv)
+    if args.section in ("all", "own"):
+        start = time.perf_counter()
+        with single_threaded():
+            own = run_own_models()
+        meta = _meta(start)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ranks_own.json").write_text(json.dumps({"meta": meta, "rows": own}, indent=2) + "\n")
+        (out / "ranks_own.md").write_text(markdown_own(own, meta))
+        print(markdown_own(own, meta))
+        if args.section == "own":
+            return 0
     start = time.perf_counter()
     rows = []
     with single_threaded():

@@ -167,9 +167,11 @@ def test_count_restores_mode_and_rejects_bad_input():
     model = SmallCNN().train()
     count(model, torch.randn(1, 3, 8, 16))
     assert model.training
-    with pytest.raises(DataError, match="failed on an input"):
+    # The failing layer is named, with what it expects and what it got.
+    with pytest.raises(DataError, match=r"layer 'features.0' \(Conv2d, expects \(batch, 3, …, …\) inputs\) got "
+                                        r"\(1, 4, 8, 16\)"):
         count(model, torch.randn(1, 4, 8, 16))
-    with pytest.raises(DataError, match="batched tensor"):
+    with pytest.raises(DataError, match="batch \\(first\\) dimension"):
         count(model, torch.tensor(1.0))
 
 

@@ -313,7 +313,8 @@ def test_bad_calibration_input_is_named():
     model = _TwoBranch()
     with pytest.raises(DataError, match="never reached layer.*'unused'"):
         calibrate(model, _data(10), ["fc", "unused"])
-    with pytest.raises(DataError, match=r"does not fit _TwoBranch: inputs of shape \(3, 6, 6\)"):
+    with pytest.raises(DataError, match=r"does not fit the model: layer 'conv' \(Conv2d, expects \(batch, 2, …, …\) "
+                                        r"inputs\) got \(4, 3, 6, 6\)"):
         calibrate(model, torch.rand(4, 3, 6, 6), ["fc"])
     bad = torch.rand(8, 2, 6, 6)
     bad[5, 0, 0, 0] = float("nan")

@@ -192,7 +192,8 @@ def test_racing_compress_runs_never_report_success_without_a_model(tmp_path, inp
     for trial in range(2):
         out = tmp_path / f"out{trial}"
         argv = ["compress", *DIGITS, "--weights", str(inputs["weights"]), "--max-params", "0.5", "--methods", "svd",
-                "--fit", "weights", "--out", str(out), "--force", "--quiet", "--no-cache"]
+                "--fit", "weights", "--out", str(out), "--force", "--quiet", "--no-cache",
+                "--min-baseline", "0"]  # untrained weights: the sanity check would (rightly) stop them
         procs = [subprocess.Popen([sys.executable, "-c", CLI, *argv], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, env=env, text=True) for _ in range(2)]
         results = [(p.wait(240), p.stdout.read()) for p in procs]
@@ -322,7 +323,7 @@ def test_an_evaluation_cache_that_cannot_be_written_warns_once_and_goes_on(tmp_p
     (cache / "proxies").write_text("and another")
     model = BUILTIN_MODELS["digits-cnn"].create()
     result = compress(model, load_data("builtin:digits"), budget={"params": 0.5}, methods=["svd"], fit="weights",
-                      cache=cache, progress=False)
+                      cache=cache, progress=False, min_baseline=0.0)  # untrained: past the sanity check
     assert result.evaluations >= 1 and result.ratio("params") <= 0.5
     cache_warnings = [w for w in recwarn if issubclass(w.category, CacheWarning)]
     assert len(cache_warnings) == 1 and "cannot write the evaluation cache" in str(cache_warnings[0].message)
@@ -372,7 +373,8 @@ def test_compress_stores_the_model_and_data_fingerprints_in_its_entries(tmp_path
 
     model = BUILTIN_MODELS["digits-cnn"].create()
     splits = load_data("builtin:digits")
-    compress(model, splits, budget={"params": 0.5}, methods=["svd"], fit="weights", cache=tmp_path, progress=False)
+    compress(model, splits, budget={"params": 0.5}, methods=["svd"], fit="weights", cache=tmp_path, progress=False,
+             min_baseline=0.0)  # untrained weights: past the sanity check
     entries = [json.loads(p.read_text()) for p in (tmp_path / "evaluations").glob("*/*.json")]
     assert entries and all(e["bound"]["model"] == module_fingerprint(model) for e in entries)
     assert all(e["bound"]["data"] == dataset_fingerprint(splits.val) for e in entries)

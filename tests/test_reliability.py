@@ -99,6 +99,22 @@ def reused_bf16():
     return reused().to(torch.bfloat16)
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(64, 16)
+        self.side = nn.Linear(4, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, image, side):
+        return self.head(torch.relu(self.image(torch.flatten(image, 1)) + self.side(side)))
+
+
+def two_inputs():
+    torch.manual_seed(0)
+    return TwoInputs()
+
+
 def broken():
     raise RuntimeError("CUDA is not available")
 
@@ -161,6 +177,23 @@ def make_inputs(d: Path) -> dict[str, Path]:
     save_file(nan, str(path("nan.safetensors")))
     path("models.py").write_text(MODELS_PY)
     path("notes.txt").write_text("not weights\n")
+    import numpy as np
+
+    x, y = np.zeros((10, 1, 8, 8), np.float32), np.arange(10) % 2
+    np.savez(path("no_x.npz"), inputs=x, y=y)
+    np.savez(path("short_y.npz"), x=x, y=y[:9])
+    np.savez(path("float_y.npz"), x=x, y=y.astype(np.float32))
+    np.savez(path("index_range.npz"), x=x, y=y, train=np.arange(8), val=np.array([8, 12]))
+    np.savez(path("index_overlap.npz"), x=x, y=y, train=np.arange(8), val=np.array([7, 8]))
+    np.savez(path("wrong_names.npz"), **{"x.image": x, "x.extra": np.zeros((10, 4), np.float32), "y": y})
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (d / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8), mode="L").save(d / "images" / label / f"{i}.png")
+    (d / "images" / "b" / "1.png").write_bytes(b"not an image")
+    f["images"] = d / "images"
 
     def plan(name, layers):
         path(name).write_text(json.dumps({"format": "rankshrink-plan", "version": 1, "layers": layers}))
@@ -421,7 +454,34 @@ BAD_INPUTS = [
          lambda f: ["analyze", *_w(f), "--data", "mnist:" + str(f["good.pt"].parent / "mnist")],
          ("does not exist", "never downloads")),
     Case("data", "data of another shape than the model takes",
-         lambda f: ["analyze", *_w(f), "--data", "synthetic:cifar"], ("(1, 3, 32, 32)", "1 channels")),
+         lambda f: ["analyze", *_w(f), "--data", "synthetic:cifar"], ("(3, 32, 32)", "built for the data")),
+    Case("your data", "an .npz without 'x'", lambda f: ["analyze", *_w(f), "--data", str(f["no_x.npz"])],
+         ("no_x.npz", "has no 'x'", "inputs, y")),
+    Case("your data", "labels of the wrong length", lambda f: ["analyze", *_w(f), "--data", str(f["short_y.npz"])],
+         ("short_y.npz", "'y' has 9 labels for 10 samples")),
+    Case("your data", "labels that are floats", lambda f: ["analyze", *_w(f), "--data", str(f["float_y.npz"])],
+         ("float_y.npz", "'y' are float32", "integer class indices")),
+    Case("your data", "an index array out of range",
+         lambda f: ["analyze", *_w(f), "--data", str(f["index_range.npz"])], ("'val' holds index 12, outside 0..9",)),
+    Case("your data", "overlapping index arrays",
+         lambda f: ["analyze", *_w(f), "--data", str(f["index_overlap.npz"])],
+         ("sample 7 is in both 'train' and 'val'",)),
+    Case("your data", "an image folder with an unreadable file",
+         lambda f: ["analyze", *_w(f), "--data", f"imagefolder:{f['images']}"], ("b/1.png' cannot be read",)),
+    Case("your data", "inputs the model's forward() does not take",
+         lambda f: ["analyze", "--model", f"{f['models.py']}:two_inputs", "--data", str(f["wrong_names.npz"])],
+         ("'extra'", "TwoInputs.forward(image, side) does not take")),
+    Case("your data", "--split that does not add up", lambda f: ["analyze", *_w(f), "--data", str(f["short_y.npz"]),
+                                                                  "--split", "0.8,0.3,0.1"], ("split", "summing to 1")),
+    Case("your data", "a model that scores at chance on the data (untrained, or other data)",
+         lambda f: _compress(f, "--tolerance", "0.01"), ("scores", "chance", "is it the data it was trained on",
+                                                          "--min-baseline 0")),
+    Case("your data", "a budget below what tied layers allow",
+         lambda f: ["compress", "--model", f"{f['models.py']}:tied", "--data", "builtin:digits", "--max-macs", "0.3",
+                    "--out", str(f["good.pt"].parent / "out"), "--quiet"],
+         ("below the minimum reachable", "cannot be factorized: tied weights", "(enc, dec)")),
+    Case("your data", "--layers that matches no layer",
+         lambda f: _compress(f, "--tolerance", "0.01", "--layers", "fc9"), ("'fc9' matches no factorizable layer",)),
     Case("data", "an --input-shape that is not a shape", lambda f: ["analyze", *_w(f), "--input-shape", "0,a"],
          ("--input-shape",)),
     Case("data", "an --input-shape the model cannot take",
@@ -979,7 +1039,7 @@ def test_search_handles_half_precision_models():
 
     model = BUILTIN_MODELS["mnist-mlp"].create().to(torch.bfloat16)
     result = plan(model, load_data("builtin:digits"), budget={"params": 0.5}, fit="weights",
-                  progress=False, cache=False)
+                  progress=False, cache=False, min_baseline=0.0)  # untrained: its accuracy is at chance
     assert all(p.dtype == torch.bfloat16 for p in result.compressed_model().parameters())
 
 

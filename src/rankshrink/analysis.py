@@ -6,7 +6,7 @@ Pure inspection: nothing is factorized and the model is not modified.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -46,14 +46,26 @@ class LayerAnalysis:
 
 @dataclass
 class Analysis:
+    """What :func:`analyze` found: ``layers`` (the factorizable layers analysed), ``cost`` (the
+    whole model: its ``others`` counted by formula and its ``not_counted`` ops measured),
+    ``skipped`` layers with the reason, ``tied`` (groups of layers sharing a weight) and
+    ``shared`` (one module under several names)."""
+
     layers: list[LayerAnalysis]
     cost: ModelCost
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    tied: list[list[str]] = field(default_factory=list)
+    shared: list[list[str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"params": self.cost.params, "bytes": self.cost.bytes, "macs": self.cost.macs,
                 "bytes_by_dtype": self.cost.bytes_by_dtype,
                 "layers": [layer.to_dict() for layer in self.layers],
+                "others": [row.to_dict() for row in self.cost.others],
+                "not_counted": [row.to_dict() for row in self.cost.not_counted],
+                "tied": [{"layers": group, "note": "these layers share one weight tensor; they are kept dense"}
+                         for group in self.tied],
+                "shared": [{"names": names} for names in self.shared],
                 "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
 
 
@@ -68,13 +80,22 @@ def rank_for_energy(singular: torch.Tensor, level: float) -> int:
 
 
 @torch.no_grad()
-def analyze(model: nn.Module, example_input: torch.Tensor) -> Analysis:
-    """Per-layer costs, weight spectra, energy ranks and break-even ranks of ``model``."""
+def analyze(model: nn.Module, example_input: Any, *, layers: Sequence[str] | None = None,
+            exclude: Sequence[str] | None = None) -> Analysis:
+    """Per-layer costs, weight spectra, energy ranks and break-even ranks of ``model``.
+
+    ``example_input``: one batch (a tensor, a tuple or a dict of tensors). ``layers`` /
+    ``exclude``: glob patterns over qualified names choosing the layers analysed (the whole
+    model is still counted).
+    """
+    from .layers import select_layers, shared_modules, tied_groups
+
     costs = count(model, example_input)
-    layers = []
+    wanted = set(select_layers([e.name for e in costs.layers if e.method is None], layers, exclude))
+    rows = []
     for entry in costs.layers:
-        if entry.method is not None:
-            continue  # already factorized: nothing left to analyse
+        if entry.method is not None or entry.name not in wanted:
+            continue  # already factorized (nothing left to analyse) or not asked for
         module = model.get_submodule(entry.name)
         weight = layer_weight(module).detach()
         spectrum = singular_values(weight.reshape(weight.shape[0], -1))
@@ -82,10 +103,10 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> Analysis:
         break_even = {m: {"params": break_even_rank(entry.geometry, m, entry.input_size, by="params"),
                           "macs": break_even_rank(entry.geometry, m, entry.input_size, by="macs")}
                       for m in methods}
-        rows, cols = weight.shape[0], weight[0].numel()
-        layers.append(LayerAnalysis(
+        out_dim, in_dim = weight.shape[0], weight[0].numel()
+        rows.append(LayerAnalysis(
             entry.name, entry.type, tuple(weight.shape), entry.params, entry.macs, entry.input_size, methods,
             break_even, [float(s) for s in spectrum],
             {f"{round(level * 100)}%": rank_for_energy(spectrum, level) for level in ENERGY_LEVELS},
-            linear_break_even(rows, cols)))
-    return Analysis(layers, costs, costs.skipped)
+            linear_break_even(out_dim, in_dim)))
+    return Analysis(rows, costs, costs.skipped, tied_groups(model), shared_modules(model))

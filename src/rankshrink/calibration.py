@@ -43,11 +43,12 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
+from . import inputs as model_inputs
 from .data import Splits, _dataset_len, calibration_subset, iterate_batches
 from .decompose.stats import InputStats
-from .errors import ConfigError, DataError, FileFormatError, LayerError
+from .errors import ConfigError, DataError, FileFormatError, LayerError, RankshrinkError
 from .factorized import layer_type, unsupported_reason
 from .files import load_tensors, save_tensors
 from .layers import aliases, factorizable_layers, get_layer
@@ -258,8 +259,8 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Ite
     """(samples in this call, iterator of float64 row chunks) for one hooked input."""
     if isinstance(module, nn.Linear):
         if x.dim() == 0 or x.shape[-1] != module.in_features:
-            raise DataError(f"layer '{name}' (Linear, in_features={module.in_features}) received input of "
-                            f"shape {tuple(x.shape)}; the calibration data does not fit the model.")
+            raise DataError(f"the calibration data does not fit the model: layer '{name}' (Linear, expects inputs of "
+                            f"shape (..., {module.in_features})) got {tuple(x.shape)}.")
         rows = x.reshape(-1, module.in_features)
         batch = x.shape[0] if x.dim() > 1 else 1
         step = max(1, _CHUNK_ELEMENTS // max(1, module.in_features))
@@ -269,8 +270,9 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Ite
     if x.dim() == spatial_dims + 1:
         x = x.unsqueeze(0)
     if x.dim() != spatial_dims + 2 or x.shape[1] != module.in_channels:
-        raise DataError(f"layer '{name}' ({layer_type(module)}, in_channels={module.in_channels}) received "
-                        f"input of shape {tuple(x.shape)}; the calibration data does not fit the model.")
+        axes = ", ".join(["…"] * spatial_dims)
+        raise DataError(f"the calibration data does not fit the model: layer '{name}' ({layer_type(module)}, expects "
+                        f"(batch, {module.in_channels}, {axes}) inputs) got {tuple(x.shape)}.")
     per_sample = module.in_channels * math.prod(module.kernel_size) * math.prod(x.shape[2:])
     step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
     return x.shape[0], (conv_patches(module, x[i:i + step]) for i in range(0, x.shape[0], step))
@@ -279,24 +281,27 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Ite
 # --------------------------------------------------------------------------- calibrate
 
 def _as_dataset(dataset) -> Dataset:
+    from .data import as_dataset, load_data
+
+    if isinstance(dataset, str):
+        dataset = load_data(dataset)
     if isinstance(dataset, Splits):
         return dataset.train
-    if isinstance(dataset, torch.Tensor):
-        if dataset.dim() == 0 or dataset.shape[0] == 0:
-            raise DataError("the calibration inputs are empty.")
-        return TensorDataset(dataset, torch.zeros(dataset.shape[0], dtype=torch.long))
-    if not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):
-        raise DataError(f"calibration data must be a data set of (input, label) pairs, a Splits or a tensor "
-                        f"of inputs; got {type(dataset).__name__}.")
-    return dataset
+
+    try:
+        return as_dataset(dataset, "calibration data")
+    except DataError as exc:
+        raise DataError(f"calibration data must be a data set, a Splits or inputs (a tensor, tuple or dict of "
+                        f"tensors): {exc}") from None
 
 
 def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFAULT_SAMPLES,
               batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False, *, seed: int = 0) -> Calibration:
     """Collect per-layer input statistics of ``model`` on ``dataset`` (see the module notes).
 
-    ``dataset``: a map-style data set of (input, label) pairs, a :class:`~rankshrink.data.Splits`
-    (its training split is used) or a tensor of inputs. ``layers``: None (every
+    ``dataset``: a map-style data set (items ``(inputs, label)`` or inputs alone), a
+    :class:`~rankshrink.data.Splits` (its training split is used) or inputs (a tensor, a tuple
+    or a dict of tensors, one row per sample). ``layers``: None (every
     factorizable layer, full statistics), a list of names, a name → method mapping or a
     :class:`Plan` (then layers whose method needs only channel statistics get just those).
     ``samples``: how many samples to use — a deterministic random subset for ``seed`` —
@@ -370,24 +375,25 @@ def _run_batches(model: nn.Module, data: Dataset, batch_size: int, n_samples: in
         from tqdm.auto import tqdm
         bar = tqdm(total=n_samples, desc="calibrating", unit="sample", leave=False)
     try:
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), model_inputs.hookable():
             for index, (inputs, _) in enumerate(iterate_batches(data, batch_size)):
                 batch_index[0] = index
                 hit.clear()
+                inputs = to_model(inputs, model)
+                rows = model_inputs.batch_size(inputs)
                 try:
-                    model(to_model(inputs, model))
+                    model_inputs.call_model(model, inputs)
                 except _HookError as exc:
                     raise exc.error from None
-                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    raise DataError(
-                        f"the calibration data does not fit {type(model).__name__}: inputs of shape "
-                        f"{tuple(inputs.shape[1:])} (batch {index + 1}) raised {type(exc).__name__}: {first}"
-                    ) from None
+                except RankshrinkError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+                    raise model_inputs.failure(model, inputs, exc,
+                                               what=f"the calibration data (batch {index + 1})") from None
                 for name in hit:
-                    stats[name].samples += inputs.shape[0]
+                    stats[name].samples += rows
                 if bar is not None:
-                    bar.update(inputs.shape[0])
+                    bar.update(rows)
     finally:
         if bar is not None:
             bar.close()

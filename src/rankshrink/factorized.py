@@ -91,6 +91,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
         return f"subclass {layer_type(module)} may change forward(); only plain torch layers are factorized"
     if isinstance(module, nn.modules.conv._ConvNd):
         return f"{layer_type(module)} is not supported (Linear, Conv1d and Conv2d are)"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return f"{layer_type(module)} is a table lookup (no multiplies to save); not factorized"
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)):
+        return f"{layer_type(module)} computes with its weights directly, not through Linear layers; not factorized"
     return f"{layer_type(module)} has no weight matrix to factorize"
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import Splits, _dataset_len
+from .data import Splits, _dataset_len, has_labels
 from .errors import ConfigError, DataError
 from .factorized import Factorized
 from .metrics import accuracy
@@ -95,6 +95,13 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _splits_of(data, val_data, test_data) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    if data is not None and not isinstance(data, Splits):
+        from .data import as_dataset
+        from .search.session import as_search_data
+
+        data = as_search_data(data)  # a data SPEC string or a {'train', 'val', 'test'} mapping
+        if not isinstance(data, Splits):
+            data = as_dataset(data, "the training data")
     if isinstance(data, Splits):
         return data.train, val_data if val_data is not None else data.val, \
             test_data if test_data is not None else data.test
@@ -155,7 +162,7 @@ def finetune(model: nn.Module, data, epochs: int | None = None, *, val_data: Dat
         params = list(work.parameters())
         if not params:
             raise ConfigError(f"{type(model).__name__} has no parameters to train.")
-    test_before = accuracy(work, test) if test is not None and _dataset_len(test) else None
+    test_before = accuracy(work, test) if test is not None and _dataset_len(test) and has_labels(test) else None
     # train() sets requires_grad for exactly these parameters during the run and restores it after.
     result = train_loop(work, train_data, val_data=val, config=run_config, parameters=params, teacher=teacher,
                         metric=metric, checkpoint_dir=checkpoint_dir, progress=progress)

@@ -7,8 +7,9 @@ user writes: changing one weight, one sample or one option changes the key.
 * :func:`state_fingerprint` / :func:`module_fingerprint` -- a state dict (in order, or
   sorted by name) or a module's state dict.
 * :func:`dataset_fingerprint` -- every item of a map-style data set, streamed: the
-  tensors of a ``TensorDataset`` (or a ``Subset`` of one) are hashed directly, any other
-  data set item by item (inputs and labels, nested tuples/lists/dicts of tensors).
+  tensors of a ``TensorDataset`` or an ``InputDataset`` (or Subsets of them) are hashed
+  directly, any other data set item by item (inputs and labels, nested tuples/lists/dicts
+  of tensors); very large data sets by their size plus a deterministic sample of rows.
 * :func:`object_fingerprint` -- canonical JSON of plain data (options, configs).
 """
 
@@ -78,23 +79,64 @@ def _update_with_item(digest: Any, item: Any) -> None:
         digest.update(repr(item).encode())
 
 
-def dataset_fingerprint(dataset: Any) -> str:
-    """sha256 over every sample of ``dataset`` (content, not its type or length alone)."""
+# Above these sizes a data set is fingerprinted by its size plus a deterministic sample of rows
+# (hashing gigabytes on every run would cost more than the caches save).
+FULL_HASH_MAX_BYTES = 1 << 31
+FULL_HASH_MAX_ITEMS = 50_000
+SAMPLED_ROWS = 10_000
+
+
+def _sample_rows(n: int) -> torch.Tensor:
+    """A deterministic spread of rows: evenly spaced, first and last included."""
+    return torch.unique(torch.linspace(0, n - 1, SAMPLED_ROWS).round().long())
+
+
+def _tensor_content(dataset: Any) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor | None] | None:
+    """(named tensors of the base data set, index map of Subsets over it) for tensor-backed data sets."""
     from torch.utils.data import Subset, TensorDataset
 
-    digest = hashlib.sha256(b"rankshrink-dataset-v2")
+    index = None
+    while isinstance(dataset, Subset):
+        here = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        index = here if index is None else here[index]
+        dataset = dataset.dataset
     if isinstance(dataset, TensorDataset):
-        for tensor in dataset.tensors:
-            update_with_tensor(digest, tensor)
-        return digest.hexdigest()
-    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
-        index = torch.as_tensor(list(dataset.indices), dtype=torch.long)
-        for tensor in dataset.dataset.tensors:
-            update_with_tensor(digest, tensor[index])
+        return [(str(i), t) for i, t in enumerate(dataset.tensors)], index
+    content = getattr(dataset, "content", None)  # rankshrink.data.InputDataset
+    if callable(content):
+        return list(content()), index
+    return None
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """sha256 over every sample of ``dataset`` (content, not its type or length alone).
+
+    Tensor-backed data sets (TensorDataset, rankshrink's InputDataset, Subsets of them) are
+    hashed tensor by tensor; other data sets item by item. Data sets above 2 GiB (tensor-backed)
+    or 50,000 items (others) are hashed by their size plus 10,000 evenly spaced samples.
+    """
+    digest = hashlib.sha256(b"rankshrink-dataset-v3")
+    found = _tensor_content(dataset)
+    if found is not None:
+        named, index = found
+        n = len(index) if index is not None else (len(named[0][1]) if named else 0)
+        nbytes = sum(t.numel() * t.element_size() for _, t in named)
+        rows = index
+        if nbytes > FULL_HASH_MAX_BYTES and n > SAMPLED_ROWS:
+            sample = _sample_rows(n)
+            rows = sample if index is None else index[sample]
+            digest.update(f"sampled n={n}|".encode())
+        for name, tensor in named:
+            digest.update(f"{name}|".encode())
+            update_with_tensor(digest, tensor if rows is None else tensor[rows])
         return digest.hexdigest()
     n = len(dataset)
     digest.update(f"n={n}|".encode())
-    for i in range(n):
+    positions: Any = range(n)
+    if n > FULL_HASH_MAX_ITEMS:
+        positions = _sample_rows(n).tolist()
+        digest.update(b"sampled|")
+    for i in positions:
         _update_with_item(digest, dataset[i])
     return digest.hexdigest()
 

@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 
 from .data import _dataset_len, iterate_batches
 from .errors import ConfigError, DataError
+from .inputs import call_checked, device_of, float_dtype_of, output_tensor, to_model
 
-__all__ = ["eval_mode", "predictions", "accuracy", "per_class_accuracy", "agreement"]
+__all__ = ["eval_mode", "predictions", "accuracy", "per_class_accuracy", "agreement", "to_model", "model_logits"]
 
 NonFinite = Literal["raise", "wrong"]
 
@@ -38,32 +39,9 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for buffer in model.buffers():
-        return buffer.device
-    return torch.device("cpu")
-
-
-def _float_dtype_of(model: nn.Module) -> torch.dtype | None:
-    for tensor in model.parameters():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return None
-
-
-def to_model(inputs: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """``inputs`` on the model's device and, when both are floating point, in its dtype.
-
-    Data sets hold float32; a float16/bfloat16 (or float64) model gets its inputs cast
-    instead of failing with a dtype mismatch.
-    """
-    inputs = inputs.to(_device_of(model))
-    dtype = _float_dtype_of(model)
-    if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype:
-        inputs = inputs.to(dtype)
-    return inputs
+# Kept here for the modules that import them from metrics; the helpers live in rankshrink.inputs.
+_device_of = device_of
+_float_dtype_of = float_dtype_of
 
 
 def check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -86,22 +64,32 @@ def check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
             )
 
 
-def _predicted(model: nn.Module, dataset: Dataset, batch_size: int,
-               nonfinite: NonFinite) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (predicted labels, true labels) per batch; non-finite rows predict -1."""
+def model_logits(model: nn.Module, inputs) -> torch.Tensor:
+    """The model's logits on a batch of ``inputs`` (any form); a failure names the layer and shapes."""
+    return output_tensor(call_checked(model, to_model(inputs, model)))
+
+
+def _predicted(model: nn.Module, dataset: Dataset, batch_size: int, nonfinite: NonFinite, *,
+               need_labels: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield (predicted labels, true labels or None) per batch; non-finite rows predict -1."""
     if nonfinite not in ("raise", "wrong"):
         raise ConfigError(f"nonfinite must be 'raise' or 'wrong', got {nonfinite!r}.")
     if _dataset_len(dataset) == 0:
         raise DataError("cannot evaluate on an empty data set.")
-    device = _device_of(model)
+    device = device_of(model)
     with torch.no_grad(), eval_mode(model):
         seen = 0
         for inputs, labels in iterate_batches(dataset, batch_size):
-            logits = model(to_model(inputs, model))
-            if not isinstance(logits, torch.Tensor):
-                raise DataError(f"the model returned {type(logits).__name__}, not a tensor of logits.")
-            labels = labels.to(device)
-            check_logits(logits, labels)
+            if labels is None and need_labels:
+                raise DataError("the data has no labels, so accuracy cannot be measured; measure agreement with the "
+                                "original model instead (metric='agreement', CLI --metric agreement).")
+            logits = model_logits(model, inputs)
+            if labels is not None:
+                labels = labels.to(device)
+                check_logits(logits, labels)
+            elif logits.ndim != 2:
+                raise DataError(f"the model returned outputs of shape {tuple(logits.shape)}; a classifier must "
+                                "return (batch, classes) logits.")
             finite = torch.isfinite(logits).all(dim=1)
             predicted = logits.argmax(dim=1)
             if not bool(finite.all()):
@@ -112,14 +100,14 @@ def _predicted(model: nn.Module, dataset: Dataset, batch_size: int,
                         f"sample {seen + int((~finite).nonzero()[0])}); its weights may have diverged."
                     )
                 predicted = torch.where(finite, predicted, torch.full_like(predicted, -1))
-            seen += labels.shape[0]
-            yield predicted.cpu(), labels.cpu().long()
+            seen += predicted.shape[0]
+            yield predicted.cpu(), None if labels is None else labels.cpu().long()
 
 
 def predictions(model: nn.Module, dataset: Dataset, batch_size: int = 512, *,
                 nonfinite: NonFinite = "raise") -> torch.Tensor:
     """Predicted class per sample (int64), in dataset order."""
-    return torch.cat([p for p, _ in _predicted(model, dataset, batch_size, nonfinite)])
+    return torch.cat([p for p, _ in _predicted(model, dataset, batch_size, nonfinite, need_labels=False)])
 
 
 def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, *,
@@ -127,6 +115,7 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, *,
     """Fraction of samples whose predicted class equals the label."""
     correct = total = 0
     for predicted, labels in _predicted(model, dataset, batch_size, nonfinite):
+        assert labels is not None  # _predicted refuses unlabelled data unless need_labels=False
         correct += int((predicted == labels).sum())
         total += labels.shape[0]
     return correct / total
@@ -137,6 +126,7 @@ def per_class_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512
     """Accuracy per class index; NaN for classes with no samples in ``dataset``."""
     preds, labels = [], []
     for p, y in _predicted(model, dataset, batch_size, nonfinite):
+        assert y is not None  # _predicted refuses unlabelled data unless need_labels=False
         preds.append(p)
         labels.append(y)
     predicted, truth = torch.cat(preds), torch.cat(labels)

@@ -49,17 +49,36 @@ class Plan:
 
     ``calibration``: how the statistics of the entries that fit activations are drawn
     (``samples``, ``seed``, ``batch_size`` and, when known, the ``data`` fingerprint of
-    the split they came from); None means :data:`DEFAULT_CALIBRATION`.
+    the split they came from); None means :data:`DEFAULT_CALIBRATION`. ``fold_batchnorm``:
+    (layer, BatchNorm) pairs folded before anything is factorized (the BatchNorm becomes an
+    ``Identity``, the layer takes its scale and shift; JSON key ``fold_batchnorm``).
     """
 
     layers: dict[str, MethodConfig] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    fold_batchnorm: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.layers = {name: _coerce_entry(name, entry) for name, entry in dict(self.layers).items()}
         if self.calibration is not None:
             self.calibration = _check_calibration(self.calibration)
+        self.fold_batchnorm = _check_folds(self.fold_batchnorm)
+
+    def _copy(self, layers: Mapping[str, Any] | None = None) -> "Plan":
+        return Plan(dict(self.layers if layers is None else layers), dict(self.metadata),
+                    None if self.calibration is None else dict(self.calibration), list(self.fold_batchnorm))
+
+    def with_folds(self, folds: list[tuple[str, str]]) -> "Plan":
+        """A copy that folds these (layer, BatchNorm) pairs first (replacing the plan's own)."""
+        plan = self._copy()
+        plan.fold_batchnorm = _check_folds(folds)
+        return plan
+
+    def only(self, names) -> "Plan":
+        """A copy with only the entries named in ``names`` (the folds are kept)."""
+        keep = set(names)
+        return self._copy({n: e for n, e in self.layers.items() if n in keep})
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], metadata: Mapping[str, Any] | None = None, *,
@@ -87,7 +106,7 @@ class Plan:
         layers = dict(self.layers)
         layers[name] = _coerce_entry(name, make_config(method, rank, **options) if rank is not None or options
                                      else method)
-        return Plan(layers, dict(self.metadata), None if self.calibration is None else dict(self.calibration))
+        return self._copy(layers)
 
     def with_fit(self, fit: str) -> "Plan":
         """A copy with every entry fitted to ``fit`` ('weights' or 'activations')."""
@@ -95,8 +114,7 @@ class Plan:
         from .validation import check_choice
 
         check_choice(fit, "fit", FITS)
-        return Plan({name: entry.replace(fit=fit) for name, entry in self.layers.items()}, dict(self.metadata),
-                    None if self.calibration is None else dict(self.calibration))
+        return self._copy({name: entry.replace(fit=fit) for name, entry in self.layers.items()})
 
     def with_options(self, **options: Any) -> "Plan":
         """A copy with ``options`` (e.g. ``seed=3``) set on every entry that has them."""
@@ -107,7 +125,7 @@ class Plan:
                 layers[name] = entry.replace(**own) if own else entry
             except (ConfigError, LayerError) as exc:
                 raise PlanError(f"layer '{name}': {exc}") from None
-        return Plan(layers, dict(self.metadata), None if self.calibration is None else dict(self.calibration))
+        return self._copy(layers)
 
     @property
     def activation_layers(self) -> list[str]:
@@ -122,6 +140,8 @@ class Plan:
                                 "layers": {name: entry.to_json() for name, entry in self.layers.items()}}
         if self.calibration is not None:
             data["calibration"] = dict(self.calibration)
+        if self.fold_batchnorm:
+            data["fold_batchnorm"] = [list(pair) for pair in self.fold_batchnorm]
         data["metadata"] = self.metadata
         return data
 
@@ -129,8 +149,12 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def key(self) -> str:
-        """Canonical text of the layers alone (metadata excluded, order ignored): a cache key."""
-        return json.dumps({n: e.to_json() for n, e in sorted(self.layers.items())}, sort_keys=True)
+        """Canonical text of the layers and folds (metadata excluded, order ignored): a cache key."""
+        layers = {n: e.to_json() for n, e in sorted(self.layers.items())}
+        if not self.fold_batchnorm:
+            return json.dumps(layers, sort_keys=True)
+        return json.dumps({"layers": layers, "fold_batchnorm": sorted(map(list, self.fold_batchnorm))},
+                          sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> "Plan":
@@ -155,8 +179,9 @@ class Plan:
             for name, entry in layers.items():
                 if isinstance(entry, Mapping) and ("fit" in entry or "options" in entry):
                     raise PlanError(f"{source}: layer '{name}': 'fit' and 'options' need plan version 2.")
+        folds = data.get("fold_batchnorm", [])
         try:
-            return cls(dict(layers), dict(metadata), None if calibration is None else dict(calibration))
+            return cls(dict(layers), dict(metadata), None if calibration is None else dict(calibration), folds)
         except PlanError as exc:
             raise PlanError(f"{source}: {exc}") from None
 
@@ -213,3 +238,14 @@ def _check_calibration(calibration: Mapping[str, Any]) -> dict[str, Any]:
     if "data" in calibration and not isinstance(calibration["data"], str):
         raise PlanError("calibration.data must be a data fingerprint (a string).")
     return dict(calibration)
+
+
+def _check_folds(folds: Any) -> list[tuple[str, str]]:
+    if not isinstance(folds, (list, tuple)):
+        raise PlanError(f"'fold_batchnorm' must be a list of [layer, batchnorm] name pairs, got {folds!r}.")
+    pairs = []
+    for pair in folds:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(n, str) and n for n in pair):
+            raise PlanError(f"'fold_batchnorm' entries must be [layer, batchnorm] name pairs, got {pair!r}.")
+        pairs.append((pair[0], pair[1]))
+    return pairs

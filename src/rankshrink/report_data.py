@@ -170,10 +170,11 @@ def enrich_summary(summary: MutableMapping[str, Any], *, original: nn.Module | N
     ``measure`` False skips the per-class accuracies (``apply`` measures no accuracy).
     """
     if example_input is None and splits is not None:
-        from .metrics import to_model
+        from .data import first_batch
+        from .inputs import to_model
 
         reference = original if original is not None else compressed
-        example_input = splits.val.tensors[0][:1]
+        example_input = first_batch(splits.val)[0]
         if reference is not None:
             example_input = to_model(example_input, reference)
     if original is not None and example_input is not None:

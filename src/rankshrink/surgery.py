@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from .errors import FileFormatError, LayerError, PlanError
-from .factorized import layer_geometry, unsupported_reason
+from .factorized import layer_bias, layer_geometry, unsupported_reason
 from .files import atomic_write_json, load_tensors, prepare_output_dir, save_tensors, verify_output_set
 from .layers import aliases, get_layer, tied_parameters
 from .methods import MethodConfig, factorize, get_method
 from .plan import Plan
 
 __all__ = ["WEIGHTS_FILE", "PLAN_FILE", "replace_layer", "validate_plan", "build", "apply", "empty_skeleton",
-           "save", "load", "load_state_dict_checked"]
+           "save", "load", "load_state_dict_checked", "fold_batchnorm", "folding_preserves_outputs"]
 
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
@@ -82,13 +82,88 @@ def validate_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
     return ranks
 
 
+def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None, *,
+                   inplace: bool = False) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) with each BatchNorm of ``pairs`` folded into its layer.
+
+    ``pairs``: (Linear/Conv layer, BatchNorm) names; None finds them
+    (:func:`rankshrink.layers.batchnorm_folds`). The layer's weight and bias take the BatchNorm's
+    eval-mode affine map, ``W' = W·γ/√(var+ε)`` and ``b' = (b − mean)·γ/√(var+ε) + β`` (computed in
+    float64), and the BatchNorm becomes an ``nn.Identity``, so in eval mode the model computes the
+    same function (to rounding) with one layer fewer. A pair whose BatchNorm is already an
+    Identity is skipped (folding twice changes nothing).
+    """
+    from .layers import FOLDABLE_TYPES, batchnorm_folds
+
+    if pairs is None:
+        pairs = batchnorm_folds(model)
+    target = model if inplace else copy.deepcopy(model)
+    where = aliases(target)
+    for layer_name, bn_name in pairs:
+        bn = get_layer(target, bn_name)
+        if isinstance(bn, nn.Identity):
+            continue
+        layer = get_layer(target, layer_name)
+        if type(layer) not in FOLDABLE_TYPES or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise PlanError(f"cannot fold '{bn_name}' ({type(bn).__name__}) into '{layer_name}' "
+                            f"({type(layer).__name__}): folding needs a Linear/Conv followed by a BatchNorm.")
+        running_mean, running_var = bn.running_mean, bn.running_var
+        weight = layer.weight
+        assert isinstance(weight, torch.Tensor)
+        if not isinstance(running_mean, torch.Tensor) or not isinstance(running_var, torch.Tensor) \
+                or running_mean.numel() != weight.shape[0]:
+            raise PlanError(f"cannot fold '{bn_name}' into '{layer_name}': it needs running statistics for "
+                            f"{weight.shape[0]} channels.")
+        with torch.no_grad():
+            gamma, beta = bn.weight, bn.bias
+            scale = 1.0 / torch.sqrt(running_var.double() + float(bn.eps))
+            if isinstance(gamma, torch.Tensor):
+                scale = scale * gamma.double()
+            shift = -running_mean.double() * scale
+            if isinstance(beta, torch.Tensor):
+                shift = shift + beta.double()
+            bias = layer_bias(layer)
+            new_bias = shift if bias is None else shift + scale * bias.double()
+            weight.copy_((weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype))
+            if bias is None:
+                layer.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=weight.requires_grad)
+            else:
+                bias.copy_(new_bias.to(bias.dtype))
+        for alias in where[id(bn)]:
+            replace_layer(target, alias, nn.Identity())
+    return target
+
+
+def folding_preserves_outputs(model: nn.Module, folded: nn.Module, inputs: Any, *, rtol: float = 1e-4) -> bool:
+    """Whether ``folded`` computes what ``model`` does on ``inputs`` (eval mode), to ``rtol`` of the largest output.
+
+    The check behind folding a model whose graph could not be traced: its BatchNorm layers were
+    paired with the layer before them in an ``nn.Sequential``, which its forward might not follow.
+    """
+    from .inputs import call_model, output_tensor, to_model
+    from .metrics import eval_mode
+
+    with torch.no_grad(), eval_mode(model, folded):
+        try:
+            x = output_tensor(call_model(model, to_model(inputs, model))).double()
+            y = output_tensor(call_model(folded, to_model(inputs, folded))).double()
+        except Exception:  # the model fails on these inputs anyway; the caller reports that properly
+            return True
+    return x.shape == y.shape and bool((x - y).abs().max() <= rtol * max(1.0, float(x.abs().max())))
+
+
 def build(model: nn.Module, plan: Plan, make_block: BlockMaker, *, inplace: bool = False,
           progress: bool = False) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with ``make_block``'s block at every layer of ``plan``.
 
-    The whole plan is validated first; a shared module is replaced everywhere it is used.
-    ``make_block`` receives the layer of the *original* model (never modified).
+    The plan's BatchNorm folds come first (:func:`fold_batchnorm`), then the whole plan is
+    validated; a shared module is replaced everywhere it is used. ``make_block`` receives the
+    layer of the *original* model (folded, when the plan folds it), never modified.
     """
+    if plan.fold_batchnorm and any(not isinstance(get_layer(model, bn), nn.Identity)
+                                   for _, bn in plan.fold_batchnorm):
+        model = fold_batchnorm(model, plan.fold_batchnorm, inplace=inplace)
+        inplace = True  # ``model`` is now the copy (or the caller's own model, folded in place)
     ranks = validate_plan(model, plan)
     target = model if inplace else copy.deepcopy(model)
     where = aliases(target)
@@ -115,16 +190,19 @@ def empty_skeleton(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn
 
 
 def apply(model: nn.Module, plan: Plan | dict, *, data: Any = None, calibration=None, fit: str | None = None,
-          inplace: bool = False, progress: bool = False) -> nn.Module:
+          inplace: bool = False, progress: bool = False, example_input: Any = None) -> nn.Module:
     """A copy of ``model`` with every layer in ``plan`` replaced by its factorization.
 
-    The whole plan is validated before any work. Entries that fit activations need
-    the layers' input statistics: ``calibration`` (from :func:`rankshrink.calibrate` on
-    this model), or ``data`` to calibrate on (a :class:`~rankshrink.data.Splits`, whose
-    training split is used, or a data set), drawn as the plan's ``calibration``
-    settings say, so the result equals the model the plan was found with. ``fit``
-    ('weights' or 'activations') re-fits every entry that way instead of as planned.
-    With ``inplace=True`` the model itself is changed (for models too large to copy).
+    The whole plan is validated before any work; the plan's BatchNorm folds come first.
+    Entries that fit activations need the layers' input statistics: ``calibration`` (from
+    :func:`rankshrink.calibrate` on this model), or ``data`` to calibrate on (a
+    :class:`~rankshrink.data.Splits`, whose training split is used, or a data set), drawn as
+    the plan's ``calibration`` settings say, so the result equals the model the plan was found
+    with. ``fit`` ('weights' or 'activations') re-fits every entry that way instead of as
+    planned. ``example_input`` (one batch; else the first sample of ``data``) sizes the layers,
+    so an entry that costs more MACs than its dense layer is warned about (more parameters are
+    always warned about). With ``inplace=True`` the model itself is changed (for models too
+    large to copy).
     """
     from .models.weights import check_finite
 
@@ -133,6 +211,9 @@ def apply(model: nn.Module, plan: Plan | dict, *, data: Any = None, calibration=
     if fit is not None:
         plan = plan.with_fit(fit)
     check_finite(model)  # no values (meta), integer/complex weights or NaN: refused, never cast or factorized
+    if plan.fold_batchnorm:
+        model = fold_batchnorm(model, plan.fold_batchnorm, inplace=inplace)
+        inplace = True  # the folded copy (or the caller's model, folded in place)
     validate_plan(model, plan)
     fitted = plan.activation_layers
     if fitted and calibration is None:
@@ -152,11 +233,31 @@ def apply(model: nn.Module, plan: Plan | dict, *, data: Any = None, calibration=
             if found is None:
                 calibration[name]  # raises DataError naming the layer and what was calibrated
             layer_stats[name] = found
+    sizes = _input_sizes(model, plan, example_input, data)
 
     def factorized(name: str, module: nn.Module, entry: MethodConfig, rank: Any) -> nn.Module:
-        return factorize(module, entry, name=f"layer '{name}'", input_stats=layer_stats.get(name))
+        return factorize(module, entry, name=f"layer '{name}'", input_stats=layer_stats.get(name),
+                         input_size=sizes.get(name))
 
     return build(model, plan, factorized, inplace=inplace, progress=progress)
+
+
+def _input_sizes(model: nn.Module, plan: Plan, example_input: Any, data: Any) -> dict[str, Any]:
+    """Each planned layer's input size (and calls) on one example, or {} when there is nothing to run."""
+    if example_input is None and data is not None:
+        from .data import Splits, as_dataset, first_batch
+
+        try:
+            source = data.val if isinstance(data, Splits) else as_dataset(data)
+            example_input = first_batch(source)[0]
+        except Exception:  # the sizes only decide a warning; calibration reports bad data itself
+            return {}
+    if example_input is None or not len(plan):
+        return {}
+    from .cost import count
+
+    costs = count(model, example_input)
+    return {row.name: (row.input_size, row.calls) for row in costs.layers if row.name in plan}
 
 
 def calibrate_for_plan(model: nn.Module, plan: Plan, data: Any, *, progress: bool = False):

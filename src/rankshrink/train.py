@@ -46,11 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import _dataset_len, iterate_batches
+from .data import _dataset_len, has_labels, iterate_batches
 from .errors import ConfigError, DataError, FileFormatError
 from .files import atomic_path
 from .fingerprint import dataset_fingerprint, module_fingerprint
-from .metrics import _device_of, accuracy, check_logits, eval_mode, to_model
+from .inputs import call_checked, output_tensor, to_model
+from .metrics import _device_of, accuracy, check_logits, eval_mode
 from .validation import check_bool, check_choice, check_int, check_number, check_optional_int
 
 __all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "CHECKPOINT_NAME"]
@@ -141,19 +142,23 @@ class _RunState:
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: torch.Tensor, *, temperature: float = 2.0,
+                      labels: torch.Tensor | None, *, temperature: float = 2.0,
                       weight: float = 0.5) -> torch.Tensor:
     """``(1 - weight) * CE(student, labels) + weight * T² * KL(teacher_T || student_T)``.
 
     ``KL`` is averaged over the batch; the ``T²`` factor keeps its gradients on the
-    scale of the cross-entropy term (Hinton et al., 2015).
+    scale of the cross-entropy term (Hinton et al., 2015). Without labels the loss is the
+    distillation term alone, ``T² * KL``.
     """
-    ce = F.cross_entropy(student_logits, labels)
-    if weight == 0.0:
-        return ce
+    if labels is not None:
+        ce = F.cross_entropy(student_logits, labels)
+        if weight == 0.0:
+            return ce
     kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
                   F.log_softmax(teacher_logits / temperature, dim=1),
                   reduction="batchmean", log_target=True)
+    if labels is None:
+        return (temperature ** 2) * kl
     return (1.0 - weight) * ce + weight * (temperature ** 2) * kl
 
 
@@ -299,10 +304,12 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
         raise DataError("the training data set is empty.")
     if val_data is not None and _dataset_len(val_data) == 0:
         raise DataError("the validation data set is empty; pass val_data=None to train without one.")
+    if not has_labels(train_data) and teacher is None:
+        raise ConfigError("the training data has no labels, so training needs a teacher to distil from (the original "
+                          "model: teacher=, CLI --distill); or give the data labels.")
     evaluate = metric
     if evaluate is None and val_data is not None:
-        def evaluate(m: nn.Module) -> float:
-            return accuracy(m, val_data, nonfinite="wrong")
+        evaluate = _default_metric(val_data, teacher)
     if config.patience is not None and evaluate is None:
         raise ConfigError("patience needs validation: pass val_data or metric.")
 
@@ -386,6 +393,25 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
                        diverged=state.diverged)
 
 
+def _default_metric(val_data: Dataset, teacher: nn.Module | None) -> Callable[[nn.Module], float]:
+    """Validation accuracy, or, for unlabelled data, agreement with the teacher's predictions."""
+    from .metrics import agreement, predictions
+
+    if has_labels(val_data):
+        return lambda m: accuracy(m, val_data, nonfinite="wrong")
+    if teacher is None:
+        raise ConfigError("the validation data has no labels: pass a teacher (agreement with it is then the metric) "
+                          "or a metric=.")
+    reference: list[torch.Tensor] = []
+
+    def agree(m: nn.Module) -> float:
+        if not reference:
+            reference.append(predictions(teacher, val_data))
+        return agreement(m, val_data, reference[0], nonfinite="wrong")
+
+    return agree
+
+
 def _run_identity(config: TrainConfig, model: nn.Module, trained: list[tuple[str, nn.Parameter]],
                   teacher: nn.Module | None, train_data: Dataset, val_data: Dataset | None,
                   metric: Callable | None) -> dict[str, Any]:
@@ -445,19 +471,21 @@ class _Epoch:
         loss_sum, seen, diverged = 0.0, 0, False
         for inputs, labels in iterate_batches(self.train_data, config.batch_size, order=order,
                                               drop_last_single=self.single_batch_risk):
-            inputs, labels = to_model(inputs, model), labels.to(self.device)
+            inputs = to_model(inputs, model)
+            labels = None if labels is None else labels.to(self.device)
             for group in opt.param_groups:
                 group["lr"] = self.lr_at(state.step)
-            logits = model(inputs)
-            if not isinstance(logits, torch.Tensor):
-                raise DataError(f"the model returned {type(logits).__name__}, not a tensor of logits.")
-            check_logits(logits, labels)
+            logits = output_tensor(call_checked(model, inputs, what="the training data"))
+            if labels is not None:
+                check_logits(logits, labels)
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(inputs)
+                    teacher_logits = output_tensor(call_checked(self.teacher, to_model(inputs, self.teacher),
+                                                                what="the training data (teacher)"))
                 loss = distillation_loss(logits, teacher_logits, labels, temperature=config.distill_temperature,
                                          weight=config.distill_weight)
             else:
+                assert labels is not None  # train() refuses unlabelled data without a teacher
                 loss = F.cross_entropy(logits, labels)
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -467,8 +495,8 @@ class _Epoch:
             loss.backward()
             opt.step()
             state.step += 1
-            loss_sum += value * labels.shape[0]
-            seen += labels.shape[0]
+            loss_sum += value * logits.shape[0]
+            seen += logits.shape[0]
         if not diverged:
             diverged = not all(bool(torch.isfinite(p).all()) for group in opt.param_groups
                                for p in group["params"])

@@ -6,27 +6,31 @@ import argparse
 
 from .common import (
     add_command,
+    add_layer_arguments,
     add_model_arguments,
     add_output_options,
     check_input_paths,
     format_count,
+    layer_patterns,
     print_table,
     set_result,
 )
-from .inputs import example_batch, load_model, parse_shape
+from .inputs import add_data_arguments, default_data_spec, example_batch, load_data_from_args, load_model, parse_shape
 
 
 def register(subparsers) -> None:
     parser = add_command(
         subparsers, "analyze", help="per-layer table: shapes, params, MACs, break-even ranks, singular-value energy",
-        description="Analyse a model: what each layer costs and how compressible its weights are.",
+        description="Analyse a model: what each layer costs and how compressible its weights are. Every op that "
+                    "multiplies is counted: layers without a formula are measured and listed as 'not counted'.",
         examples=["rankshrink analyze --model builtin:digits-cnn",
                   "rankshrink analyze --model my_model.py:make --weights w.safetensors --input-shape 3,32,32",
                   "rankshrink analyze --model builtin:cifar-cnn --json > analysis.json"])
     add_model_arguments(parser, model_default="builtin:digits-cnn")
-    parser.add_argument("--data", help="data SPEC for the example input (builtin:digits, mnist:DIR, "
-                                       "cifar10:DIR, synthetic:cifar); default: the model's own")
-    parser.add_argument("--input-shape", help="per-sample input shape, e.g. 1,28,28 (instead of --data)")
+    add_data_arguments(parser, data_help="data SPEC for the example input (builtin:digits, PATH.npz, file.py:function, "
+                                         "imagefolder:DIR, mnist:DIR, cifar10:DIR, synthetic:cifar); default: the "
+                                         "model's own")
+    add_layer_arguments(parser)
     parser.add_argument("--out", metavar="FILE", help="write the full analysis as JSON to FILE (as --json FILE)")
     add_output_options(parser)
     parser.set_defaults(func=run)
@@ -38,9 +42,12 @@ def run(args: argparse.Namespace) -> int:
     check_input_paths(args)  # every option and path before any work
     if args.input_shape:
         parse_shape(args.input_shape)
-    model = load_model(args)
-    batch = example_batch(args, model)
-    result = analyze(model, batch)
+    spec = args.data or default_data_spec(args.model)
+    splits = load_data_from_args(args, spec) if spec else None
+    model = load_model(args, splits)
+    batch = example_batch(args, model, splits)
+    include, exclude = layer_patterns(args)
+    result = analyze(model, batch, layers=include, exclude=exclude)
     rows = []
     for layer in result.layers:
         be = "/".join(str(layer.break_even[m]["params"]) for m in layer.methods)
@@ -49,10 +56,23 @@ def run(args: argparse.Namespace) -> int:
                      layer.rank_for_energy["90%"], layer.rank_for_energy["99%"], len(layer.singular_values)])
     print_table(["layer", "type", "weight shape", "params", "MACs", "break-even rank (params)", "r@90%E",
                  "r@99%E", "full"], rows)
-    print(f"\ntotal: {format_count(result.cost.params)} params, {format_count(result.cost.bytes)}B, "
-          f"{format_count(result.cost.macs)} MACs per sample")
+    cost = result.cost
+    if cost.others or cost.not_counted:
+        print()
+        extra = [[o.name, o.type, format_count(o.params), format_count(o.macs), o.reason] for o in cost.others]
+        extra += [[m.name or "(model)", m.type or "-", "", format_count(m.macs),
+                   f"not counted by formula: {', '.join(m.ops)} measured by FlopCounterMode"] for m in cost.not_counted]
+        print_table(["not factorized", "type", "params", "MACs", "why"], extra)
+    print(f"\ntotal: {format_count(cost.params)} params, {format_count(cost.bytes)}B, "
+          f"{format_count(cost.macs)} MACs per sample")
+    for group in result.tied:
+        print(f"tied: {', '.join(group)} share one weight (kept dense: factorizing one would untie them)")
+    for names in result.shared:
+        print(f"shared: one module under the names {', '.join(names)} (factorized once, everywhere)")
+    listed = {o.name for o in cost.others}
     for name, reason in result.skipped:
-        print(f"skipped {name}: {reason}")
+        if name not in listed and not any(name.startswith(f"{other}.") for other in listed):
+            print(f"skipped {name}: {reason}")
     data = result.to_dict()
     if args.out:
         from ..files import atomic_write_json

@@ -48,6 +48,28 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_default: str |
                              "trust)")
 
 
+def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--layers`` / ``--exclude``: glob patterns over qualified layer names (comma-separated or repeated)."""
+    parser.add_argument("--layers", action="append", metavar="PATTERNS",
+                        help="only these layers: glob patterns over qualified names, comma-separated or repeated "
+                             "(features.*,classifier.1)")
+    parser.add_argument("--exclude", action="append", metavar="PATTERNS",
+                        help="leave these layers alone: glob patterns over qualified names (e.g. '*.downsample.*')")
+
+
+def layer_patterns(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    """(include, exclude) pattern lists from ``--layers`` / ``--exclude`` (None when not given)."""
+    def split(values):
+        if not values:
+            return None
+        patterns = [part.strip() for value in values for part in value.split(",") if part.strip()]
+        if not patterns:
+            raise ConfigError("--layers/--exclude need at least one pattern, like features.* or classifier.1.")
+        return patterns
+
+    return split(getattr(args, "layers", None)), split(getattr(args, "exclude", None))
+
+
 def format_count(value: float) -> str:
     """1234567 -> '1.23M'."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):

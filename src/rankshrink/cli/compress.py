@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .common import (
     add_command,
+    add_layer_arguments,
     add_model_arguments,
     add_output_options,
     add_report_option,
@@ -34,6 +35,7 @@ from .common import (
     check_training_options,
     format_bytes,
     format_count,
+    layer_patterns,
     parse_bytes,
     parse_ratio,
     print_table,
@@ -43,7 +45,7 @@ from .common import (
 )
 
 _COUNT_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
-METRICS = ("accuracy", "agreement", "per-class", "worst-class")
+METRICS = ("auto", "accuracy", "agreement", "per-class", "worst-class")
 
 
 def parse_tolerance(text: str) -> float:
@@ -122,15 +124,17 @@ def register(subparsers) -> None:
                   "rankshrink compress --model builtin:cifar-cnn --max-bytes 256KB --finetune 3 --distill "
                   "--out small/ --json > small.json"])
     add_model_arguments(parser)
-    parser.add_argument("--data", help="data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, synthetic:cifar); "
-                                       "default: a built-in model's own data")
+    from .inputs import add_data_arguments
+
+    add_data_arguments(parser)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--tolerance", help="largest allowed validation-metric drop: 0.01 or 1%%")
     target.add_argument("--max-macs", help="MAC budget: ratio (0.5, 50%%) or count (1.2M)")
     target.add_argument("--max-params", help="parameter budget: ratio (0.5, 50%%) or count (120000, 120k)")
     target.add_argument("--max-bytes", help="size budget: 256KB, 1.5MB, 2MiB, a byte count, or a ratio (50%%)")
-    parser.add_argument("--metric", default="accuracy", choices=METRICS,
-                        help="what the tolerance is measured in (agreement: with the original's predictions)")
+    parser.add_argument("--metric", default="auto", choices=METRICS,
+                        help="what the tolerance is measured in: auto (accuracy with labels, agreement without), "
+                             "agreement (with the original's predictions) ...")
     parser.add_argument("--minimize", default="macs", choices=("macs", "params", "bytes"),
                         help="what --tolerance mode makes smallest (default: macs)")
     from ..methods import method_names
@@ -140,6 +144,12 @@ def register(subparsers) -> None:
     parser.add_argument("--fit", "--objective", dest="fit", default="auto", choices=FIT_CHOICES,
                         help="factor fit: activations (data-aware, the default with data) or weights "
                              "(--objective is an alias)")
+    add_layer_arguments(parser)
+    parser.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                        help="fold eval-mode BatchNorm into the conv/Linear before it first (default: on)")
+    parser.add_argument("--min-baseline", type=float, metavar="VALUE",
+                        help="stop unless the original model's validation metric reaches VALUE (0..1; default: "
+                             "clearly above chance; 0 turns the check off)")
     parser.add_argument("--sensitivity", default="auto", choices=("auto", "probe", "proxy"),
                         help="per-layer sensitivity from evaluations (probe) or from the distortion proxy alone")
     parser.add_argument("--out", required=True, help="output directory")
@@ -196,30 +206,34 @@ def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: 
 
 @writes_output_dir
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_data
     from ..files import check_output_dir
     from ..search import compress
-    from ..validation import check_int
+    from ..validation import check_int, check_number
     from .finetune import recover_from_args
-    from .inputs import default_data_spec, load_model
+    from .inputs import default_data_spec, load_data_from_args, load_model
 
     # Every option and path is checked before any work (loading, training, searching).
     target = _target(args)
     methods = parse_methods(args.methods) if args.methods is not None else None
+    include, exclude = layer_patterns(args)
     check_int(args.calibration_samples, "--calibration-samples", minimum=1)
+    if args.min_baseline is not None:
+        check_number(args.min_baseline, "--min-baseline", minimum=0, maximum=1)
     check_recovery_options(args)
     check_input_paths(args)
     check_output_dir(args.out, force=args.force)
     check_cache_and_out(args.cache, args.out)
     spec = args.data or default_data_spec(args.model)
     if spec is None:
-        raise ConfigError("--data is required for a model that is not built in (e.g. --data mnist:DIR).")
+        raise ConfigError("--data is required for a model that is not built in (e.g. --data data.npz, "
+                          "--data mnist:DIR).")
     cache = False if args.no_cache else (args.cache or True)
-    splits = load_data(spec)
-    model = load_model(args)
+    splits = load_data_from_args(args, spec)
+    model = load_model(args, splits)
     result = compress(model, splits, metric=args.metric, minimize=args.minimize, methods=methods, fit=args.fit,
                       sensitivity=args.sensitivity, cache=cache, progress=not args.quiet, seed=args.seed,
-                      calibration_samples=args.calibration_samples, **target)
+                      calibration_samples=args.calibration_samples, layers=include, exclude=exclude,
+                      fold_bn=args.fold_bn, min_baseline=args.min_baseline, **target)
     compressed = result.model
     summary = result.summary()
     summary.update({"model": args.model, "weights": args.weights, "data": spec})
@@ -260,8 +274,9 @@ def print_report(result, file=None) -> None:
         rank = layer["rank"]
         rank = "x".join(str(r) for r in rank) if isinstance(rank, list) else ("" if rank is None else rank)
         rows.append([layer["name"], layer["type"], layer["method"], rank, format_count(layer["params"]),
-                     format_count(layer["macs"]), f"{layer['macs'] / max(layer['dense_macs'], 1):.2f}x"])
-    print_table(["layer", "type", "method", "rank", "params", "MACs", "of dense"], rows, file=file)
+                     format_count(layer["macs"]), f"{layer['macs'] / max(layer['dense_macs'], 1):.2f}x",
+                     f"kept dense: {layer['reason']}" if layer.get("reason") else ""])
+    print_table(["layer", "type", "method", "rank", "params", "MACs", "of dense", "note"], rows, file=file)
     s = result.summary()
     o, c = s["original"], s["compressed"]
     target = (f"tolerance {result.tolerance:g} ({result.metric})" if result.mode == "tolerance"

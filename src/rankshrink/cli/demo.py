@@ -41,6 +41,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data import _dataset_len
     from ..models import load_builtin
     from ..search import compress
     from ..search.evaluate import single_threaded
@@ -55,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     with single_threaded():  # a tiny model: one thread is as fast, and far faster on a busy machine
         model, splits = load_builtin("digits-cnn", progress=not args.quiet)
     loaded = time.perf_counter() - start
-    print(f"digits CNN on {splits.name}: {len(splits.train)} train / {len(splits.val)} validation / "
-          f"{len(splits.test)} test images ({loaded:.1f} s to train or load)")
+    sizes = [_dataset_len(part) for part in (splits.train, splits.val, splits.test)]
+    print(f"digits CNN on {splits.name}: {sizes[0]} train / {sizes[1]} validation / "
+          f"{sizes[2]} test images ({loaded:.1f} s to train or load)")
     result = compress(model, splits, tolerance=tolerance, cache=not args.no_cache, progress=not args.quiet)
     print_report(result)
     total = time.perf_counter() - start

@@ -21,8 +21,9 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--compressed", metavar="DIR", help="directory with model.safetensors + plan.json")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--data", help="data SPEC for the example input (default: the model's own)")
-    parser.add_argument("--input-shape", help="per-sample input shape, e.g. 1,28,28 (instead of --data)")
+    from .inputs import add_data_arguments
+
+    add_data_arguments(parser, data_help="data SPEC for the example input (default: the model's own)")
     parser.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
@@ -35,21 +36,24 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..deploy import drop_slower_layers, export_onnx, layer_latencies, onnx_latency
     from ..errors import ConfigError
+    from ..inputs import map_tensors
     from ..surgery import PLAN_FILE, load
-    from .inputs import example_batch, load_model, parse_shape
+    from .inputs import default_data_spec, example_batch, load_data_from_args, load_model, parse_shape
 
     if args.batch < 1 or args.runs < 1 or args.threads < 1:
         raise ConfigError("--batch, --runs and --threads must be at least 1.")
     check_input_paths(args)  # every option and path before any work
     if args.input_shape:
         parse_shape(args.input_shape)
-    original = load_model(args)
+    spec = args.data or default_data_spec(args.model)
+    splits = load_data_from_args(args, spec) if spec else None
+    original = load_model(args, splits)
     if args.compressed:
         from ..files import verify_output_set
         verify_output_set(args.compressed)  # a set cut short by a killed run is refused, not half-read
     model = load(original, args.compressed) if args.compressed else original
-    example = example_batch(args, original)
-    batch = example.expand(args.batch, *example.shape[1:]).contiguous()
+    example = example_batch(args, original, splits)
+    batch = map_tensors(lambda t: t.expand(args.batch, *t.shape[1:]).contiguous(), example)
     export_onnx(model, batch, args.out)
     print(f"wrote {args.out} (outputs checked against PyTorch on ONNX Runtime)")
     models = {"original": original, "compressed": model} if args.compressed else {"model": model}

@@ -59,8 +59,9 @@ def register(subparsers) -> None:
                   "rankshrink finetune --model builtin:digits-cnn --weights out/ --epochs 2 --out tuned/ --json"])
     add_model_arguments(parser)
     parser.add_argument("--plan", help="plan JSON; required unless --weights is a directory written by rankshrink")
-    parser.add_argument("--data", help="data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, synthetic:cifar); "
-                                       "default: the built-in model's own")
+    from .inputs import add_data_arguments
+
+    add_data_arguments(parser)
     parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true",
@@ -128,12 +129,15 @@ def recover_from_args(args: argparse.Namespace, original, compressed, splits, *,
 
 # --------------------------------------------------------------------------- finetune command
 
-def _fresh_model(spec: str):
-    """An instance of the model SPEC's architecture without loading or training weights."""
+def _fresh_model(spec: str, splits=None):
+    """An instance of the model SPEC's architecture (a built-in sized for ``splits``) without loading weights."""
     from ..models import BUILTIN_MODELS, load_model_spec
 
     if spec.startswith("builtin:") and spec[len("builtin:"):] in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec[len("builtin:"):]].create().eval()
+        entry = BUILTIN_MODELS[spec[len("builtin:"):]]
+        if splits is not None and isinstance(splits.input_shape, tuple):
+            return entry.create(splits.input_shape, splits.num_classes).eval()
+        return entry.create().eval()
     return load_model_spec(spec)
 
 
@@ -157,7 +161,7 @@ def _check_out(out: str, force: bool) -> bool:
                       "in it, or choose another --out.")
 
 
-def _load_compressed(args, plan):
+def _load_compressed(args, plan, splits=None):
     """(compressed model, plan, original or None) from --weights/--plan, as the module notes describe."""
     from ..errors import ConfigError, FileFormatError
     from ..files import load_state_dict
@@ -174,18 +178,18 @@ def _load_compressed(args, plan):
         saved = Plan.load(directory / PLAN_FILE)
         if plan is not None and plan.key() != saved.key():
             raise ConfigError(f"--plan does not match '{directory / PLAN_FILE}'; drop --plan to use the saved one.")
-        return load(_fresh_model(args.model), directory), saved, None
+        return load(_fresh_model(args.model, splits), directory), saved, None
     if plan is None:
         raise ConfigError("--plan is required unless --weights is a directory written by rankshrink "
                           "(model.safetensors + plan.json).")
     if weights is None:
-        return None, plan, load_model_spec(args.model, trust_pickle=args.trust_pickle)
+        return None, plan, load_model_spec(args.model, trust_pickle=args.trust_pickle, data=splits)
     try:
-        original = load_model_spec(args.model, weights, trust_pickle=args.trust_pickle)
+        original = load_model_spec(args.model, weights, trust_pickle=args.trust_pickle, data=splits)
         return None, plan, original
     except FileFormatError as as_original:
         state = load_state_dict(weights, trust_pickle=args.trust_pickle)
-        skeleton = empty_skeleton(_fresh_model(args.model), plan, inplace=True)
+        skeleton = empty_skeleton(_fresh_model(args.model, splits), plan, inplace=True)
         try:
             load_state_dict_checked(skeleton, state, weights)
         except FileFormatError as as_compressed:
@@ -196,7 +200,7 @@ def _load_compressed(args, plan):
 
 @writes_output_dir
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_data
+    from ..data import has_labels
     from ..errors import ConfigError
     from ..files import output_set
     from ..finetuning import finetune
@@ -204,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model_spec
     from ..plan import Plan
     from ..surgery import apply, save
-    from .inputs import default_data_spec
+    from .inputs import default_data_spec, load_data_from_args
 
     if args.epochs < 0:
         raise ConfigError(f"--epochs must be a non-negative integer, got {args.epochs}.")
@@ -216,9 +220,9 @@ def run(args: argparse.Namespace) -> int:
     if spec is None:
         raise ConfigError("fine-tuning needs data: pass --data SPEC (builtin:digits, mnist:DIR, cifar10:DIR, "
                           "synthetic:cifar).")
-    splits = load_data(spec)
+    splits = load_data_from_args(args, spec)
     progress = not args.quiet
-    compressed, plan, original = _load_compressed(args, plan)
+    compressed, plan, original = _load_compressed(args, plan, splits)
     fit = "loaded"
     if compressed is None:
         if args.fit is not None:
@@ -228,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = None
     if args.distill:
         teacher = original if original is not None else load_model_spec(args.model, args.teacher_weights,
-                                                                           trust_pickle=args.trust_pickle)
+                                                                           trust_pickle=args.trust_pickle, data=splits)
     out = Path(args.out)
     checkpoint = out / CHECKPOINT_DIR
     if checkpoint.is_symlink() or (os.path.lexists(checkpoint) and not checkpoint.is_dir()):
@@ -244,8 +248,9 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, checkpoint_dir=checkpoint, progress=progress, inplace=True)
     reference = original if original is not None else teacher
     accuracies: dict[str, dict[str, float | None]] = {}
-    if reference is not None:
-        accuracies["original"] = {"val": accuracy(reference, splits.val), "test": accuracy(reference, splits.test)}
+    if reference is not None and splits.labelled:
+        accuracies["original"] = {"val": accuracy(reference, splits.val),
+                                  "test": accuracy(reference, splits.test) if has_labels(splits.test) else None}
     accuracies["factorized"] = {"val": result.val_before, "test": result.test_before}
     accuracies["finetuned"] = {"val": result.val_after, "test": result.test_after}
     summary = {"command": "finetune", "model": args.model, "data": spec, "fit": fit,
@@ -273,10 +278,11 @@ def run(args: argparse.Namespace) -> int:
 def _add_report_data(summary: dict, args: argparse.Namespace, reference, tuned, plan, splits) -> None:
     """Sizes of the original (when known) and the fine-tuned model, and what the report draws from."""
     from ..cost import count
-    from ..metrics import to_model
+    from ..data import first_batch
+    from ..inputs import to_model
     from ..report_data import enrich_summary
 
-    example = to_model(splits.val.tensors[0][:1], tuned)
+    example = to_model(first_batch(splits.val)[0], tuned)
     if reference is not None:
         summary["original"] = count(reference, example).to_dict()
     summary["compressed"] = count(tuned, example).to_dict()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Sequence
+
 from ..errors import DataError
+from .arrays import ARRAY_SUFFIXES, load_array_file
 from .builtin import _SYNTHETIC_SHAPES, load_digits_splits, load_synthetic
 from .cifar import load_cifar10
+from .imagefolder import load_image_folder
 from .mnist import load_mnist
-from .splits import _NEVER_DOWNLOADS, Splits
+from .pyfile import is_python_spec, load_python_data
+from .splits import _NEVER_DOWNLOADS, DEFAULT_FRACTIONS, Splits
 
 DATA_SPEC_FORMS = (
     "builtin:digits",
@@ -18,21 +24,41 @@ DATA_SPEC_FORMS = (
     "synthetic:vww",
     "synthetic:anomaly",
     "synthetic:spectrum",
+    "PATH.npz",
+    "PATH.safetensors",
+    "PATH.pt",
+    "path/to/file.py:function",
+    "imagefolder:/path/to/dir",
 )
 
 
-def load_data(spec: str | None = None) -> Splits:
+def load_data(spec: str | None = None, *, split: Sequence[float] | str | None = None, seed: int = 0,
+              input_shape: Sequence[int] | None = None) -> Splits:
     """Load the data set a SPEC string names; ``None`` means ``builtin:digits``.
 
     Forms: ``builtin:digits``, ``mnist:/path/dir``, ``cifar10:/path/dir``,
     ``synthetic:cifar``, ``synthetic:mnist``, and the MLPerf Tiny-shaped ``synthetic:mfcc``,
     ``synthetic:vww``, ``synthetic:anomaly``, ``synthetic:spectrum`` (see :mod:`.synthetic`).
+    Forms: ``builtin:digits``, ``mnist:/path/dir``, ``cifar10:/path/dir``, ``synthetic:cifar``,
+    ``synthetic:mnist`` (built in or local files); ``PATH.npz`` / ``PATH.safetensors`` /
+    ``PATH.pt`` (arrays ``x``, optional ``y`` and ``train``/``val``/``test`` indices, see
+    :mod:`rankshrink.data.arrays`); ``file.py:function`` (your own function, see
+    :mod:`rankshrink.data.pyfile`); ``imagefolder:DIR`` (class folders of images, see
+    :mod:`rankshrink.data.imagefolder`). ``split`` (train, val, test fractions, default
+    0.8, 0.1, 0.1) and ``seed`` split the files and folders that do not say how;
+    ``input_shape`` (C, H, W) is what an image folder is resized to.
     """
+    from .splits import parse_fractions
+
     if spec is None:
         spec = "builtin:digits"
     if not isinstance(spec, str):
         raise DataError(f"a data spec must be a string, not {type(spec).__name__}.")
-    kind, sep, rest = spec.strip().partition(":")
+    fractions = DEFAULT_FRACTIONS if split is None else parse_fractions(split, "split")
+    text = spec.strip()
+    if is_python_spec(text):
+        return load_python_data(text)
+    kind, sep, rest = text.partition(":")
     kind = kind.lower()
     if sep and kind == "builtin" and rest.strip().lower() == "digits":
         return load_digits_splits()
@@ -40,6 +66,10 @@ def load_data(spec: str | None = None) -> Splits:
         return load_mnist(rest.strip()) if kind == "mnist" else load_cifar10(rest.strip())
     if sep and kind == "synthetic" and rest.strip().lower() in _SYNTHETIC_SHAPES:
         return load_synthetic(rest.strip().lower())
+    if sep and kind == "imagefolder" and rest.strip():
+        return load_image_folder(rest.strip(), input_shape=input_shape, fractions=fractions, seed=seed)
+    if Path(text).suffix.lower() in ARRAY_SUFFIXES:
+        return load_array_file(text, fractions=fractions, seed=seed)
     raise DataError(
         f"unknown data spec {spec!r}; valid forms are {', '.join(DATA_SPEC_FORMS)} "
         f"({_NEVER_DOWNLOADS}: MNIST/CIFAR-10 must already be in the directory you name)."

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import inputs as model_inputs
 from ..cost import count
 from ..errors import ConfigError
 from ..factorized import Factorized
 from ..plan import Plan
-from .onnx import onnx_bytes, ort_session, require_onnxruntime
+from .onnx import onnx_bytes, onnx_feed, ort_session, require_onnxruntime
 
 __all__ = ["Latency", "onnx_latency", "LayerSpeed", "layer_latencies", "drop_slower_layers", "time_sessions"]
 
@@ -77,7 +78,7 @@ def time_sessions(sessions: list, feeds: list[dict], *, runs: int = 30, warmup: 
     return [_summary(t) for t in times]
 
 
-def onnx_latency(models: dict[str, nn.Module], example_input: torch.Tensor, *, runs: int = 50,
+def onnx_latency(models: dict[str, nn.Module], example_input: Any, *, runs: int = 50,
                  warmup: int = 5, threads: int = 1) -> dict[str, Latency]:
     """Median latency on ONNX Runtime (CPU) of each model, measured interleaved."""
     if runs < 1 or warmup < 0 or threads < 1:
@@ -85,7 +86,7 @@ def onnx_latency(models: dict[str, nn.Module], example_input: torch.Tensor, *, r
     ort = require_onnxruntime()
     names = list(models)
     sessions = [ort_session(ort, onnx_bytes(models[n], example_input), threads) for n in names]
-    feed = {"input": example_input.detach().cpu().numpy()}
+    feed = onnx_feed(example_input)
     times = _timed_runs(sessions, [feed] * len(sessions), runs, warmup)
     return {name: _summary(t) for name, t in zip(names, times)}
 
@@ -116,13 +117,13 @@ def _layer_input(layer_cost, batch: int, dtype) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
 
 
-def layer_latencies(original: nn.Module, compressed: nn.Module, example_input: torch.Tensor, *,
+def layer_latencies(original: nn.Module, compressed: nn.Module, example_input: Any, *,
                     runs: int = 30, warmup: int = 5, threads: int = 1) -> list[LayerSpeed]:
     """Each factorized layer of ``compressed`` timed against the dense layer it replaced,
     alone, on its real input size (from one forward pass), on ONNX Runtime."""
     ort = require_onnxruntime()
     costs = count(compressed, example_input)
-    batch = example_input.shape[0]
+    batch = model_inputs.batch_size(example_input)
     results = []
     for layer_cost in costs.layers:
         if layer_cost.method is None:
@@ -139,7 +140,7 @@ def layer_latencies(original: nn.Module, compressed: nn.Module, example_input: t
     return results
 
 
-def drop_slower_layers(original: nn.Module, plan: Plan, example_input: torch.Tensor, *,
+def drop_slower_layers(original: nn.Module, plan: Plan, example_input: Any, *,
                        compressed: nn.Module | None = None, min_speedup: float = 1.0,
                        runs: int = 30, threads: int = 1) -> tuple[Plan, list[LayerSpeed]]:
     """The plan without the layers whose factorization is not at least ``min_speedup``
@@ -149,8 +150,7 @@ def drop_slower_layers(original: nn.Module, plan: Plan, example_input: torch.Ten
     compressed = compressed if compressed is not None else apply(original, plan)
     speeds = layer_latencies(original, compressed, example_input, runs=runs, threads=threads)
     slow = {s.name for s in speeds if s.speedup < min_speedup}
-    kept = {name: entry for name, entry in plan.items() if name not in slow}
-    metadata = dict(plan.metadata)
+    kept = plan.only(name for name in plan if name not in slow)  # folds and calibration settings stay
     if slow:
-        metadata["dropped_as_slower"] = sorted(slow)
-    return Plan(kept, metadata), speeds
+        kept.metadata["dropped_as_slower"] = sorted(slow)
+    return kept, speeds

@@ -215,6 +215,8 @@ def onnx_accuracy(session, dataset: Dataset, *, batch_size: int = 256) -> float:
     input_name = session.get_inputs()[0].name
     correct = total = 0
     for inputs, labels in iterate_batches(dataset, batch_size):
+        if labels is None:
+            raise DataError("accuracy on ONNX Runtime needs labelled data; this data set has no labels.")
         logits = session.run(None, {input_name: inputs.float().numpy()})[0]
         if logits.ndim != 2 or logits.shape[0] != len(labels):
             raise DataError(f"the ONNX model returned outputs of shape {logits.shape} for a batch of {len(labels)}; "

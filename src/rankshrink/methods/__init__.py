@@ -19,8 +19,10 @@ import pkgutil
 
 from .base import (
     FITS,
+    FactorizationWarning,
     Method,
     MethodConfig,
+    bigger_than_dense,
     config_from_json,
     default_method,
     factorize,
@@ -58,4 +60,5 @@ def normalize_rank(geometry: dict, method: str, rank, *, layer: str = "layer"):
 
 __all__ = ["full_rank", "normalize_rank", "FITS", "Method", "MethodConfig", "config_from_json", "default_method",
            "factorize", "get_method", "make_config", "method_names", "methods_for", "register", "select_options",
-           "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig"]
+           "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig", "FactorizationWarning",
+           "bigger_than_dense"]

@@ -37,7 +37,8 @@ from ..factorized import (
 from ..validation import check_bool, check_choice, check_int, check_number
 
 __all__ = ["FITS", "MethodConfig", "Method", "register", "get_method", "method_names", "methods_for",
-           "default_method", "make_config", "config_from_json", "select_options", "factorize"]
+           "default_method", "make_config", "config_from_json", "select_options", "factorize", "FactorizationWarning",
+           "bigger_than_dense"]
 
 FITS = ("weights", "activations")
 # The fields every config has; options not listed here belong to one method's config.
@@ -315,6 +316,25 @@ def select_options(method: str, options: Mapping[str, Any] | None) -> dict[str, 
 
 # --------------------------------------------------------------------------- the driver
 
+class FactorizationWarning(UserWarning):
+    """A factorization costs more (parameters or MACs) than the dense layer it replaces."""
+
+
+def bigger_than_dense(geometry: dict[str, Any], method: str, rank: Any, input_size=None, calls: int = 1) -> str | None:
+    """Why the factorization costs more than the dense layer (params, or MACs with ``input_size``), or None."""
+    from ..cost import dense_cost, factorized_cost
+
+    size = input_size if input_size is not None else (
+        (1,) if geometry["type"] == "Linear" else
+        tuple(max(1, (k - 1) * d + 1) for k, d in zip(geometry["kernel_size"], geometry["dilation"])))
+    dense, fact = dense_cost(geometry, size), factorized_cost(geometry, method, rank, size)
+    problems = []
+    if fact.params > dense.params:
+        problems.append(f"{fact.params:,} parameters vs {dense.params:,}")
+    if input_size is not None and fact.macs > dense.macs:
+        problems.append(f"{fact.macs * calls:,} MACs vs {dense.macs * calls:,} ({fact.macs / max(dense.macs, 1):.2f}×)")
+    return " and ".join(problems) if problems else None
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision weights are factorized in float32 and cast back: SVD/ALS need the range.
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -322,7 +342,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.no_grad()
 def factorize(module: nn.Module, method: str | MethodConfig, rank: Any = None, *, input_stats=None,
-              name: str | None = None, **options: Any) -> Factorized:
+              name: str | None = None, input_size=None, **options: Any) -> Factorized:
     """Factorized replacement for ``module`` (``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``).
 
     ``method``: a :class:`MethodConfig` (e.g. ``SVDConfig(rank=16, fit="activations")``), or
@@ -330,7 +350,10 @@ def factorize(module: nn.Module, method: str | MethodConfig, rank: Any = None, *
     keywords (``factorize(conv, "cp", 8, algorithm="als")``). ``input_stats`` (the layer's
     :class:`~rankshrink.decompose.InputStats`, e.g. ``rankshrink.calibrate(...)[name]``)
     is what an activation fit minimises the output error on; given with a method name
-    and no ``fit``, the fit is 'activations'. ``module`` is not modified.
+    and no ``fit``, the fit is 'activations'. ``module`` is not modified. A factorization with
+    more parameters than the layer (or, given ``input_size`` -- the layer's per-sample input
+    size, optionally as ``(size, calls)`` -- more MACs) is built but warned about
+    (:class:`FactorizationWarning`): it makes the model bigger.
     """
     label = name or layer_type(module)
     try:
@@ -354,6 +377,16 @@ def factorize(module: nn.Module, method: str | MethodConfig, rank: Any = None, *
     geometry = layer_geometry(module)
     impl.check_layer(geometry, label)
     rank = impl.normalize_rank(geometry, config.rank, layer=label)
+    calls = 1
+    if isinstance(input_size, tuple) and len(input_size) == 2 and isinstance(input_size[1], int) and \
+            isinstance(input_size[0], tuple):
+        input_size, calls = input_size
+    bigger = bigger_than_dense(geometry, impl.name, rank, input_size, calls)
+    if bigger is not None:
+        import warnings
+
+        warnings.warn(f"{label}: {config.label()} costs more than the dense {geometry['type']} ({bigger}); it makes "
+                      "the model bigger. Lower the rank or keep the layer dense.", FactorizationWarning, stacklevel=3)
     block = impl.build(geometry, rank, dtype=weight.dtype, device=weight.device)
     work = weight.to(_compute_dtype(weight.dtype))
     centered = False

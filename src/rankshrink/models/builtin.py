@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..data import Splits, load_data
+from ..data import Splits, _dataset_len, load_data
 from ..errors import ConfigError, DiskFullError, FileFormatError
 from ..files import load_tensors, path_kind, save_tensors, user_cache_dir
 from ..fingerprint import state_fingerprint
@@ -279,7 +279,7 @@ def _verified(model: nn.Module, path: Path, name: str, splits: Splits, metadata:
         recorded = math.nan
     measured = accuracy(model, splits.val)
     # The same file on the same data scores the same; allow one sample for another machine's arithmetic.
-    if not abs(measured - recorded) * len(splits.val) <= 1.5:
+    if not abs(measured - recorded) * _dataset_len(splits.val) <= 1.5:
         raise FileFormatError(f"the built-in model cache '{path}' records validation accuracy "
                               f"{metadata.get('val_accuracy')!r} but scores {measured:.6f}; it was modified or "
                               f"damaged. {delete}")

@@ -25,8 +25,8 @@ from ..plan import Plan
 from .allocate import budget_allocation, minimum_cost, plan_of, polish_budget, tolerance_allocation
 from .config import MAX_GLOBAL_EVALUATIONS, Budget, SearchConfig, check_tolerance
 from .evaluate import EvaluationRecord, SearchInterrupted, thread_policy
-from .session import Session
-from .space import CostModel, build_spaces, minimum_reachable
+from .session import Session, as_search_data
+from .space import CostModel, build_spaces, minimum_breakdown
 
 __all__ = ["compress", "CompressResult", "evaluation_bound"]
 
@@ -124,8 +124,9 @@ class CompressResult:
                 "compressed": side("compressed", self.compressed, self.value),
                 "drop": self.drop, "evaluations": self.evaluations, "evaluations_cached": self.evaluations_cached,
                 "seed": self.seed, "fit": self.fit, "monotone": self.monotone, "notes": self.notes,
-                "layers": [{k: layer[k] for k in ("name", "type", "method", "rank", "params", "macs", "bytes",
-                                                  "dense_params", "dense_macs")} for layer in self.layers],
+                "layers": [{k: layer.get(k) for k in ("name", "type", "method", "rank", "params", "macs", "bytes",
+                                                      "dense_params", "dense_macs", "reason")}
+                           for layer in self.layers],
                 "search_seconds": round(self.seconds, 3), "timings": self.timings,
                 "records": [r.to_dict() for r in self.records]}
 
@@ -188,39 +189,41 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     sensitivity = config.sensitivity
     if sensitivity == "auto":
         sensitivity = "probe" if mode == "tolerance" else "proxy"
-    layers = list(config.layers) if config.layers is not None else None
     methods = list(config.methods) if config.methods is not None else None
     progress = config.progress
     seed = config.seed
     max_global_evaluations = config.max_global_evaluations
 
+    data = as_search_data(data) if data is not None else None
+    user_model = model
+    model, folds = _fold_batchnorm(model, data, config, example_input, apply_fn)
     session = Session(model, data, config, apply_fn=apply_fn, example_input=example_input, calibration=calibration)
     cost_model = CostModel(model, session.example_input)
-    original = dict(cost_model.original)
+    # Ratios and relative budgets are of the user's model (before any BatchNorm fold).
+    original = dict(cost_model.original) if not folds else dict(CostModel(user_model, session.example_input).original)
+    layers = _selected_layers(cost_model, config)
     target: int | None = None  # set in budget mode only
     if mode == "budget":  # fail fast, before any factorization
         target = budget.absolute(original)
-        lowest = minimum_reachable(cost_model, kind=kind, layers=layers, methods=methods)
-        if target < lowest:
-            raise ConfigError(
-                f"the {kind} budget {target:,} is below the minimum reachable {lowest:,} "
-                f"({lowest / original[kind]:.1%} of the original {original[kind]:,}: every factorizable layer "
-                "at rank 1 with its cheapest method, plus everything that is not factorized); raise the budget.")
+        breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
+        if target < breakdown["total"]:
+            raise ConfigError(_below_minimum(kind, target, breakdown, original))
     try:
-        spaces = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods, progress=progress)
-        if target is not None and spaces:  # budget mode
-            lowest = minimum_cost(spaces, cost_model, kind)
-            if target < lowest:
-                raise ConfigError(
-                    f"the {kind} budget {target:,} is below the minimum reachable {lowest:,} "
-                    f"({lowest / original[kind]:.1%} of the original {original[kind]:,}: every factorizable layer "
-                    "at rank 1 with its cheapest method, plus everything that is not factorized); raise the budget.")
-        r_max = max([1, *(s.r_max for s in spaces)])
-        total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
-        evaluator = session.start(total=total if sensitivity == "probe" else MAX_GLOBAL_EVALUATIONS + 1)
+        evaluator = session.start(total=None)  # the total is known once the candidates are
         try:
             baseline = evaluator(Plan(), "baseline")
             evaluator.baseline = baseline
+            session.check_baseline(baseline)  # a model at chance on this data: stop before searching
+            spaces = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods, progress=progress)
+            if target is not None and spaces:  # budget mode
+                lowest = minimum_cost(spaces, cost_model, kind)
+                if target < lowest:
+                    breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
+                    breakdown["total"] = lowest
+                    raise ConfigError(_below_minimum(kind, target, breakdown, original))
+            r_max = max([1, *(s.r_max for s in spaces)])
+            total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
+            evaluator.set_phase_total(total if sensitivity == "probe" else MAX_GLOBAL_EVALUATIONS + 1)
             if not spaces:
                 from .allocate import Allocation
                 allocation = Allocation({}, baseline, notes=["no factorizable layer to compress"])
@@ -252,8 +255,13 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                            "rank": list(cand.rank) if isinstance(cand.rank, tuple) else cand.rank,
                            "params": cand.params, "macs": cand.macs, "bytes": cand.bytes,
                            "dense_params": space.dense.params, "dense_macs": space.dense.macs,
-                           "distortion": cand.distortion, "break_even": dict(space.break_even)})
+                           "distortion": cand.distortion, "break_even": dict(space.break_even), "reason": None})
+    layers_out += _kept_dense(session, cost_model, by_name, layers)
+    position = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    layers_out.sort(key=lambda row: position.get(row["name"], len(position)))  # model order, ops last
     final_plan = plan_of(choices)
+    if folds:
+        final_plan = final_plan.with_folds(folds)
     if final_plan.activation_layers:
         final_plan.calibration = session.plan_calibration
     value = allocation.value if allocation.value is not None else baseline
@@ -282,6 +290,9 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     if mode == "budget" and target and compressed[kind] > target:  # defensive: must never happen
         raise ConfigError(f"internal error: the allocation costs {compressed[kind]} {kind}, over the budget {target}.")
     session.timings["evaluate"] = sum(r.seconds for r in evaluator.records)
+    if folds:
+        notes.append(f"folded {len(folds)} BatchNorm layer(s) into the layer before each: "
+                     + ", ".join(f"{bn} into {layer}" for layer, bn in folds))
     return CompressResult(
         plan=final_plan, mode=mode, metric=session.metric.name, baseline=baseline, value=value,
         tolerance=tolerance,
@@ -292,6 +303,91 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         monotone=allocation.monotone, notes=notes, seconds=time.perf_counter() - start,
         timings={k: round(v, 4) for k, v in session.timings.items()}, r_max=r_max, fit=session.fit,
         seed=seed, probes=allocation.probes, test=test, report=report, _session=session)
+
+
+def _fold_batchnorm(model: nn.Module, data: Any, config: SearchConfig, example_input: Any,
+                    apply_fn) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """The model to search (BatchNorm folded when asked and possible) and the folds made."""
+    if not config.fold_bn or apply_fn is not None:
+        return model, []
+    from ..layers import batchnorm_folds
+    from ..surgery import fold_batchnorm, folding_preserves_outputs
+
+    folds = batchnorm_folds(model)
+    if not folds:
+        return model, []
+    folded = fold_batchnorm(model, folds)
+    probe = example_input
+    if probe is None and data is not None:
+        from ..data import Splits, as_dataset, first_batch
+
+        try:
+            source = data.val if isinstance(data, Splits) else as_dataset(data)
+            probe = first_batch(source, 64)[0]
+        except Exception:  # the Session reports unusable data with the full message
+            probe = None
+    if probe is not None and not folding_preserves_outputs(model, folded, probe):
+        import warnings
+
+        warnings.warn("folding BatchNorm changed the model's outputs (its forward does not use the layers as "
+                      "traced); the BatchNorm layers are kept. Pass fold_bn=False (CLI --no-fold-bn) to silence "
+                      "this.", UserWarning, stacklevel=4)
+        return model, []
+    return folded, folds
+
+
+def _selected_layers(cost_model: CostModel, config: SearchConfig) -> list[str] | None:
+    """The layers the search may compress: ``config.layers`` / ``config.exclude`` patterns resolved, or None (all)."""
+    if config.layers is None and config.exclude is None:
+        return None
+    from ..layers import select_layers
+
+    names = [row.name for row in cost_model.model_cost.layers if row.method is None]
+    return select_layers(names, config.layers, config.exclude)
+
+
+def _kept_dense(session: Session, cost_model: CostModel, spaces: dict, layers: list[str] | None) -> list[dict]:
+    """Rows for the layers with weights the search did not consider, with the reason each stays dense."""
+    rows: list[dict[str, Any]] = []
+    for row in cost_model.model_cost.layers:
+        if row.method is not None or row.name in spaces:
+            continue
+        reason = session.kept_dense.get(row.name)
+        if reason is None:
+            reason = "left out by --layers/--exclude" if layers is not None and row.name not in layers else \
+                "no factorization of it is cheaper than the layer"
+        rows.append({"name": row.name, "type": row.type, "method": "dense", "rank": None, "params": row.params,
+                     "macs": row.macs, "bytes": row.bytes, "dense_params": row.params, "dense_macs": row.macs,
+                     "distortion": 0.0, "break_even": {}, "reason": reason})
+    for other in cost_model.model_cost.others:
+        rows.append({"name": other.name, "type": other.type, "method": "dense", "rank": None, "params": other.params,
+                     "macs": other.macs, "bytes": other.bytes, "dense_params": other.params,
+                     "dense_macs": other.macs, "distortion": 0.0, "break_even": {}, "reason": other.reason})
+    for measured in cost_model.model_cost.not_counted:
+        rows.append({"name": measured.name or "(model)", "type": measured.type or "ops", "method": "dense",
+                     "rank": None, "params": 0, "macs": measured.macs, "bytes": 0, "dense_params": 0,
+                     "dense_macs": measured.macs, "distortion": 0.0, "break_even": {},
+                     "reason": f"not counted by formula: {', '.join(measured.ops)} measured by FlopCounterMode"})
+    return rows
+
+
+def _below_minimum(kind: str, target: int, breakdown: dict[str, Any], original: dict[str, int]) -> str:
+    lowest = breakdown["total"]
+    whole = original[kind] or 1
+    text = (f"the {kind} budget {target:,} is below the minimum reachable {lowest:,} ({lowest / whole:.1%} of the "
+            f"original {original[kind]:,}).")
+    fixed = breakdown["fixed"]
+    if fixed:
+        stuck = sum(value for _, value, _ in fixed)
+        parts = []
+        for what, value, names in fixed:
+            shown = f" ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''})" if names else ""
+            parts.append(f"{what} {value:,}{shown}")
+        text += (f" Of that minimum, {stuck:,} ({stuck / whole:.1%} of the original) cannot be factorized: "
+                 f"{'; '.join(parts)}.")
+    text += (f" The factorizable layers at rank 1 with their cheapest method add {breakdown['factorizable']:,}. "
+             "Raise the budget.")
+    return text
 
 
 def _maybe(fn, model):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from ..validation import check_bool, check_choice, check_int, check_optional_int
+from ..validation import check_bool, check_choice, check_int, check_number, check_optional_int
 
 __all__ = ["SearchConfig", "Budget", "COST_KINDS", "SENSITIVITIES", "FIT_CHOICES", "MAX_GLOBAL_EVALUATIONS",
            "check_tolerance"]
@@ -28,15 +28,20 @@ MAX_GLOBAL_EVALUATIONS = 10
 class SearchConfig:
     """How :func:`rankshrink.compress` searches.
 
-    ``metric``: 'accuracy', 'agreement' (with the original's predictions, no labels
-    needed), 'per-class', 'worst-class' or a callable ``model -> float`` (higher is
-    better). ``minimize``: what tolerance mode makes smallest ('macs', 'params',
-    'bytes'). ``methods``/``layers``: restrict the methods tried and the layers
-    compressed. ``fit``: 'activations' (data-aware factors; what 'auto' picks when there
-    is training data), 'weights' or 'auto'. ``sensitivity``: 'probe' (a one-layer
-    bisection per layer calibrates its sensitivity; tolerance mode's default) or 'proxy'
-    (the distortion proxy alone; budget mode's default). ``factorize_options``: method
-    options for every method, or per method under its name (see
+    ``metric``: 'auto' (accuracy with labels, agreement without), 'accuracy', 'agreement'
+    (with the original's predictions, no labels needed), 'per-class', 'worst-class' or a
+    callable ``model -> float`` (higher is better). ``minimize``: what tolerance mode makes
+    smallest ('macs', 'params', 'bytes'). ``methods``: restrict the methods tried;
+    ``layers`` / ``exclude``: glob patterns over qualified layer names (``features.*``) choosing
+    the layers compressed. ``fold_bn``: fold eval-mode BatchNorm layers into the Linear/Conv
+    before them first (the factors see the real weights; the plan records the folds).
+    ``min_baseline``: the least validation metric the original model must reach for the
+    search to start (None: clearly above chance, i.e. at least a quarter of the way from
+    chance to perfect, when chance is known; 0 turns the check off). ``fit``: 'activations'
+    (data-aware factors; what 'auto' picks when there is training data), 'weights' or 'auto'.
+    ``sensitivity``: 'probe' (a one-layer bisection per layer calibrates its sensitivity;
+    tolerance mode's default) or 'proxy' (the distortion proxy alone; budget mode's default).
+    ``factorize_options``: method options for every method, or per method under its name (see
     :func:`rankshrink.methods.select_options`). ``calibration_samples``: training samples
     whose layer inputs the activation fits use; ``proxy_samples``: training samples the
     distortion proxy runs on. ``max_global_evaluations``: whole-model evaluations beyond
@@ -46,10 +51,13 @@ class SearchConfig:
     measure the test split (reports only).
     """
 
-    metric: Any = "accuracy"
+    metric: Any = "auto"
     minimize: str = "macs"
     methods: tuple[str, ...] | None = None
     layers: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    fold_bn: bool = True
+    min_baseline: float | None = None
     fit: str = "auto"
     sensitivity: str = "auto"
     factorize_options: Mapping[str, Any] | None = None
@@ -74,8 +82,11 @@ class SearchConfig:
         check_int(self.seed, "seed", minimum=0)
         check_bool(self.progress, "progress")
         check_bool(self.report_test, "report_test")
+        check_bool(self.fold_bn, "fold_bn")
+        if self.min_baseline is not None:
+            check_number(self.min_baseline, "min_baseline", minimum=0, maximum=1)
         check_optional_int(self.threads, "threads", minimum=1)
-        for name in ("methods", "layers"):
+        for name in ("methods", "layers", "exclude"):
             value = getattr(self, name)
             if value is None:
                 continue

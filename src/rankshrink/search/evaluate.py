@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import inputs as model_inputs
 from ..errors import ConfigError, DataError
 from ..factorized import Factorized, layer_weight
 from ..layers import factorizable_layers
@@ -158,6 +159,13 @@ class Factorizer:
         With ``share`` the memoised blocks are used as they are (fine for evaluation);
         otherwise each block is copied, so the result owns all its weights.
         """
+        if plan.fold_batchnorm:
+            from ..layers import get_layer
+
+            unfolded = [bn for _, bn in plan.fold_batchnorm if not isinstance(get_layer(self.model, bn), nn.Identity)]
+            if unfolded:  # the memoised blocks were fitted to this model's (unfolded) layers
+                raise ConfigError(f"the plan folds BatchNorm layer(s) {', '.join(unfolded)}, which this search's "
+                                  "model still has; build it with rankshrink.apply(model, plan, data=...).")
         if self.apply_fn is not None and not share:
             return self.apply_fn(self.model, plan)
 
@@ -271,24 +279,23 @@ class Evaluator:
 class Distortion:
     """How far the network's outputs move when one layer is replaced (label-free proxy).
 
-    ``inputs``: a batch of calibration inputs (not the validation set). The distortion
+    ``inputs``: a batch of calibration inputs (any form; not the validation set). The distortion
     is the mean KL divergence ``KL(softmax(original) || softmax(changed))`` when the
     model returns 2-D logits, else the squared error relative to the original outputs'
     energy. Layers are swapped with a forward hook for the duration of one pass; the
     model is not copied or modified.
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 256):
-        from ..metrics import to_model
+    def __init__(self, model: nn.Module, inputs: Any, *, batch_size: int = 256):
+        from ..inputs import to_model
 
         self.model = model
         self.inputs = to_model(inputs, model)
+        self.rows = model_inputs.batch_size(self.inputs)
         self.batch_size = batch_size
         self.passes = 0
         self.seconds = 0.0
         self.reference = self._forward()
-        if not isinstance(self.reference, torch.Tensor):
-            raise DataError(f"the model returned {type(self.reference).__name__}; the search needs a tensor output.")
         if not torch.isfinite(self.reference).all():
             raise DataError("the model produces NaN or infinite outputs on the calibration inputs.")
         self.kind = "kl" if self.reference.dim() == 2 and self.reference.shape[1] > 1 else "mse"
@@ -300,9 +307,11 @@ class Distortion:
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
         start = time.perf_counter()
-        with eval_mode(self.model):
-            outs = [self.model(self.inputs[i:i + self.batch_size])
-                    for i in range(0, self.inputs.shape[0], self.batch_size)]
+        with eval_mode(self.model), model_inputs.hookable():
+            outs = [model_inputs.output_tensor(model_inputs.call_checked(
+                        self.model, model_inputs.take(self.inputs, slice(i, i + self.batch_size)),
+                        what="the training inputs"), what="the model")
+                    for i in range(0, self.rows, self.batch_size)]
         self.passes += 1
         self.seconds += time.perf_counter() - start
         return torch.cat(outs) if len(outs) > 1 else outs[0]

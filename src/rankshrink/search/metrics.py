@@ -22,7 +22,7 @@ from ..fingerprint import dataset_fingerprint
 
 __all__ = ["Metric", "accuracy_metric", "per_class_metric", "agreement_metric", "as_metric", "METRIC_NAMES"]
 
-METRIC_NAMES = ("accuracy", "agreement", "per-class", "worst-class")
+METRIC_NAMES = ("auto", "accuracy", "agreement", "per-class", "worst-class")
 
 
 def _check_dataset(dataset: Dataset | None, what: str) -> Dataset:
@@ -130,13 +130,25 @@ def as_metric(metric: Any, original: nn.Module, dataset: Dataset | None, *,
               fingerprint: str | None = None, num_classes: int | None = None) -> Metric:
     """Turn a metric name, a :class:`Metric` or a callable into a :class:`Metric`.
 
-    Names: 'accuracy', 'agreement' (with ``original``'s predictions), 'per-class'
-    (mean of per-class accuracies) and 'worst-class' (the lowest one).
+    Names: 'auto' (accuracy when ``dataset`` has labels, else agreement), 'accuracy',
+    'agreement' (with ``original``'s predictions), 'per-class' (mean of per-class
+    accuracies) and 'worst-class' (the lowest one).
     """
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
         name = metric.strip().lower().replace("_", "-")
+        if name == "auto":
+            from ..data import has_labels
+
+            name = "accuracy" if dataset is None or has_labels(dataset) else "agreement"
+        if name not in ("agreement",) and dataset is not None:
+            from ..data import _dataset_len, has_labels
+
+            if _dataset_len(dataset) and not has_labels(dataset):
+                raise DataError(f"the {metric} metric needs labels but the validation data has none; use "
+                                "metric='agreement' (CLI --metric agreement, or the default auto) to measure agreement "
+                                "with the original model.")
         if name in ("accuracy", "top1", "top-1"):
             return accuracy_metric(dataset, fingerprint=fingerprint)
         if name == "agreement":

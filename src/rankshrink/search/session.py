@@ -11,13 +11,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import Splits, _dataset_len, calibration_subset, iterate_batches
+from ..data import Splits, _dataset_len, calibration_subset, first_batch
 from ..errors import ConfigError, DataError
 from ..fingerprint import dataset_fingerprint, module_fingerprint, object_fingerprint
 from ..plan import DEFAULT_CALIBRATION, Plan
@@ -26,7 +26,7 @@ from .config import SearchConfig
 from .evaluate import Distortion, Evaluator, Factorizer
 from .metrics import Metric, as_metric
 
-__all__ = ["Session", "resolve_cache"]
+__all__ = ["Session", "resolve_cache", "as_search_data"]
 
 
 def resolve_cache(cache: Any) -> EvaluationCache:
@@ -52,25 +52,45 @@ class _Data:
     num_classes: int | None
 
 
+def as_search_data(data: Any) -> Any:
+    """What ``compress(model, data)`` accepts, as Splits or one data set: a data SPEC string is loaded,
+    a mapping with 'train' and 'val' (and 'test') becomes Splits; Splits and data sets pass through."""
+    if isinstance(data, str):
+        from ..data import load_data
+
+        data = load_data(data)
+    elif isinstance(data, Mapping) and "train" in data and set(data) <= {"train", "val", "test", "num_classes"}:
+        from ..data import splits_from
+
+        data = splits_from(data["train"], data.get("val", data["train"]), data.get("test"),
+                           num_classes=data.get("num_classes"))
+    return data
+
+
 def _resolve_data(data: Any) -> _Data:
     if data is None:
         return _Data(None, None, None, None, None, None)
+    data = as_search_data(data)
     if isinstance(data, Splits):
         for split in ("train", "val"):
             if _dataset_len(getattr(data, split)) == 0:
                 raise DataError(f"the {split} split of data set '{data.name}' is empty; the search needs "
                                 "validation samples to enforce the tolerance and training samples to calibrate.")
         test = data.test if _dataset_len(data.test) else None
-        # Keys come from the content, never from the fingerprint field a user can write.
+        # Keys come from the content (rankshrink.fingerprint), never from a name a user writes.
         return _Data(data.val, data.train, test, dataset_fingerprint(data.val), dataset_fingerprint(data.train),
                      data.num_classes)
-    if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
-        if _dataset_len(data) == 0:
-            raise DataError("the data set is empty; the search needs validation samples.")
-        fp = dataset_fingerprint(data)
-        return _Data(data, data, None, fp, fp, None)
-    raise DataError(f"data must be a rankshrink Splits (from load_data) or a data set of (input, label) pairs, "
-                    f"got {type(data).__name__}.")
+    from ..data import as_dataset
+
+    try:
+        dataset = as_dataset(data)
+    except DataError as exc:
+        raise DataError(f"data must be a rankshrink Splits, a data SPEC string, a mapping with 'train' and 'val', or "
+                        f"one data set used for everything: {exc}") from None
+    if _dataset_len(dataset) == 0:
+        raise DataError("the data set is empty; the search needs validation samples.")
+    fp = dataset_fingerprint(dataset)
+    return _Data(dataset, dataset, None, fp, fp, None)
 
 
 def _calibration_fingerprint(calibration) -> str:
@@ -86,9 +106,9 @@ def _calibration_fingerprint(calibration) -> str:
     return digest.hexdigest()
 
 
-def _inputs_of(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
+def _inputs_of(dataset: Dataset, n: int, seed: int) -> Any:
     subset = calibration_subset(dataset, n, seed=seed)
-    return subset.tensors[0]
+    return first_batch(subset, _dataset_len(subset))[0]
 
 
 class Session:
@@ -96,11 +116,11 @@ class Session:
 
     def __init__(self, model: nn.Module, data: Any = None, config: SearchConfig | None = None, *,
                  apply_fn: Callable[[nn.Module, Plan], nn.Module] | None = None,
-                 example_input: torch.Tensor | None = None, calibration=None):
+                 example_input: Any = None, calibration=None):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         config = config or SearchConfig()
-        from ..metrics import to_model
+        from ..inputs import to_model
         from ..models import check_finite
 
         check_finite(model)  # names the layer with NaN/Inf weights before anything runs
@@ -124,8 +144,9 @@ class Session:
             source = self.data.val if self.data.val is not None else self.data.train
             if source is None:
                 raise ConfigError("without data, pass example_input (one batch) so costs can be counted.")
-            example_input = next(iter(iterate_batches(source, 1)))[0]
+            example_input = first_batch(source, 1)[0]
         self.example_input = to_model(example_input, model)  # half-precision models get cast inputs
+        self.kept_dense: dict[str, str] = {}  # layer -> why the search leaves it dense (tied, no method ...)
 
         # The fit: data-aware when there is training data to calibrate on.
         fit = config.fit
@@ -172,12 +193,7 @@ class Session:
         proxy_source = self.data.train
         if proxy_source is not None:
             inputs = _inputs_of(proxy_source, config.proxy_samples, config.seed)
-            try:
-                self.distortion = Distortion(model, inputs)
-            except RuntimeError as exc:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise DataError(f"the model failed on the data's inputs of shape {tuple(inputs.shape[1:])}: "
-                                f"{first}") from None
+            self.distortion = Distortion(model, inputs)  # a failure names the layer and the shapes
         self.evaluator: Evaluator | None = None
         self._proxy_fp = object_fingerprint({
             "model": self.model_fp, "factorize": self.options_fp, "data": self.data.train_fp,
@@ -194,6 +210,45 @@ class Session:
         self.evaluator = Evaluator(self.metric, self.factorizer, self.cache, model_fp=self.model_fp,
                                    options_fp=self.options_fp, progress=self.progress, total=total, desc=desc)
         return self.evaluator
+
+    def chance(self) -> float | None:
+        """The metric a constant prediction reaches on the validation data (None: not known for this metric)."""
+        val = self.data.val
+        if val is None or self.metric.dataset is not val:
+            return None
+        if self.metric.key not in ("accuracy", "per_class_accuracy:mean"):
+            return None
+        from ..data import iterate_batches
+
+        parts = [labels for _, labels in iterate_batches(val, 4096) if labels is not None]
+        if not parts:
+            return None
+        counts = torch.bincount(torch.cat(parts))
+        present = counts[counts > 0]
+        if self.metric.key == "accuracy":
+            return float(present.max()) / float(present.sum())
+        return 1.0 / len(present)
+
+    def check_baseline(self, baseline: float) -> None:
+        """Stop before searching when the original's validation metric is at chance (or below ``min_baseline``)."""
+        chance = self.chance()
+        least = self.config.min_baseline
+        if least is None:
+            if chance is None:
+                return
+            least = chance + 0.25 * (1.0 - chance)
+        if baseline >= least and not (self.config.min_baseline is None and chance is not None and baseline <= chance):
+            return
+        name = self.metric.name
+        detail = (f"chance is {chance:.1%} (always predicting the most common class)" if chance is not None
+                  and self.metric.key == "accuracy" else f"chance is {chance:.1%}" if chance is not None else "")
+        where = "at or below" if self.config.min_baseline is None and chance is not None and baseline <= chance \
+            else "below"
+        limit = (f"{where} chance" if where == "at or below" else f"below the least accepted {least:.1%}")
+        raise DataError(f"the original model scores {baseline:.1%} {name} on this data's validation split, {limit}"
+                        f"{' (' + detail + ')' if detail else ''}; is it the data it was trained on (same inputs, "
+                        "size, scaling and label order)? Nothing was compressed. To compress it anyway pass "
+                        "--min-baseline 0 (API: min_baseline=0.0).")
 
     def test_accuracy(self, model: nn.Module) -> float | None:
         """Top-1 accuracy on the test split (reports only), or None without one."""

@@ -135,11 +135,17 @@ def _dtype_size(module: nn.Module) -> int:
 
 
 def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Candidate:
-    """Cost (by formula) and distortion (factorize + one proxy pass, or the proxy cache) of one candidate."""
+    """Cost (by formula) and distortion (factorize + one proxy pass, or the proxy cache) of one candidate.
+
+    A factorization with more parameters or more MACs than the dense layer is never a candidate:
+    the dense candidate is returned instead (nothing is factorized for it).
+    """
     found = space.find(method, rank)
     if found is not None:
         return found
     cost = factorized_cost(space.geometry, method, rank, space.input_size)
+    if cost.params > space.dense.params or cost.macs * space.calls > space.dense.macs:
+        return space.dense
     config = session.factorizer.config(method, rank)
     label = f"{method}:{rank}"
     if label in space.known:
@@ -168,22 +174,66 @@ def neighbour_rank(geometry: dict[str, Any], method: str, rank, step: int):
     return get_method(method).neighbour(geometry, rank, step)
 
 
+def _unfactorizable(model: nn.Module | None, row) -> str | None:
+    """Why a factorizable-type row can never be factorized (tied weights), or None."""
+    if model is None:
+        return None
+    from ..layers import tied_parameters
+
+    tied = tied_parameters(model, model.get_submodule(row.name))
+    return f"shares its weight with {', '.join(tied)} (tied weights)" if tied else None
+
+
 def minimum_reachable(cost_model: CostModel, *, kind: str, layers: list[str] | None = None,
-                      methods: list[str] | None = None) -> int:
+                      methods: list[str] | None = None, model: nn.Module | None = None) -> int:
     """The smallest ``kind`` cost any plan can reach, by formula only (no factorization).
 
     Every factorizable layer at rank 1 of its cheapest method (if that is cheaper than
-    the layer), plus everything that is not factorized.
+    the layer), plus everything that is not factorized (tied layers of ``model`` included).
+    """
+    return minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)["total"]
+
+
+def minimum_breakdown(cost_model: CostModel, *, kind: str, layers: list[str] | None = None,
+                      methods: list[str] | None = None, model: nn.Module | None = None) -> dict[str, Any]:
+    """The smallest reachable ``kind`` cost and how it splits.
+
+    ``total``; ``factorizable`` (the layers that can shrink, at rank 1); ``fixed``: a list of
+    (what, cost, names) for what cannot shrink -- tied layers, layers left out by ``layers`` or
+    ``methods``, grouped/depthwise convolutions, other layer types, ops measured without a
+    formula, and the rest (norm layers, buffers ...).
     """
     cap_objective = "macs" if kind == "macs" else "params"
     total = cost_model.original[kind]
-    for row in cost_model.model_cost.layers:
-        if row.method is not None or (layers is not None and row.name not in layers):
-            continue
+    rows = [row for row in cost_model.model_cost.layers if row.method is None]
+    factorizable_min = 0
+    fixed: dict[str, list] = {}
+
+    def add(what: str, value: int, name: str) -> None:
+        entry = fixed.setdefault(what, [0, []])
+        entry[0] += value
+        entry[1].append(name)
+
+    tied_seen: set[int] = set()
+    for row in rows:
         allowed = [m for m in methods_for(row.geometry) if not methods or m in methods]
         dense = dense_cost(row.geometry, row.input_size)
         esize = row.bytes // max(row.params, 1) if row.params else 4
         value = {"params": dense.params, "macs": dense.macs * row.calls, "bytes": dense.params * esize}
+        tied = _unfactorizable(model, row)
+        if tied is not None:
+            weight = layer_weight(model.get_submodule(row.name)) if model is not None else None
+            shared_once = weight is not None and id(weight) in tied_seen and kind != "macs"
+            if weight is not None:
+                tied_seen.add(id(weight))
+            add("tied weights", 0 if shared_once else value[kind], row.name)
+            continue
+        if layers is not None and row.name not in layers:
+            add("layers left out by --layers/--exclude", value[kind], row.name)
+            continue
+        if not allowed:
+            add(f"layers no method in --methods applies to ({row.type})", value[kind], row.name)
+            continue
         best = value[kind]
         for method in allowed:
             if break_even_rank(row.geometry, method, row.input_size, by=cap_objective) < 1:
@@ -192,8 +242,28 @@ def minimum_reachable(cost_model: CostModel, *, kind: str, layers: list[str] | N
                                    row.input_size)
             best = min(best, {"params": cost.params, "macs": cost.macs * row.calls,
                               "bytes": cost.params * esize}[kind])
+        factorizable_min += best
         total += best - value[kind]
-    return total
+    for other in cost_model.model_cost.others:
+        grouped = "Conv" in other.type and "groups" in other.reason
+        what = "grouped/depthwise convolutions" if grouped else f"{other.type} layers"
+        add(what, {"params": other.params, "macs": other.macs, "bytes": other.bytes}[kind], other.name)
+    if kind == "macs":
+        for measured in cost_model.model_cost.not_counted:
+            add("ops without a formula (measured)", measured.macs, measured.name or "(model)")
+    named = sum(value for value, _ in fixed.values())
+    rest = total - factorizable_min - named
+    if rest > 0:
+        add("other parameters and buffers (norm layers, biases, embeddings' neighbours ...)" if kind != "macs"
+            else "other ops", rest, "")
+    return {"total": total, "factorizable": factorizable_min,
+            "fixed": [(what, value, [n for n in names if n]) for what, (value, names) in fixed.items() if value]}
+
+
+def _reason(name: str, message: str) -> str:
+    """The part of a validation message that says why (without the layer's name and the advice)."""
+    text = message.replace(f"layer '{name}' ", "").strip()
+    return text.split(";")[0].rstrip(".")
 
 
 def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: list[str] | None = None,
@@ -223,11 +293,13 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
     for row in rows:
         allowed = [m for m in methods_for(row.geometry) if wanted is None or m in wanted]
         if not allowed:
+            session.kept_dense[row.name] = f"no method in {', '.join(wanted or ())} applies to {row.type}"
             continue
         module = model.get_submodule(row.name)
-        try:  # tied or shared-in-a-way-surgery-refuses layers are left alone
+        try:  # tied or shared-in-a-way-surgery-refuses layers are left alone, with the reason
             validate_plan(model, Plan.from_mapping({row.name: session.factorizer.config(allowed[0], 1)}))
-        except (PlanError, LayerError):
+        except (PlanError, LayerError) as exc:
+            session.kept_dense[row.name] = _reason(row.name, str(exc))
             continue
         work.append((row, module, allowed))
 
