@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigError
 from ..plan import Plan
@@ -140,17 +140,17 @@ def _state_choices(fronts, state, spaces) -> dict[str, Candidate]:
     return {s.name: fronts[li][state[li]] for li, s in enumerate(spaces)}
 
 
-def _probe_layers(ev, spaces: list[LayerSpace], fronts: list[list[Candidate]], ok, kind: str,
-                  probes: dict[str, Any], notes: list[str]) -> tuple[list[float], bool]:
+def _probe_layers(measured: "_Measured", spaces: list[LayerSpace], fronts: list[list[Candidate]], ok, kind: str,
+                  probes: dict[str, Any], notes: list[str]) -> list[float]:
     """One-layer bisections: trim each layer's frontier and measure its sensitivity.
 
     Candidates cheaper than a layer's own smallest passing one are dropped from
     ``fronts`` (in place); a layer whose best candidate fails stays dense. Returns each
     layer's distortion weight (1 / the distortion at which it alone reaches the
-    tolerance) and whether every bisection saw monotone values.
+    tolerance). Every probe is a whole-model plan (one layer factorized) and a candidate
+    answer of the tolerance search.
     """
     weights = [1.0] * len(spaces)
-    monotone = True
     for li, space in enumerate(spaces):
         front = fronts[li]
         probe = _subsample(front[:-1], space.r_max)
@@ -160,10 +160,9 @@ def _probe_layers(ev, spaces: list[LayerSpace], fronts: list[list[Candidate]], o
         guess = _estimate_guess(space, probe, kind)
 
         def evaluate(i: int, name=space.name, probe=probe) -> float:
-            return ev(plan_of({name: probe[i]}), f"probe {name}")
+            return measured.evaluate({name: probe[i]}, f"probe {name}")
 
         found = smallest_passing(len(probe), evaluate, ok, guess=guess)
-        monotone = monotone and found.monotone
         probes[space.name] = {"evaluated": {probe[i].label(): v for i, v in sorted(found.values.items())},
                               "threshold": None if found.index is None else probe[found.index].label()}
         if found.index is None:
@@ -180,33 +179,276 @@ def _probe_layers(ev, spaces: list[LayerSpace], fronts: list[list[Candidate]], o
             scale = 2.0 * d_pass  # passes at its cheapest candidate: tolerates at least this much
         # Distortion in units of "the distortion at which this layer alone reaches δ".
         weights[li] = 1.0 / scale
-    return weights, monotone
+    return weights
+
+
+class _Measured:
+    """Every whole-model plan a tolerance search evaluated: its choices, exact cost and decision value.
+
+    The answer is the cheapest of these within the tolerance, wherever it came from (a
+    one-layer probe, the path, a budget walk or the local search).
+    """
+
+    def __init__(self, session, spaces: list[LayerSpace], cost_model: CostModel, kind: str, ok):
+        self.ev = session.evaluator
+        self.spaces = spaces
+        self.by_name = {s.name: s for s in spaces}
+        self.cost_model = cost_model
+        self.kind = kind
+        self.ok = ok
+        self.plans: dict[str, tuple[dict[str, Candidate], int, float]] = {}
+
+    def full(self, choices: dict[str, Candidate]) -> dict[str, Candidate]:
+        return {s.name: choices.get(s.name, s.dense) for s in self.spaces}
+
+    def cost(self, choices: dict[str, Candidate]) -> int:
+        return self.cost_model.total(choices, self.by_name)[self.kind]
+
+    def evaluate(self, choices: dict[str, Candidate], phase: str) -> float:
+        choices = self.full(choices)
+        plan = plan_of(choices)
+        value = self.ev.decision(plan, phase)
+        self.plans.setdefault(plan.key(), (choices, self.cost(choices), value))
+        return value
+
+    def known(self, choices: dict[str, Candidate]) -> bool:
+        return plan_of(choices).key() in self.plans
+
+    def passes(self, choices: dict[str, Candidate]) -> bool | None:
+        found = self.plans.get(plan_of(choices).key())
+        return None if found is None else self.ok(found[2])
+
+    def best(self) -> tuple[dict[str, Candidate], int, float] | None:
+        """The cheapest passing plan measured so far (ties: the higher decision value)."""
+        passing = [p for p in self.plans.values() if self.ok(p[2])]
+        return min(passing, key=lambda p: (p[1], -p[2])) if passing else None
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether plan ``a`` keeps at least as much of every layer as plan ``b`` (JSON plan entries).
+
+    Dense (absent) keeps everything; two factorizations compare only with the same method,
+    fit and options, rank by rank.
+    """
+    for name, entry_b in b.items():
+        entry_a = a.get(name)
+        if entry_a is None:
+            continue
+        if {k: v for k, v in entry_a.items() if k != "rank"} != {k: v for k, v in entry_b.items() if k != "rank"}:
+            return False
+        ra, rb = entry_a.get("rank"), entry_b.get("rank")
+        ra = list(ra) if isinstance(ra, (list, tuple)) else [ra]
+        rb = list(rb) if isinstance(rb, (list, tuple)) else [rb]
+        if len(ra) != len(rb) or any(x < y for x, y in zip(ra, rb)):
+            return False
+    return all(name in b for name in a)  # a layer factorized in a but dense in b keeps less
+
+
+def measured_monotone(records) -> bool:
+    """Whether every measured pair agrees with "more rank is at least as accurate".
+
+    For every two evaluated plans where one keeps at least as much of every layer as the
+    other (:func:`_dominates`; the original model keeps all), the metric of the larger
+    one must be at least the smaller one's.
+    """
+    from .single import _EPS
+
+    entries = [(r.plan, r.value) for r in records]
+    for i, (plan_a, value_a) in enumerate(entries):
+        for plan_b, value_b in entries[i + 1:]:
+            if plan_a == plan_b:
+                continue
+            if _dominates(plan_a, plan_b) and value_a < value_b - _EPS:
+                return False
+            if _dominates(plan_b, plan_a) and value_b < value_a - _EPS:
+                return False
+    return True
+
+
+def _step_down(session, space: LayerSpace, front: list[Candidate], here: Candidate, kind: str) -> list[Candidate]:
+    """One step cheaper for one layer: the next cheaper frontier candidate, else the same method one rank lower.
+
+    (Single ranks near a layer's top save too little to be worth an evaluation when the
+    frontier has a real step.)
+    """
+    cheaper = [c for c in front if c.cost(kind) < here.cost(kind)]
+    if cheaper:
+        return [cheaper[-1]]
+    steps: list[Candidate] = []
+    if here.method is not None:
+        rank = neighbour_rank(space.geometry, here.method, here.rank, -1)
+        if rank is not None:
+            fine = make_candidate(session, space, here.method, rank)
+            if front[0].cost(kind) <= fine.cost(kind) < here.cost(kind):
+                steps.append(fine)
+    return steps
+
+
+def _step_up(session, space: LayerSpace, front: list[Candidate], here: Candidate, kind: str) -> list[Candidate]:
+    """One step costlier for one layer: the next costlier frontier candidate, and the same method one rank higher."""
+    steps = []
+    dearer = [c for c in front if c.cost(kind) > here.cost(kind)]
+    if dearer:
+        steps.append(dearer[0])
+    if here.method is not None:
+        rank = neighbour_rank(space.geometry, here.method, here.rank, +1)
+        if rank is not None:
+            fine = make_candidate(session, space, here.method, rank)
+            if here.cost(kind) < fine.cost(kind) < space.dense.cost(kind):
+                steps.append(fine)
+    return steps
+
+
+def _local_search(session, measured: _Measured, fronts: list[list[Candidate]], weights: list[float],
+                  kind: str, budget: int) -> None:
+    """Spend up to ``budget`` evaluations on plans around the cheapest passing one; keep what passes.
+
+    Moves from the current answer: one layer one step down, or one layer one step down and
+    another one step up, whenever the pair is cheaper in all. Moves are tried in order of
+    predicted harm per unit of cost saved (the weighted distortion proxy); a passing move
+    becomes the new centre.
+    """
+    ev = session.evaluator
+    spaces = measured.spaces
+    stop = ev.requested + budget
+    while ev.requested < stop:
+        best = measured.best()
+        if best is None:
+            return
+        centre, centre_cost, _ = best
+        downs = {s.name: _step_down(session, s, fronts[li], centre[s.name], kind) for li, s in enumerate(spaces)}
+        ups = {s.name: _step_up(session, s, fronts[li], centre[s.name], kind) for li, s in enumerate(spaces)}
+        options = []
+        for li, a in enumerate(spaces):
+            here_a = centre[a.name]
+            for down in downs[a.name]:
+                harm_a = (_d(down) - _d(here_a)) * weights[li]
+                moves = [({a.name: down}, harm_a)]
+                for lj, b in enumerate(spaces):
+                    if lj == li:
+                        continue
+                    for up in ups[b.name]:
+                        moves.append(({a.name: down, b.name: up},
+                                      harm_a + (_d(up) - _d(centre[b.name])) * weights[lj]))
+                for change, harm in moves:
+                    trial = dict(centre)
+                    trial.update(change)
+                    if measured.known(trial):
+                        continue
+                    saved = centre_cost - measured.cost(trial)
+                    if saved <= 0:
+                        continue
+                    options.append((harm / saved, -saved, li, trial))
+        if not options:
+            return
+        options.sort(key=lambda o: (o[0], o[1], o[2]))
+        for _, _, _, trial in options:
+            if ev.requested >= stop:
+                return
+            before = ev.requested
+            value = measured.evaluate(trial, "local")
+            if measured.ok(value):
+                break  # a new centre: recompute the moves around it
+            if ev.requested == before:  # answered from memory (cannot happen: unknown plans only)
+                continue
+        else:
+            return
+
+
+def _budget_walks(session, measured: _Measured, spaces: list[LayerSpace], cost_model: CostModel, kind: str,
+                  below: int, budget: int, polish: int, floor_share: float = 0.0, count: int = 16,
+                  sweep: bool = False, polish_after: int = 0) -> None:
+    """Budget-mode runs at targets under ``below``, bisected for the cheapest that reaches the tolerance.
+
+    Budget mode walks the proxy path of the full frontiers, fills the slack and polishes the
+    result on real evaluations; its answer at some target can be cheaper than the tolerance
+    path's and still keep the tolerance. Each target here gets the same allocation and polish
+    (at most ``polish`` evaluations beyond the allocation's), stopped at the first plan within
+    the tolerance; targets lie on a geometric grid from the cheapest reachable cost up to just
+    under ``below``, and are bisected while ``budget`` evaluations last.
+    """
+    ev = session.evaluator
+    lowest = minimum_cost(spaces, cost_model, kind)
+    lowest = max(lowest, int(below * floor_share))
+    if budget < 1 or below <= lowest:
+        return
+    targets = sorted({int(lowest * (below / lowest) ** (i / count)) for i in range(count)})
+    targets = [t for t in targets if lowest <= t < below]
+    stop = ev.requested + budget
+
+    def reaches(i: int) -> bool:
+        allocation = budget_allocation(session, spaces, cost_model, target=targets[i], kind=kind)
+        allowed = min(polish + 1, stop - ev.requested)
+        polished = polish_budget(session, spaces, allocation, cost_model, target=targets[i], kind=kind,
+                                 max_evaluations=max(1, allowed), evaluate=measured.evaluate, stop=measured.ok,
+                                 phase="budget walk")
+        return bool(measured.passes(polished.choices))
+
+    if sweep:
+        # Every target from the top down, one evaluation each (accuracy is far from monotone in the
+        # target: an allocation at a lower target can pass where a higher one fails).
+        picks = _subsample(list(range(len(targets))), max(1, budget - int(polish_after)))
+        for i in reversed(picks):
+            if ev.requested >= stop:
+                break
+            allocation = budget_allocation(session, spaces, cost_model, target=targets[i], kind=kind)
+            measured.evaluate(allocation.choices, "budget walk")
+        if polish_after and ev.requested < stop:
+            best = measured.best()
+            failing = [i for i in picks if best is None or targets[i] < best[1]]
+            if failing:
+                i = failing[-1]
+                allocation = budget_allocation(session, spaces, cost_model, target=targets[i], kind=kind)
+                polish_budget(session, spaces, allocation, cost_model, target=targets[i], kind=kind,
+                              max_evaluations=max(1, stop - ev.requested), evaluate=measured.evaluate,
+                              stop=measured.ok, phase="budget walk")
+        return
+    lo, hi = -1, len(targets)  # targets[hi] reaches the tolerance (len: the best found so far does)
+    while hi - lo > 1 and ev.requested < stop:
+        mid = (lo + hi) // 2
+        if reaches(mid):
+            hi = mid
+        else:
+            lo = mid
 
 
 def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostModel, *, baseline: float,
                          tolerance: float, kind: str, sensitivity: str = "probe",
-                         max_global: int = MAX_GLOBAL_EVALUATIONS) -> Allocation:
-    """The cheapest allocation (in ``kind``) whose metric drop stays within ``tolerance``."""
+                         max_global: int = MAX_GLOBAL_EVALUATIONS, probe_allowance: int = 0) -> Allocation:
+    """The cheapest allocation (in ``kind``) whose metric drop stays within ``tolerance``.
+
+    The answer is the cheapest of every whole-model plan evaluated that keeps the tolerance:
+    the one-layer probes (``sensitivity='probe'``), the bisection of the allocation path,
+    budget-mode allocations under the best found (see :func:`_budget_walks`) and a local
+    search around the best. The whole-model phases share ``max_global`` evaluations plus
+    whatever the probes left of their ``probe_allowance``.
+    """
     ev = session.evaluator
     ok = passes_within(baseline, tolerance)
+    measured = _Measured(session, spaces, cost_model, kind, ok)
     fronts = [s.frontier(kind) for s in spaces]
     weights = [1.0] * len(spaces)
     notes: list[str] = []
-    monotone = True
     probes: dict[str, Any] = {}
 
+    start = ev.requested
     if sensitivity == "probe":
-        weights, monotone = _probe_layers(ev, spaces, fronts, ok, kind, probes, notes)
+        weights = _probe_layers(measured, spaces, fronts, ok, kind, probes, notes)
+    left = max_global + max(0, probe_allowance - (ev.requested - start))
 
     hulls = [lower_hull(f, kind) for f in fronts]
     path = build_path(fronts, hulls, kind, weights)
-    start = [len(f) - 1 for f in fronts]
-    states = [list(start)]
+    first = [len(f) - 1 for f in fronts]
+    states = [list(first)]
     for li, to in path:
         state = list(states[-1])
         state[li] = to
         states.append(state)
-    positions = _subsample(list(range(len(states))), 2 ** max_global)
+    # The path gets about a third of the evaluations; budget walks and the local search share the rest.
+    import os
+    _K = {k: float(v) for k, v in (x.split("=") for x in os.environ.get("RS_KNOBS", "").split(",") if x)}
+    path_evaluations = max(1, min(int(_K.get("pathcap", 6)), int(left * _K.get("pathshare", 0.34))))
+    positions = _subsample(list(range(len(states))), 2 ** path_evaluations)
     n = len(positions)
     # Weakest first: index i <-> path position positions[n - 1 - i]; the top (position 0, the
     # original model) passes by definition and is answered from memory.
@@ -224,61 +466,39 @@ def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostMode
         k = positions[n - 1 - i]
         if k == 0:
             return baseline
-        return ev(plan_of(_state_choices(fronts, states[k], spaces)), "global")
+        return measured.evaluate(_state_choices(fronts, states[k], spaces), "global")
 
-    used_before = ev.requested
-    found = smallest_passing(n, evaluate_position, ok, guess=guess)
-    monotone = monotone and found.monotone
+    before = ev.requested
+    found = smallest_passing(n, evaluate_position, ok, guess=guess, budget=path_evaluations + 1)
     best_i = found.index if found.index is not None else n - 1
     best_k = positions[n - 1 - best_i]
-    state = list(states[best_k])
-    value = found.values.get(best_i, baseline)
-    used = ev.requested - used_before
+    left -= ev.requested - before
 
-    # Spend what is left on single extra steps from the answer, most promising first: the next
-    # cheaper frontier candidate of a layer, or the same method one rank lower (finer than the grid).
-    choices = _state_choices(fronts, state, spaces)
-    failed: set[str] = set()
-    if best_k + 1 < len(states):
-        failed.add(plan_of(_state_choices(fronts, states[best_k + 1], spaces)).key())
-    remaining = max_global - used
-    while remaining > 0:
-        options = []
-        for li, space in enumerate(spaces):
-            here = choices[space.name]
-            floor = fronts[li][0].cost(kind)
-            steps = []
-            cheaper = [c for c in fronts[li] if c.cost(kind) < here.cost(kind)]
-            if cheaper:
-                steps.append(cheaper[-1])
-            if here.method is not None:
-                rank = neighbour_rank(space.geometry, here.method, here.rank, -1)
-                if rank is not None:
-                    fine = make_candidate(session, space, here.method, rank)
-                    if floor <= fine.cost(kind) < here.cost(kind):
-                        steps.append(fine)
-            for cand in steps:
-                trial = dict(choices)
-                trial[space.name] = cand
-                key = plan_of(trial).key()
-                if key in failed:
-                    continue
-                saved = here.cost(kind) - cand.cost(kind)
-                slope = (_d(cand) - _d(here)) * weights[li] / saved
-                options.append((slope, li, key, trial))
-        if not options:
-            break
-        options.sort(key=lambda o: (o[0], o[1]))
-        _, _, key, trial = options[0]
-        v = ev(plan_of(trial), "refine")
-        remaining -= 1
-        if ok(v):
-            choices, value = trial, v
-        else:
-            failed.add(key)
+    best = measured.best()
+    walks = left - min(int(left * _K.get("localshare", 0.25)), int(_K.get("localcap", 4)))
+    if best is not None and walks > 0:
+        before = ev.requested
+        _budget_walks(session, measured, spaces, cost_model, kind, best[1], walks, polish=int(_K.get("polish", 4)),
+                      floor_share=_K.get("floor", 0.0), count=int(_K.get("count", 16)),
+                      sweep=bool(_K.get("sweep", 0)), polish_after=int(_K.get("polishafter", 0)))
+        left -= ev.requested - before
+    if left > 0:
+        # The probes' trimming assumed that a layer failing alone fails in every model; accuracy is
+        # not that monotone, so the local search may step below it, on the full frontiers.
+        _local_search(session, measured, [s.frontier(kind) for s in spaces], weights, kind, left)
+
+    best = measured.best()
+    if best is None:
+        choices, value = measured.full({}), baseline
+    else:
+        choices = best[0]
+        value = ev.value_of(plan_of(choices))
+        value = baseline if value is None else value
+    monotone = measured_monotone(ev.records)
     if not monotone:
-        notes.append("the metric was not monotone along the evaluated ranks/positions (accuracy is not exactly "
-                     "monotone in rank); the answer keeps the tolerance, a slightly smaller one may exist")
+        notes.append("the metric was not monotone in rank over the evaluated plans (accuracy is not exactly "
+                     "monotone in rank); the answer is the cheapest evaluated plan within the tolerance, a "
+                     "slightly smaller one may exist")
     return Allocation(choices, value, monotone, notes, probes, len(path), best_k)
 
 
@@ -403,7 +623,9 @@ def fill_budget(session, spaces: list[LayerSpace], fronts: list[list[Candidate]]
 
 def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cost_model: CostModel, *,
                   target: int, kind: str, weights: list[float] | None = None,
-                  max_evaluations: int = MAX_GLOBAL_EVALUATIONS) -> Allocation:
+                  max_evaluations: int = MAX_GLOBAL_EVALUATIONS,
+                  evaluate: Callable[[dict[str, Candidate], str], float] | None = None,
+                  stop: Callable[[float], bool] | None = None, phase: str = "final") -> Allocation:
     """Spend a few real evaluations on neighbours of a budget allocation; keep strict improvements.
 
     The proxy picks the allocation; the metric then gets the last word among its close
@@ -412,15 +634,22 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
     similar cost (another method). Neighbours are tried in order of predicted harm; the
     first that beats the current value on validation is taken and the search restarts from
     it. At most ``max_evaluations`` evaluations in all (the allocation's own included).
+    ``evaluate(choices, phase)`` replaces the plain metric (the tolerance search passes its
+    own, which records every plan); ``stop(value)`` ends the polish at the first value it
+    accepts (the tolerance search stops at the first plan within the tolerance).
     """
     ev = session.evaluator
+    if evaluate is None:
+        def evaluate(ch: dict[str, Candidate], phase: str) -> float:
+            return ev(plan_of(ch), phase)
     by_name = {s.name: s for s in spaces}
     weights = weights or [1.0] * len(spaces)
     index = {s.name: li for li, s in enumerate(spaces)}
     fronts = [s.frontier(kind) for s in spaces]
     choices = dict(allocation.choices)
-    value = ev(plan_of(choices), "final")
-    used = 1
+    start = ev.requested
+    value = evaluate(choices, phase)
+    used = max(1, ev.requested - start)
     tried = {plan_of(choices).key()}
     floor = 0.98 * target
 
@@ -433,7 +662,7 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
         downs = sorted((c for c in pool if c.cost(kind) < here.cost(kind)), key=lambda c: -c.cost(kind))[:2]
         return ups, downs
 
-    while used < max_evaluations:
+    while used < max_evaluations and not (stop is not None and stop(value)):
         neighbours = []
         moves = {s.name: steps(s, choices[s.name]) for s in spaces}
         for a in spaces:
@@ -469,10 +698,13 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
             if used >= max_evaluations:
                 break
             tried.add(key)
-            v = ev(plan_of(trial), "polish")
+            v = evaluate(trial, "polish" if phase == "final" else f"{phase} polish")
             used += 1
             if v > value + 1e-12:
                 choices, value, improved = trial, v, True
+                break
+            if stop is not None and stop(v):  # cannot happen: a passing value beats a failing one
+                choices, value = trial, v
                 break
         if not improved:
             break

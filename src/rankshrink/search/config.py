@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from ..validation import check_bool, check_choice, check_int, check_optional_int
+from ..validation import check_bool, check_choice, check_int, check_number, check_optional_int
 
 __all__ = ["SearchConfig", "Budget", "COST_KINDS", "SENSITIVITIES", "FIT_CHOICES", "MAX_GLOBAL_EVALUATIONS",
            "check_tolerance"]
@@ -43,7 +43,11 @@ class SearchConfig:
     the probes. ``cache``: True (the user cache), False, a directory or an
     :class:`~rankshrink.search.cache.EvaluationCache`. ``threads``: torch/BLAS threads
     during the search (None: one for models up to 4M parameters). ``report_test``: also
-    measure the test split (reports only).
+    measure the test split (reports only). ``confidence`` (e.g. 0.95; None: off): the
+    tolerance applies to the upper end of the paired bootstrap ``confidence`` interval of
+    the drop instead of the measured drop, so a plan passes only if the validation set
+    makes a drop within the tolerance that likely; the reported ``drop_ci`` uses this
+    level too (0.95 without one).
     """
 
     metric: Any = "accuracy"
@@ -61,6 +65,7 @@ class SearchConfig:
     progress: bool = True
     threads: int | None = None
     report_test: bool = True
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         from ..methods import method_names
@@ -75,6 +80,8 @@ class SearchConfig:
         check_bool(self.progress, "progress")
         check_bool(self.report_test, "report_test")
         check_optional_int(self.threads, "threads", minimum=1)
+        if self.confidence is not None:
+            check_number(self.confidence, "confidence", minimum=0, maximum=1, low_open=True, high_open=True)
         for name in ("methods", "layers"):
             value = getattr(self, name)
             if value is None:
