@@ -34,12 +34,12 @@ def main(job_path: str, out_path: str) -> int:
     sys.path.insert(0, job["src"])
 
     import torch
-    from safetensors.torch import load_file
-    from torch.utils.flop_counter import FlopCounterMode
-
     from aimet_torch.common.defs import CompressionScheme, CostMetric, GreedySelectionParameters
     from aimet_torch.compress import ModelCompressor
     from aimet_torch.defs import SpatialSvdParameters, WeightSvdParameters
+    from safetensors.torch import load_file
+    from torch.utils.flop_counter import FlopCounterMode
+
     from rankshrink.models import architectures
 
     torch.set_num_threads(1)

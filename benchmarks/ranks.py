@@ -346,7 +346,8 @@ def run_aimet(python: Path, model, splits, architecture: str) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="rankshrink-aimet-") as scratch:
         work = Path(scratch)
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(work / "weights.safetensors"))
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(work / "weights.safetensors"))
         save_file({"val_x": splits.val.tensors[0].contiguous(), "val_y": splits.val.tensors[1].contiguous(),
                    "test_x": splits.test.tensors[0].contiguous(), "test_y": splits.test.tensors[1].contiguous()},
                   str(work / "data.safetensors"))
@@ -399,7 +400,8 @@ def compare_with_aimet(name: str, model, splits, architecture: str, python: Path
         print(f"[{name}] rankshrink {methods} fit={fit}: " + "; ".join(
             f"{r['setting']}: {r['macs_ratio']:.3f} val {r['val_accuracy']:.4f}" for r in rows
             if r["tool"] == "rankshrink" and r["methods"] == methods and r["fit"] == fit), file=sys.stderr)
-    original = {"val_accuracy": answer["original"]["val_accuracy"], "test_accuracy": answer["original"]["test_accuracy"],
+    original = {"val_accuracy": answer["original"]["val_accuracy"],
+                "test_accuracy": answer["original"]["test_accuracy"],
                 "macs": costs["macs"], "macs_flop_counter": counted}
     return rows, original
 
@@ -418,7 +420,8 @@ def aimet_markdown(rows: list[dict], originals: dict) -> list[str]:
     for model in dict.fromkeys(r["model"] for r in rows):
         base = originals[model]
         mine = [r for r in rows if r["model"] == model]
-        out += [f"### {model}", "", f"Original: validation {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
+        out += [f"### {model}", "",
+                f"Original: validation {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
                 f"{base['macs']:,} MACs (FlopCounterMode: {base['macs_flop_counter']:,}).", "",
                 "| who | methods | fit | setting | MACs | val acc | test acc | evals | time (s) |",
                 "|---|---|---|---|---|---|---|---|---|"]
@@ -430,8 +433,8 @@ def aimet_markdown(rows: list[dict], originals: dict) -> list[str]:
     out += ["### The goal: at AIMET's MACs, strictly more accurate with AIMET's own methods, in no more evaluations",
             "", "Each AIMET result against rankshrink `svd,weight` budget mode at exactly its MACs (validation "
             "accuracy, where both selections decide; test accuracy for reference).", "",
-            "| model | AIMET | AIMET MACs / val / test / evals | rankshrink fit | rankshrink MACs / val / test / evals | "
-            "met |", "|---|---|---|---|---|---|"]
+            "| model | AIMET | AIMET MACs / val / test / evals | rankshrink fit | "
+            "rankshrink MACs / val / test / evals | met |", "|---|---|---|---|---|---|"]
     verdicts = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         for them in (r for r in rows if r["model"] == model and r["tool"] != "rankshrink"):
@@ -525,7 +528,8 @@ def main(argv=None) -> int:
     if not args.no_aimet:
         from rankshrink.files import user_cache_dir
 
-        venv = Path(args.aimet_venv) if args.aimet_venv else user_cache_dir() / "benchmarks" / f"aimet-torch-{AIMET_VERSION}"
+        default = user_cache_dir() / "benchmarks" / f"aimet-torch-{AIMET_VERSION}"
+        venv = Path(args.aimet_venv) if args.aimet_venv else default
         python = aimet_python(venv)
     with single_threaded():
         data = load_data(f"cifar10:{args.cifar_dir}") if args.cifar_dir else None

@@ -117,10 +117,6 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     assert rerun["evaluations_cached"] == summary["evaluations"] + summary["evaluations_cached"]
 
 
-@pytest.mark.parametrize("flag,value,kind,target,extra", [
-    ("--max-macs", "50%", "macs", None, ()),
-    ("--max-params", "20k", "params", 20_000, ()),
-    ("--max-bytes", "120KB", "bytes", 120_000, ("--seed", "3", "--methods", "svd,weight"))])
 def test_compress_with_confidence_keeps_the_interval_under_the_tolerance(tmp_path, capsys, digits):
     model, splits, weights = digits
     out = tmp_path / "out"
@@ -134,6 +130,10 @@ def test_compress_with_confidence_keeps_the_interval_under_the_tolerance(tmp_pat
     assert all(r["drop_high"] is not None for r in summary["records"] if r["plan"])
 
 
+@pytest.mark.parametrize("flag,value,kind,target,extra", [
+    ("--max-macs", "50%", "macs", None, ()),
+    ("--max-params", "20k", "params", 20_000, ()),
+    ("--max-bytes", "120KB", "bytes", 120_000, ("--seed", "3", "--methods", "svd,weight"))])
 def test_compress_budget(tmp_path, digits, flag, value, kind, target, extra):
     model, splits, weights = digits
     out = tmp_path / "out"

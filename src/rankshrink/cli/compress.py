@@ -119,7 +119,8 @@ def register(subparsers) -> None:
                         help="factor fit: activations (data-aware, the default with data) or weights "
                              "(--objective is an alias)")
     parser.add_argument("--sensitivity", default="auto", choices=("auto", "probe", "proxy"),
-                        help="per-layer sensitivity from evaluations (probe) or from the distortion proxy alone")
+                        help="tolerance mode: auto (proxy-ordered, every evaluation on whole models), probe "
+                             "(one-layer bisections first) or proxy (at most 10 whole-model evaluations)")
     parser.add_argument("--confidence", default=None,
                         help="apply --tolerance to the upper end of the drop's paired bootstrap interval at this "
                              "level (e.g. 0.95) instead of the measured drop")

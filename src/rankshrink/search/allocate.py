@@ -13,16 +13,25 @@ from the original model (position 0) to every layer at its cheapest candidate
 (position K): position k applies the k cheapest-per-distortion steps. Cost falls and
 predicted distortion rises along the path, so the knob is a position on it.
 
-* Tolerance mode bisects the position with real evaluations of the combined model
-  (the largest position whose drop is within δ), then spends any evaluations left
-  (of at most ``max_global``) on single extra steps that still pass. Before that,
-  with ``sensitivity='probe'``, each layer gets its own one-layer bisection on its
-  frontier (at most ``⌈log2 r_max⌉ + 1`` evaluations): candidates cheaper than the
-  layer's own smallest passing one are dropped (if one layer alone breaks δ, so
-  does any model containing it), a layer whose best candidate already fails stays
-  dense, and each layer's distortion is rescaled by the distortion at which it
-  crossed δ (the measured per-layer sensitivity), so the path trades layers by
-  measured accuracy cost rather than by raw output distortion.
+* Tolerance mode returns the cheapest of *every* whole-model plan it evaluated whose
+  drop is within δ (on validation; with a confidence, the upper end of the drop's
+  bootstrap interval), wherever the plan came from. Its evaluations (at most
+  ``L·(⌈log2 r_max⌉ + 1) + max_global`` after the original's) go to: the bisection of the
+  position (the largest position whose drop is within δ); budget-mode runs under the
+  best cost found (the allocations budget mode would make at a grid of targets, then
+  budget mode's polish at the nearest one, so tolerance mode does not lose to a budget
+  run there); and a local search around the best (one layer one step down, or one down
+  and another up, cheaper in all). With ``sensitivity='probe'`` each layer first gets
+  its own one-layer bisection on its frontier (at most ``⌈log2 r_max⌉ + 1``
+  evaluations): candidates cheaper than the layer's own smallest passing one are
+  dropped from the path, a layer whose best candidate already fails stays dense, and
+  each layer's distortion is rescaled by the distortion at which it crossed δ (the
+  measured per-layer sensitivity). The default (``'auto'``) skips the probes and gives
+  their evaluations to whole-model plans: on validation sets of a few hundred samples
+  one-layer thresholds are within an image or two of noise, and whole-model plans
+  found cheaper answers on the digits and CIFAR CNNs. ``monotone`` says whether every
+  pair of evaluated plans where one keeps at least as much of every layer agreed with
+  "more rank, no less accurate".
 * Budget mode walks the path to the first position within the budget, then fills
   the remaining slack greedily with the upgrades that remove the most distortion
   per unit of cost that still fit. The cost is exact by formula, so the result is
@@ -355,73 +364,66 @@ def _local_search(session, measured: _Measured, fronts: list[list[Candidate]], w
             return
 
 
-def _budget_walks(session, measured: _Measured, spaces: list[LayerSpace], cost_model: CostModel, kind: str,
-                  below: int, budget: int, polish: int, floor_share: float = 0.0, count: int = 16,
-                  sweep: bool = False, polish_after: int = 0) -> None:
-    """Budget-mode runs at targets under ``below``, bisected for the cheapest that reaches the tolerance.
+# Budget-mode allocations a tolerance search evaluates: targets on a geometric grid from the
+# cheapest reachable cost up to just under the best plan found so far.
+WALK_TARGETS = 24
+# Evaluations budget mode's polish may spend at the nearest target under the best plan.
+WALK_POLISH = 4
 
-    Budget mode walks the proxy path of the full frontiers, fills the slack and polishes the
-    result on real evaluations; its answer at some target can be cheaper than the tolerance
-    path's and still keep the tolerance. Each target here gets the same allocation and polish
-    (at most ``polish`` evaluations beyond the allocation's), stopped at the first plan within
-    the tolerance; targets lie on a geometric grid from the cheapest reachable cost up to just
-    under ``below``, and are bisected while ``budget`` evaluations last.
+
+def _budget_walks(session, measured: _Measured, spaces: list[LayerSpace], cost_model: CostModel, kind: str,
+                  below: int, budget: int) -> None:
+    """Budget-mode runs under the best cost found so far (``below``), within ``budget`` evaluations.
+
+    Budget mode walks the proxy path of the full frontiers, fills the slack and polishes on
+    real evaluations; its answer at some target can be cheaper than the tolerance path's and
+    still keep the tolerance. So its allocations at (a subsample of) :data:`WALK_TARGETS`
+    targets are evaluated from the top down, one evaluation each, every one of them (accuracy
+    is far from monotone in the target: a lower target's allocation can pass where a higher
+    one fails); then budget mode's polish runs at the nearest target under the best plan,
+    stopping at the first plan within the tolerance.
     """
     ev = session.evaluator
     lowest = minimum_cost(spaces, cost_model, kind)
-    lowest = max(lowest, int(below * floor_share))
     if budget < 1 or below <= lowest:
         return
-    targets = sorted({int(lowest * (below / lowest) ** (i / count)) for i in range(count)})
+    targets = sorted({int(lowest * (below / lowest) ** (i / WALK_TARGETS)) for i in range(WALK_TARGETS)})
     targets = [t for t in targets if lowest <= t < below]
     stop = ev.requested + budget
+    polish = min(WALK_POLISH, budget // 3)
+    picks = _subsample(list(range(len(targets))), max(1, budget - polish))
+    allocations: dict[int, Allocation] = {}
 
-    def reaches(i: int) -> bool:
-        allocation = budget_allocation(session, spaces, cost_model, target=targets[i], kind=kind)
-        allowed = min(polish + 1, stop - ev.requested)
-        polished = polish_budget(session, spaces, allocation, cost_model, target=targets[i], kind=kind,
-                                 max_evaluations=max(1, allowed), evaluate=measured.evaluate, stop=measured.ok,
-                                 phase="budget walk")
-        return bool(measured.passes(polished.choices))
+    def allocation(i: int) -> Allocation:
+        if i not in allocations:
+            allocations[i] = budget_allocation(session, spaces, cost_model, target=targets[i], kind=kind)
+        return allocations[i]
 
-    if sweep:
-        # Every target from the top down, one evaluation each (accuracy is far from monotone in the
-        # target: an allocation at a lower target can pass where a higher one fails).
-        picks = _subsample(list(range(len(targets))), max(1, budget - int(polish_after)))
-        for i in reversed(picks):
-            if ev.requested >= stop:
-                break
-            allocation = budget_allocation(session, spaces, cost_model, target=targets[i], kind=kind)
-            measured.evaluate(allocation.choices, "budget walk")
-        if polish_after and ev.requested < stop:
-            best = measured.best()
-            failing = [i for i in picks if best is None or targets[i] < best[1]]
-            if failing:
-                i = failing[-1]
-                allocation = budget_allocation(session, spaces, cost_model, target=targets[i], kind=kind)
-                polish_budget(session, spaces, allocation, cost_model, target=targets[i], kind=kind,
-                              max_evaluations=max(1, stop - ev.requested), evaluate=measured.evaluate,
-                              stop=measured.ok, phase="budget walk")
-        return
-    lo, hi = -1, len(targets)  # targets[hi] reaches the tolerance (len: the best found so far does)
-    while hi - lo > 1 and ev.requested < stop:
-        mid = (lo + hi) // 2
-        if reaches(mid):
-            hi = mid
-        else:
-            lo = mid
+    for i in reversed(picks):
+        if ev.requested >= stop:
+            return
+        measured.evaluate(allocation(i).choices, "budget walk")
+    best = measured.best()
+    under = [i for i in picks if best is None or targets[i] < best[1]]
+    if under and ev.requested < stop:
+        i = under[-1]
+        polish_budget(session, spaces, allocation(i), cost_model, target=targets[i], kind=kind,
+                      max_evaluations=stop - ev.requested, evaluate=measured.evaluate, stop=measured.ok,
+                      phase="budget walk")
 
 
 def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostModel, *, baseline: float,
-                         tolerance: float, kind: str, sensitivity: str = "probe",
+                         tolerance: float, kind: str, sensitivity: str = "auto",
                          max_global: int = MAX_GLOBAL_EVALUATIONS, probe_allowance: int = 0) -> Allocation:
     """The cheapest allocation (in ``kind``) whose metric drop stays within ``tolerance``.
 
-    The answer is the cheapest of every whole-model plan evaluated that keeps the tolerance:
-    the one-layer probes (``sensitivity='probe'``), the bisection of the allocation path,
-    budget-mode allocations under the best found (see :func:`_budget_walks`) and a local
-    search around the best. The whole-model phases share ``max_global`` evaluations plus
-    whatever the probes left of their ``probe_allowance``.
+    The answer is the cheapest of every whole-model plan evaluated that keeps the tolerance,
+    wherever it came from: the one-layer probes (``sensitivity='probe'``), the bisection of
+    the allocation path, the budget-mode runs under the best found (:func:`_budget_walks`) or
+    the local search around the best (:func:`_local_search`). The whole-model phases share
+    ``max_global`` evaluations plus the ``probe_allowance`` (what per-layer probes may use)
+    less what the probes used: with ``sensitivity='auto'`` there are no probes and the whole
+    allowance goes to whole-model plans; with ``'proxy'`` the allowance is 0.
     """
     ev = session.evaluator
     ok = passes_within(baseline, tolerance)
@@ -444,10 +446,9 @@ def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostMode
         state = list(states[-1])
         state[li] = to
         states.append(state)
-    # The path gets about a third of the evaluations; budget walks and the local search share the rest.
-    import os
-    _K = {k: float(v) for k, v in (x.split("=") for x in os.environ.get("RS_KNOBS", "").split(",") if x)}
-    path_evaluations = max(1, min(int(_K.get("pathcap", 6)), int(left * _K.get("pathshare", 0.34))))
+    # The path's bisection gets a third of the evaluations (at most 6); the budget walks and
+    # the local search share the rest.
+    path_evaluations = max(1, min(6, left // 3))
     positions = _subsample(list(range(len(states))), 2 ** path_evaluations)
     n = len(positions)
     # Weakest first: index i <-> path position positions[n - 1 - i]; the top (position 0, the
@@ -475,12 +476,10 @@ def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostMode
     left -= ev.requested - before
 
     best = measured.best()
-    walks = left - min(int(left * _K.get("localshare", 0.25)), int(_K.get("localcap", 4)))
+    walks = left - min(left // 4, 4)  # keep a few evaluations for the local search
     if best is not None and walks > 0:
         before = ev.requested
-        _budget_walks(session, measured, spaces, cost_model, kind, best[1], walks, polish=int(_K.get("polish", 4)),
-                      floor_share=_K.get("floor", 0.0), count=int(_K.get("count", 16)),
-                      sweep=bool(_K.get("sweep", 0)), polish_after=int(_K.get("polishafter", 0)))
+        _budget_walks(session, measured, spaces, cost_model, kind, best[1], walks)
         left -= ev.requested - before
     if left > 0:
         # The probes' trimming assumed that a layer failing alone fails in every model; accuracy is

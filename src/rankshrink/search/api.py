@@ -196,8 +196,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         mode = "budget"
         kind = budget.kind
     sensitivity = config.sensitivity
-    if sensitivity == "auto":
-        sensitivity = "probe" if mode == "tolerance" else "proxy"
+    if sensitivity == "auto" and mode == "budget":
+        sensitivity = "proxy"
     layers = list(config.layers) if config.layers is not None else None
     methods = list(config.methods) if config.methods is not None else None
     progress = config.progress
@@ -227,9 +227,10 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                     "at rank 1 with its cheapest method, plus everything that is not factorized); raise the budget.")
         r_max = max([1, *(s.r_max for s in spaces)])
         total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
-        # What the one-layer probes may use at most; the whole-model phases get what they leave.
-        probe_allowance = len(spaces) * (math.ceil(math.log2(r_max)) + 1) if sensitivity == "probe" else 0
-        evaluator = session.start(total=total if sensitivity == "probe" else MAX_GLOBAL_EVALUATIONS + 1,
+        # What one-layer probes may use at most; the whole-model phases get what they leave ('auto'
+        # runs no probes and gives all of it to whole-model plans, 'proxy' none).
+        probe_allowance = len(spaces) * (math.ceil(math.log2(r_max)) + 1) if sensitivity != "proxy" else 0
+        evaluator = session.start(total=total if sensitivity != "proxy" else MAX_GLOBAL_EVALUATIONS + 1,
                                   costs=lambda plan: plan_costs(plan, spaces, cost_model))
         try:
             baseline = evaluator(Plan(), "baseline")
