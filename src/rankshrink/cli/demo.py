@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         model, splits = load_builtin("digits-cnn", progress=not args.quiet)
     loaded = time.perf_counter() - start
     print(f"digits CNN on {splits.name}: {len(splits.train)} train / {len(splits.val)} validation / "
-          f"{len(splits.test)} test images ({loaded:.1f} s to train or load)")
+          f"{len(splits.test)} test images, one validation image = {100 / len(splits.val):.2f} accuracy points "
+          f"({loaded:.1f} s to train or load)")
     result = compress(model, splits, tolerance=tolerance, cache=not args.no_cache, progress=not args.quiet)
     print_report(result)
     total = time.perf_counter() - start
