@@ -234,8 +234,8 @@ def run_model(name: str, model, splits, *, levels, quick: bool) -> list[dict]:
     for kind, value in settings:
         setting = f"tolerance {value:g}" if kind == "tolerance" else f"MACs <= {value:g}"
         kw = {"tolerance": value} if kind == "tolerance" else {"budget": {"macs": value}}
-        for sensitivity in ("proxy", "probe"):
-            if kind == "budget" and sensitivity == "probe":
+        for sensitivity in ("auto", "probe", "proxy"):
+            if kind == "budget" and sensitivity != "proxy":  # budget mode always uses the proxy
                 continue
             t0 = time.perf_counter()
             result = compress(model, splits, sensitivity=sensitivity, cache=False, progress=False, **kw)
@@ -480,7 +480,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                        f"{r['evaluations']} | {r['seconds']:.1f} | {met} |")
         out.append("")
     out += ["## Search vs the greedy per-layer selection (AIMET-style reimplementation)", "",
-            "Tolerance rows compare the search's default (probe) with the reimplemented greedy; `at equal MACs` "
+            "Tolerance rows compare the search's default (auto) with the reimplemented greedy; `at equal MACs` "
             "runs the search's budget mode at exactly the MACs the greedy reached, so the accuracies compare at "
             "equal cost. (The real AIMET follows in its own section.)", "",
             "| model | setting | search: val acc / MACs / evals | greedy: val acc / MACs / evals | "
@@ -491,7 +491,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             pick = lambda m, model=model, setting=setting: next(
                 r for r in rows if r["model"] == model and r["setting"] == setting and r["method"] == m)
             tolerance = setting.startswith("tolerance")
-            ours = pick("search (probe)" if tolerance else "search (proxy)")
+            ours = pick("search (auto)" if tolerance else "search (proxy)")
             them = pick(GREEDY)
             equal = pick("search at the greedy's MACs")
             gain = equal["val_accuracy"] - them["val_accuracy"]

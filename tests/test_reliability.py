@@ -316,8 +316,6 @@ BAD_INPUTS = [
     Case("option", "--methods qr", lambda f: _compress(f, "--tolerance", "0.01", "--methods", "qr"),
          ("--methods", "tucker2")),
     Case("option", "--seed -1", lambda f: _compress(f, "--tolerance", "0.01", "--seed", "-1"), ("--seed",)),
-    Case("option", "--confidence 95", lambda f: _compress(f, "--tolerance", "0.01", "--confidence", "95"),
-         ("--confidence", "0.95")),
     Case("option", "finetune --epochs -1",
          lambda f: ["finetune", *_w(f), "--plan", str(f["plan.json"]), "--epochs", "-1", "--out",
                     str(f["good.pt"].parent / "out")], ("--epochs",)),
@@ -332,6 +330,8 @@ BAD_INPUTS = [
     Case("output", "export --compressed whose files do not match their checksums",
          lambda f: ["export", *_w(f), "--compressed", str(f["compressed"]), "--out",
                     str(f["good.pt"].parent / "m.onnx")], ("checksum", "Rerun the command")),
+    Case("option", "--confidence 95", lambda f: _compress(f, "--tolerance", "0.01", "--confidence", "95"),
+         ("--confidence", "0.95")),
 ]
 
 
