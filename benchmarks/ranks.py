@@ -32,7 +32,7 @@ search's default), the same validation split for decisions and the same test spl
 report, and use one method per layer type, as AIMET does: SVD for Linear layers and spatial
 SVD for convolutions; the search also chooses the method.
 
-Run: ``python benchmarks/ranks.py`` (about 25 minutes on 2 cores, the first run also builds
+Run: ``python benchmarks/ranks.py`` (about 13 minutes on 2 cores; the first run also builds
 AIMET's environment). Writes ``benchmarks/results/ranks.json`` and ``ranks.md``.
 ``--cifar-dir DIR`` uses real CIFAR-10 instead of the synthetic CIFAR-shaped set; ``--quick``
 skips brute force; ``--no-aimet`` skips the real AIMET; ``--aimet-venv DIR`` says where its
