@@ -99,6 +99,18 @@ def parse_byte_budget(text: str) -> float:
     return _budget_value(value, text, "--max-bytes", unit=False)
 
 
+def parse_confidence(text: str) -> float:
+    """'0.95' or '95%' -> 0.95; must lie strictly between 0 and 1."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ConfigError(f"--confidence must be a level like 0.95 or 95%, got {text!r}.") from None
+    if not 0 < value < 1:
+        raise ConfigError(f"--confidence must lie strictly between 0 and 1 (e.g. 0.95), got {text!r}.")
+    return value
+
+
 def parse_methods(text: str) -> list[str]:
     from ..methods import method_names
 
@@ -151,7 +163,11 @@ def register(subparsers) -> None:
                         help="stop unless the original model's validation metric reaches VALUE (0..1; default: "
                              "clearly above chance; 0 turns the check off)")
     parser.add_argument("--sensitivity", default="auto", choices=("auto", "probe", "proxy"),
-                        help="per-layer sensitivity from evaluations (probe) or from the distortion proxy alone")
+                        help="tolerance mode: auto (proxy-ordered, every evaluation on whole models), probe "
+                             "(one-layer bisections first) or proxy (at most 10 whole-model evaluations)")
+    parser.add_argument("--confidence", default=None,
+                        help="apply --tolerance to the upper end of the drop's paired bootstrap interval at this "
+                             "level (e.g. 0.95) instead of the measured drop")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
     cache = parser.add_mutually_exclusive_group()
@@ -214,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Every option and path is checked before any work (loading, training, searching).
     target = _target(args)
+    confidence = parse_confidence(args.confidence) if args.confidence is not None else None
     methods = parse_methods(args.methods) if args.methods is not None else None
     include, exclude = layer_patterns(args)
     check_int(args.calibration_samples, "--calibration-samples", minimum=1)
@@ -233,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     result = compress(model, splits, metric=args.metric, minimize=args.minimize, methods=methods, fit=args.fit,
                       sensitivity=args.sensitivity, cache=cache, progress=not args.quiet, seed=args.seed,
                       calibration_samples=args.calibration_samples, layers=include, exclude=exclude,
-                      fold_bn=args.fold_bn, min_baseline=args.min_baseline, **target)
+                      fold_bn=args.fold_bn, min_baseline=args.min_baseline, confidence=confidence, **target)
     compressed = result.model
     summary = result.summary()
     summary.update({"model": args.model, "weights": args.weights, "data": spec})
@@ -266,6 +283,11 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _interval(pair) -> str:
+    """A drop interval in points: '[-0.28, +0.83] points' (the metric's units × 100)."""
+    return "-" if not pair else f"[{100 * pair[0]:+.2f}, {100 * pair[1]:+.2f}] points"
+
+
 def print_report(result, file=None) -> None:
     """The per-layer table and the before/after lines (shared with ``rankshrink demo``)."""
     file = file or sys.stdout
@@ -285,6 +307,13 @@ def print_report(result, file=None) -> None:
           file=file)
     print(f"validation accuracy {_pct(o['accuracy'])} -> {_pct(c['accuracy'])}; "
           f"test accuracy {_pct(o['test_accuracy'])} -> {_pct(c['test_accuracy'])}", file=file)
+    ci = s.get("drop_ci") or {}
+    if ci.get("validation") or ci.get("test"):
+        level = result.confidence or 0.95
+        print(f"drop, {level:.0%} paired bootstrap interval: validation {_interval(ci.get('validation'))} "
+              f"({result.metric}), test {_interval(ci.get('test'))} (accuracy)"
+              + ("; the tolerance applies to the upper end" if result.confidence and result.mode == "tolerance"
+                 else ""), file=file)
     print(f"params {format_count(o['params'])} -> {format_count(c['params'])} ({c['params_ratio']:.1%}), "
           f"MACs {format_count(o['macs'])} -> {format_count(c['macs'])} ({c['macs_ratio']:.1%}), "
           f"size {format_bytes(o['bytes'])} -> {format_bytes(c['bytes'])}", file=file)

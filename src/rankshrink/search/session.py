@@ -206,9 +206,12 @@ class Session:
             return None
         return object_fingerprint({"proxies": self._proxy_fp, "layer": layer, "version": 2})
 
-    def start(self, total: int | None = None, desc: str = "searching") -> Evaluator:
+    def start(self, total: int | None = None, desc: str = "searching", *,
+              costs: Callable[[Plan], dict[str, int]] | None = None) -> Evaluator:
+        """A fresh evaluator; ``costs(plan)`` puts each evaluated plan's exact costs in its record."""
         self.evaluator = Evaluator(self.metric, self.factorizer, self.cache, model_fp=self.model_fp,
-                                   options_fp=self.options_fp, progress=self.progress, total=total, desc=desc)
+                                   options_fp=self.options_fp, progress=self.progress, total=total, desc=desc,
+                                   costs=costs, confidence=self.config.confidence, seed=self.seed)
         return self.evaluator
 
     def chance(self) -> float | None:
