@@ -414,7 +414,10 @@ def test_ctrl_c_during_builtin_training_resumes_on_the_rerun(tmp_path):
     cache = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RANKSHRINK_CACHE=str(cache), OMP_NUM_THREADS="1")
     argv = [sys.executable, "-c", CLI, "analyze", *DIGITS]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    # A shell runs background jobs with SIGINT ignored, and an ignored signal is inherited: reset it, or
+    # Python would install no KeyboardInterrupt handler in the child and Ctrl-C would do nothing.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoints = cache / "models"
     deadline = time.monotonic() + 240
     while not list(checkpoints.glob(".*.training/train_checkpoint.pt")):
