@@ -17,6 +17,7 @@ inputs, another by 0.20. So:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import io
@@ -174,13 +175,40 @@ def _failing_module(model: nn.Module, example_input: Any, opset: int) -> str | N
     for name in sorted(recorded, key=lambda n: (-n.count("."), n))[:300]:
         args = recorded[name]
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_stdout():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model.get_submodule(name), args, io.BytesIO(),  # type: ignore[arg-type]
                                   opset_version=opset, **_exporter_kwargs())
         except Exception:
             return name
     return None
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """File descriptor 1 sent to /dev/null: the exporter's C++ side prints its IR graph there on failure,
+    which would break ``--json`` output (a Python-level redirect does not reach it)."""
+    import sys
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real stdout (embedded interpreters)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            try:
+                yield
+            finally:
+                try:
+                    sys.stdout.flush()
+                except (OSError, ValueError):
+                    pass
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
 
 
 def _exporter_kwargs() -> dict[str, Any]:
@@ -227,8 +255,10 @@ def onnx_bytes(model: nn.Module, example_input: Any, *, opset: int = 17, dynamic
 
         warnings.showwarning = show  # restored by catch_warnings
         try:
-            # The TorchScript exporter writes to file objects too; torch annotates ``f`` as a path only.
-            torch.onnx.export(flat, tensors, buffer, **kwargs)  # type: ignore[arg-type]
+            # The TorchScript exporter writes to file objects too; torch annotates ``f`` as a path only. On
+            # failure it prints its whole IR graph to stdout: the error below says what matters.
+            with _quiet_stdout():
+                torch.onnx.export(flat, tensors, buffer, **kwargs)  # type: ignore[arg-type]
         except Exception as exc:  # the exporter raises many types; report them as one, naming the module
             where = tracked.where()
             if where is None:

@@ -248,7 +248,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                 if target < lowest:
                     breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
                     breakdown["total"] = lowest
-                    raise ConfigError(_below_minimum(kind, target, breakdown, original))
+                    raise ConfigError(_below_minimum(kind, target, breakdown, original,
+                                                     dropped=session.latency.dropped if session.latency else None))
             r_max = max([1, *(s.r_max for s in spaces)])
             total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
             # What one-layer probes may use at most; the whole-model phases get what they leave ('auto'
@@ -555,7 +556,8 @@ def _kept_dense(session: Session, cost_model: CostModel, spaces: dict, layers: l
     return rows
 
 
-def _below_minimum(kind: str, target: int, breakdown: dict[str, Any], original: dict[str, int]) -> str:
+def _below_minimum(kind: str, target: int, breakdown: dict[str, Any], original: dict[str, int], *,
+                   dropped: dict[str, list[str]] | None = None) -> str:
     lowest = breakdown["total"]
     whole = original[kind] or 1
     text = (f"the {kind} budget {target:,} is below the minimum reachable {lowest:,} ({lowest / whole:.1%} of the "
@@ -569,9 +571,13 @@ def _below_minimum(kind: str, target: int, breakdown: dict[str, Any], original: 
             parts.append(f"{what} {value:,}{shown}")
         text += (f" Of that minimum, {stuck:,} ({stuck / whole:.1%} of the original) cannot be factorized: "
                  f"{'; '.join(parts)}.")
-    text += (f" The factorizable layers at rank 1 with their cheapest method add {breakdown['factorizable']:,}. "
-             "Raise the budget.")
-    return text
+    text += f" The factorizable layers at rank 1 with their cheapest method add {breakdown['factorizable']:,}."
+    if dropped:  # latency-aware: candidates measured slower than their dense layer are not used
+        return text + (f" Measured on ONNX Runtime, {sum(map(len, dropped.values()))} candidate(s) of {len(dropped)} "
+                       f"layer(s) ran slower than their dense layer and are not used ({', '.join(list(dropped)[:4])}"
+                       f"{' ...' if len(dropped) > 4 else ''}). Raise the budget, or pass --ignore-latency "
+                       "(latency=False) to budget by formula alone.")
+    return text + " Raise the budget."
 
 
 def _maybe(fn, model):

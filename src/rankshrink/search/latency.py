@@ -116,6 +116,12 @@ class SearchLatency:
     def predicted_ratios(self, spaces: list, choices: dict) -> dict[int, float]:
         """The whole model's predicted time ratio at each batch size: 1 + Σ layer share × (ratio − 1)."""
         result = {}
+        for space in spaces:  # a candidate the filter did not see (allow_slower, a plan given) is measured now
+            cand = choices.get(space.name)
+            if cand is not None and cand.method is not None and (cand.method, cand.rank) not in space.latency_ratios:
+                per = next(iter(self.lm.measure(space.geometry, space.input_size, cand.method, [cand.rank],
+                                                self.batches).values()))
+                space.latency_ratios[(cand.method, cand.rank)] = {b: per[b].ratio for b in self.batches}
         for batch in self.batches:
             change = 0.0
             for space in spaces:
