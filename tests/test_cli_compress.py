@@ -16,6 +16,9 @@ from rankshrink.plan import Plan
 from rankshrink.search.evaluate import single_threaded
 
 pytestmark = pytest.mark.slow
+# Tests about something other than latency or ONNX (the search, fine-tuning, plans): MACs decide, no model.onnx.
+# (A MAC budget near what the digits CNN allows depends on which candidates measure faster on a loaded machine.)
+NOT_ABOUT_LATENCY = ("--ignore-latency", "--no-export")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +139,7 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
 def test_compress_with_confidence_keeps_the_interval_under_the_tolerance(tmp_path, capsys, digits):
     model, splits, weights = digits
     out = tmp_path / "out"
-    assert main(_args(weights, out, "--tolerance", "0.02", "--confidence", "0.9")) == 0
+    assert main(_args(weights, out, "--tolerance", "0.02", "--confidence", "0.9", *NOT_ABOUT_LATENCY)) == 0
     text = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["confidence"] == 0.9
@@ -231,7 +234,7 @@ def test_compress_with_finetune_records_recovery(tmp_path):
 
     out = tmp_path / "out"
     code = main(["compress", "--model", "builtin:digits-cnn", "--max-macs", "0.15", "--methods", "svd,weight",
-                 "--finetune", "2", "--distill", "--out", str(out), "--quiet", "--no-cache"])
+                 "--finetune", "2", "--distill", "--out", str(out), "--quiet", "--no-cache", *NOT_ABOUT_LATENCY])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     tuned = summary["finetune"]
@@ -256,7 +259,7 @@ def test_a_plan_reproduces_the_model_compress_saved(tmp_path, capsys, digits):
     common = ["--model", spec, "--weights", str(weights)]
     out = tmp_path / "c"
     assert main(["compress", *common, "--data", "builtin:digits", "--max-macs", "0.3", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--quiet", *NOT_ABOUT_LATENCY]) == 0
     plan = Plan.load(out / "plan.json")
     assert plan.activation_layers and plan.calibration["samples"] == 512
     saved = load_tensors(out / "model.safetensors")

@@ -351,7 +351,7 @@ def test_compress_refuses_a_model_that_does_not_export_naming_it(tmp_path, capsy
     assert len(err.splitlines()) == 1, err
     assert "module '2' (Spectrum)" in err and "--no-export" in err and not out.exists()
     # With --no-export (here on a trained built-in) nothing is exported or measured, and no ONNX file written.
-    assert main(["compress", "--model", "builtin:digits-cnn", "--max-macs", "0.6", "--out",
+    assert main(["compress", "--model", "builtin:digits-cnn", "--max-macs", "0.9", "--methods", "svd", "--out",
                  str(out), "--quiet", "--no-report", "--ignore-latency", "--no-export"]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["model.safetensors", "plan.json", "summary.json"]
@@ -399,3 +399,17 @@ def test_an_onnx_model_with_constant_weights_is_compressed_and_written_back_as_o
     assert rows["low-rank"]["file_bytes"] < rows["original"]["file_bytes"]
     assert sum(n.op_type == "Conv" for n in onnx.load(str(out / "model.onnx")).graph.node) > \
         sum(n.op_type == "Conv" for n in graph.graph.node)  # the factorized convs are pairs
+
+
+def test_a_budget_below_the_minimum_says_which_candidates_latency_dropped():
+    from rankshrink.search.api import _below_minimum
+
+    breakdown = {"total": 1000, "fixed": [], "factorizable": 120}
+    plain = _below_minimum("macs", 500, breakdown, {"macs": 1000})
+    assert plain.endswith("add 120. Raise the budget.")
+    text = _below_minimum("macs", 500, breakdown, {"macs": 1000},
+                          dropped={"fc1": ["svd:1", "svd:8"], "fc2": ["svd:4"]})
+    assert "the macs budget 500 is below the minimum reachable 1,000 (100.0% of the original 1,000)" in text
+    assert text.endswith("Measured on ONNX Runtime, 3 candidate(s) of 2 layer(s) ran slower than their dense layer "
+                         "and are not used (fc1, fc2). Raise the budget, or pass --ignore-latency (latency=False) to "
+                         "budget by formula alone.")
