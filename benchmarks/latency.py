@@ -136,6 +136,8 @@ def goals(data: dict) -> dict:
     over = [g for g in gap if g[2] > 1.25]
     target = [(r["model"], max(e["latency_ratio"].values())) for r, k, e in rows if k.startswith("latency")]
     off = [t for t in target if abs(t[1] / LATENCY_TARGET - 1) > 0.10]
+    refused = [r["model"] for r in data["models"] for k, e in r["plans"].items() if k.startswith("latency")
+               and "error" in e]
     int8 = {}
     for r in data["models"]:
         if not r["embedded"]:
@@ -154,7 +156,8 @@ def goals(data: dict) -> dict:
     return {
         "never_slower": {"met": not slower, "slower": slower, "compared": len(rows)},
         "latency_vs_macs": {"met": not over, "ratios": gap, "over": over},
-        "max_latency_within_10pct": {"met": bool(target) and not off, "measured": target, "off": off},
+        "max_latency_within_10pct": {"met": bool(target) and not off, "measured": target, "off": off,
+                                     "refused": refused},
         "lowrank_int8_beats_int8": {"met": sum(bool(w) for w in int8.values()) >= 3, "by_model": int8,
                                     "models": len(int8)}}
 
@@ -209,7 +212,10 @@ def markdown(data: dict) -> str:
               f"**{_met(g['latency_vs_macs'])}** (" + ", ".join(f"{m} {k}: {v:.2f}" for m, k, v in
                                                            g["latency_vs_macs"]["ratios"]) + ").",
               f"3. `--max-latency 0.6` within 10% as measured (worst batch): **{_met(g['max_latency_within_10pct'])}** "
-              "(" + ", ".join(f"{m}: {v:.2f}" for m, v in g["max_latency_within_10pct"]["measured"]) + ").",
+              "(" + ", ".join(f"{m}: {v:.2f}" for m, v in g["max_latency_within_10pct"]["measured"])
+              + (f"; on {len(g['max_latency_within_10pct']['refused'])} models no plan reaches 0.6 at both batch "
+                 f"sizes and the search says so: {', '.join(g['max_latency_within_10pct']['refused'])}"
+                 if g["max_latency_within_10pct"].get("refused") else "") + ").",
               f"4. low-rank+int8 smaller and faster (both batches) than int8 alone on at least 3 of the 5 embedded "
               f"models: **{_met(g['lowrank_int8_beats_int8'])}** ("
               + "; ".join(f"{m}: {', '.join(w) if w else 'none'}" for m, w in
@@ -230,11 +236,19 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma-separated built-ins (default: all)")
     parser.add_argument("--resume", action="store_true", help="keep the models already in the results file")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output directory")
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="measure nothing: recompute the goals and rewrite latency.md from latency.json")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.markdown_only:
+        data = json.loads((out / "latency.json").read_text())
+        data["goals"] = goals(data)
+        atomic_write_json(out / "latency.json", data)
+        atomic_write_text(out / "latency.md", markdown(data))
+        return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     names = args.models.split(",") if args.models else [*EMBEDDED, *(n for n in BUILTIN_MODELS if n not in EMBEDDED)]
-    out = Path(args.out)
     data: dict = {"command": "python benchmarks/latency.py" + "".join(f" {a}" for a in sys.argv[1:]),
                   "models": [], "seconds": 0.0}
     if args.resume and (out / "latency.json").is_file():
