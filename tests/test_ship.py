@@ -220,6 +220,21 @@ def test_a_latency_budget_holds_as_measured_and_an_impossible_one_names_the_fast
 
 
 @pytest.mark.slow
+def test_minimize_latency_returns_a_measured_faster_plan_within_the_tolerance(digits):
+    from rankshrink.search import compress
+
+    model, splits = digits
+    result = compress(model, splits, tolerance=0.01, minimize="latency", progress=False)
+    assert result.minimize == "latency" and result.drop <= 0.01 + 1e-9
+    assert result.plan.layers  # the digits CNN has layers that run faster factorized
+    info = result.latency
+    assert info["batches"] == [1, 32]
+    assert all(p["measured_ratio"] < 1 for p in info["prediction"].values())
+    # Latency costs are predicted shares of the original's time, in millionths of it.
+    assert result.original["latency"] == 1_000_000 and 0 < result.compressed["latency"] < 1_000_000
+
+
+@pytest.mark.slow
 def test_a_tolerance_plan_measured_slower_is_not_returned(digits):
     """The ship step on real measurements: a plan of CP blocks known to run slower than the dense layers is
     the cheapest within the tolerance; it is measured, refused, and the next faster plan returned."""

@@ -160,7 +160,7 @@ def compress(model: nn.Module, data: Any = None, *, tolerance: float | None = No
     Exactly one of:
 
     * ``tolerance`` (in [0, 1), e.g. 0.01 = one accuracy point): the cheapest model, in
-      ``minimize`` ('macs', 'params' or 'bytes'), whose validation metric is at most
+      ``minimize`` ('macs', 'params', 'bytes' or 'latency', measured), whose validation metric is at most
       ``tolerance`` below the original's (with ``confidence=0.95``: whose drop's 95%
       bootstrap interval stays below it): the cheapest of every model it evaluated
       that does. Evaluations: at most ``L·(⌈log2 r_max⌉ + 2) + 10`` for L layers.
