@@ -108,7 +108,9 @@ def test_killed_compress_resumes_without_repeating_evaluations(tmp_path, trained
     shutil.copy(trained_weights, weights)
     input_hash = file_sha256(weights)
     common = ["compress", "--model", "builtin:digits-cnn", "--weights", str(weights), "--data", "builtin:digits",
-              "--tolerance", "0.01", "--methods", "svd,weight", "--seed", "0", "--quiet"]
+              "--tolerance", "0.01", "--methods", "svd,weight", "--seed", "0", "--quiet",
+              # Resuming is about evaluations; fresh latency measurements in each process could pick another plan.
+              "--ignore-latency"]
 
     # Reference: an uninterrupted run with its own cache (in-process: saves one interpreter start).
     monkeypatch.setenv("RANKSHRINK_CACHE", str(tmp_path / "ref-user-cache"))
@@ -147,8 +149,8 @@ def test_killed_compress_resumes_without_repeating_evaluations(tmp_path, trained
     text = _run(args, tmp_path, "resumed")
     assert "corrupt" in text and str(victim.name) in text, text[-2000:]
 
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "notes.txt", "plan.json", "report.html",
-                                                     "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors", "notes.txt", "plan.json",
+                                                     "report.html", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluations_cached"] == done - 1
     assert summary["evaluations"] == total - done + 1, (measured, summary["evaluations"], total)

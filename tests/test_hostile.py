@@ -193,7 +193,8 @@ def test_racing_compress_runs_never_report_success_without_a_model(tmp_path, inp
         out = tmp_path / f"out{trial}"
         argv = ["compress", *DIGITS, "--weights", str(inputs["weights"]), "--max-params", "0.5", "--methods", "svd",
                 "--fit", "weights", "--out", str(out), "--force", "--quiet", "--no-cache",
-                "--min-baseline", "0"]  # untrained weights: the sanity check would (rightly) stop them
+                # untrained weights: the sanity check would (rightly) stop them; latency and ONNX are not the point
+                "--min-baseline", "0", "--ignore-latency", "--no-export"]
         procs = [subprocess.Popen([sys.executable, "-c", CLI, *argv], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, env=env, text=True) for _ in range(2)]
         results = [(p.wait(240), p.stdout.read()) for p in procs]

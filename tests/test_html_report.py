@@ -298,8 +298,14 @@ ISSUE_14_ROWS = {  # what the deployment work records: latency per batch size, a
 @pytest.mark.slow
 def test_latency_and_int8_rows_appear_when_the_run_has_them(digits_run, tmp_path):
     out, _, _, _ = digits_run
-    plain = (out / REPORT_FILE).read_text()
-    assert "<h3>Latency</h3>" not in plain and "Deployed variants" not in plain  # absent: nothing drawn
+    # compress measures and exports by default: the real run's page has its rows, every number checked.
+    real = (out / REPORT_FILE).read_text()
+    assert "<h3>Latency</h3>" in real and "Deployed variants" in real
+    assert [row["name"] for row in _summary(out)["deployment"]] == ["original", "low-rank"]  # no --int8
+    assert check_numbers(_parse(real).items, _summary(out)) > 0
+    plain = {k: v for k, v in _summary(out).items() if k not in ("latency_ms", "deployment")}  # --no-export
+    page = write_html_report(_write(tmp_path / "plain", "summary.json", json.dumps(plain))).read_text()
+    assert "<h3>Latency</h3>" not in page and "Deployed variants" not in page  # absent: nothing drawn
     summary = {**_summary(out), **copy.deepcopy(ISSUE_14_ROWS)}
     page = write_html_report(_write(tmp_path / "deployed", "summary.json", json.dumps(summary))).read_text()
     assert "<h3>Latency</h3>" in page and "Deployed variants" in page

@@ -653,6 +653,17 @@ BAD_INPUTS = [
          env=lambda f: {"RANKSHRINK_CACHE": str(f["cache_accuracy"])}),
     Case("option", "--confidence 95", lambda f: _compress(f, "--tolerance", "0.01", "--confidence", "95"),
          ("--confidence", "0.95")),
+    # ---- latency and deployment options (issue 14): refused before any work too
+    *[Case("option", " ".join(args), lambda f, args=args: _early(f, *args), expect)
+      for args, expect in (
+          (("--max-latency", "1.5"), ("--max-latency 1.5 is not a ratio in (0, 1]", "give a unit (2ms")),
+          (("--max-latency", "soon"), ("--max-latency must be a ratio", "or a time (2ms, 500us)")),
+          (("--tolerance", "0.01", "--batch", "0,32"), ("--batch takes positive batch sizes",)),
+          (("--tolerance", "0.01", "--threads", "0"), ("--threads must be",)),
+          (("--tolerance", "0.01", "--dynamic-axis", "input:0"), ("--dynamic-axis takes INPUT:AXIS",)),
+          (("--tolerance", "0.01", "--no-export", "--int8", "static"),
+           ("--int8 applies to the exported model.onnx", "drop --no-export")),
+          (("--max-latency", "0.6", "--ignore-latency"), ("--ignore-latency contradicts",)))],
 ]
 
 

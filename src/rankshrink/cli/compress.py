@@ -6,7 +6,14 @@ values: a ratio of the original (``0.5`` or ``50%``; any value up to 1) or an
 absolute amount (a number above 1: ``120000``, ``1.2M``, ``350k``; bytes also
 ``256KB``, ``1.5MB``, ``2MiB``).
 
-Writes ``--out``/plan.json, model.safetensors and summary.json as one set
+Latency (ONNX Runtime, CPU provider; ``--batch 1,32``, ``--threads 1``): by default every
+candidate is measured against its dense layer and only faster ones are picked, ranks are rounded
+to multiples of 8 where that measures faster, and no plan measured slower than the original at
+a requested batch size is saved (``--ignore-latency`` turns this off, ``--allow-slower`` keeps a
+slower plan). ``--minimize latency`` and ``--max-latency 0.6`` / ``2ms`` target latency itself.
+
+Writes ``--out``/plan.json, model.safetensors, model.onnx (verified against PyTorch on real
+inputs; ``--no-export`` skips it), model.int8.onnx (with ``--int8``) and summary.json as one set
 (:func:`rankshrink.files.output_set`): staged in a sibling directory and moved into
 place when complete, so an interrupted run leaves nothing half-written in ``--out``;
 summary.json records the other files' checksums. One writer at a time: a second rankshrink
@@ -111,6 +118,51 @@ def parse_confidence(text: str) -> float:
     return value
 
 
+def parse_latency(text: str) -> dict:
+    """'0.6' or '60%' -> {'latency': 0.6} (a ratio of the original's latency); '2ms', '500us', '0.002s' ->
+    {'latency_ms': 2.0} (absolute, at the first --batch size)."""
+    raw = text.strip().lower()
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ms|us|µs|s)", raw)
+    if match:
+        value = float(match.group(1)) * {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[match.group(2)]
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"--max-latency must be a positive time, got {text!r}.")
+        return {"latency_ms": value}
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ConfigError(f"--max-latency must be a ratio of the original's latency (0.6, 60%) or a time (2ms, "
+                          f"500us), got {text!r}.") from None
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ConfigError(f"--max-latency {text.strip()} is not a ratio in (0, 1]; for a time give a unit (2ms, "
+                          "500us).")
+    return {"latency": value}
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """'1,32' -> (1, 32)."""
+    try:
+        batches = tuple(int(part) for part in re.split(r"[,\s]+", text.strip()) if part)
+    except ValueError:
+        batches = ()
+    if not batches or any(b < 1 for b in batches):
+        raise ConfigError(f"--batch takes positive batch sizes separated by commas (1,32), got {text!r}.")
+    return tuple(dict.fromkeys(batches))
+
+
+def parse_dynamic_axes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """['input_ids:1', 'attention_mask:1'] -> {'input_ids': (1,), 'attention_mask': (1,)}."""
+    axes: dict[str, tuple[int, ...]] = {}
+    for value in values or []:
+        for part in (p for p in value.split(",") if p.strip()):
+            name, sep, axis = part.strip().rpartition(":")
+            if not sep or not name or not axis.isdigit() or int(axis) < 1:
+                raise ConfigError(f"--dynamic-axis takes INPUT:AXIS with AXIS 1 or more (input_ids:1; axis 0, the "
+                                  f"batch, is always dynamic), got {part.strip()!r}.")
+            axes[name] = tuple(dict.fromkeys((*axes.get(name, ()), int(axis))))
+    return axes
+
+
 def parse_methods(text: str) -> list[str]:
     from ..methods import method_names
 
@@ -143,12 +195,17 @@ def register(subparsers) -> None:
     target.add_argument("--tolerance", help="largest allowed validation-metric drop: 0.01 or 1%%")
     target.add_argument("--max-macs", help="MAC budget: ratio (0.5, 50%%) or count (1.2M)")
     target.add_argument("--max-params", help="parameter budget: ratio (0.5, 50%%) or count (120000, 120k)")
-    target.add_argument("--max-bytes", help="size budget: 256KB, 1.5MB, 2MiB, a byte count, or a ratio (50%%)")
+    target.add_argument("--max-bytes", help="size budget: 256KB, 1.5MB, 2MiB, a byte count, or a ratio (50%%); "
+                        "counts the shipped file (model.onnx, with --int8 model.int8.onnx; with --no-export the "
+                        "parameter bytes)")
+    target.add_argument("--max-latency", help="latency budget on ONNX Runtime: a ratio of the original's measured "
+                        "latency at every --batch size (0.6, 60%%) or a time at the first one (2ms, 500us)")
     parser.add_argument("--metric", default="auto", choices=METRICS,
                         help="what the tolerance is measured in: auto (accuracy with labels, agreement without), "
                              "agreement (with the original's predictions) ...")
-    parser.add_argument("--minimize", default="macs", choices=("macs", "params", "bytes"),
-                        help="what --tolerance mode makes smallest (default: macs)")
+    parser.add_argument("--minimize", default="macs", choices=("macs", "params", "bytes", "latency"),
+                        help="what --tolerance mode makes smallest (default: macs; latency: measured on ONNX "
+                             "Runtime)")
     from ..methods import method_names
     from ..search.config import FIT_CHOICES
 
@@ -168,6 +225,28 @@ def register(subparsers) -> None:
     parser.add_argument("--confidence", default=None,
                         help="apply --tolerance to the upper end of the drop's paired bootstrap interval at this "
                              "level (e.g. 0.95) instead of the measured drop")
+    deploy = parser.add_argument_group("latency and deployment (ONNX Runtime, CPU execution provider)")
+    deploy.add_argument("--batch", default="1,32", metavar="SIZES",
+                        help="batch sizes latency is measured and judged at (default 1,32)")
+    deploy.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    deploy.add_argument("--ignore-latency", action="store_true",
+                        help="do not measure candidates and plans: MACs alone decide, and a plan slower than the "
+                             "original may be saved")
+    deploy.add_argument("--rank-multiple", type=int, default=8, metavar="N",
+                        help="latency-aware ranks are rounded to multiples of N where that measures faster "
+                             "(default 8; 1: no rounding)")
+    deploy.add_argument("--allow-slower", action="store_true",
+                        help="save the plan found even when it measures slower than the original")
+    deploy.add_argument("--no-export", action="store_true", help="do not write model.onnx (nor measure latency_ms)")
+    deploy.add_argument("--int8", choices=("dynamic", "static"),
+                        help="also write model.int8.onnx: dynamic (Linear-heavy models) or static QDQ calibrated on "
+                             "the training data (convolutional ones)")
+    deploy.add_argument("--dynamic-axis", action="append", metavar="INPUT:AXIS",
+                        help="declare a further dynamic axis of an input (input_ids:1), so a sequence model is not "
+                             "frozen at one length; repeatable")
+    deploy.add_argument("--allow-traced-branches", action="store_true",
+                        help="export even when the tracer warns of data-dependent control flow (the graph is "
+                             "still checked on real inputs)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
     cache = parser.add_mutually_exclusive_group()
@@ -191,6 +270,8 @@ def _target(args: argparse.Namespace) -> dict:
         return {"budget": {"macs": parse_amount(args.max_macs, "--max-macs")}}
     if args.max_params is not None:
         return {"budget": {"params": parse_amount(args.max_params, "--max-params")}}
+    if args.max_latency is not None:
+        return {"budget": parse_latency(args.max_latency)}
     return {"budget": {"bytes": parse_byte_budget(args.max_bytes)}}
 
 
@@ -203,13 +284,15 @@ def check_recovery_options(args: argparse.Namespace) -> None:
     check_training_options(args, prefix="finetune-")
 
 
-def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: bool) -> Path:
+def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: bool, deploy=None) -> Path:
     """Save weights, plan.json and summary.json as one all-or-nothing set (``files.output_set``).
 
     A new (or empty) ``out`` appears in one rename; with ``force`` on a non-empty ``out``
     the files are moved in with summary.json, the completion marker, last, and a killed
     run is rolled forward by the next writer of ``out`` (readers only check). summary.json
     records every other file's sha256 and size (``files.verify_output_set`` checks them).
+    ``deploy(stage) -> dict`` writes the ONNX files into the set and returns what summary.json
+    adds about them (an error there leaves ``out`` untouched).
     """
     from ..files import output_set
     from ..surgery import save
@@ -217,7 +300,49 @@ def write_outputs(model, plan, summary: dict, out: str | os.PathLike, *, force: 
     out = Path(out)
     with output_set(out, force=force, summary=summary) as stage:
         save(model, plan, stage)
+        if deploy is not None:
+            summary.update(deploy(stage))
     return out
+
+
+def _deploy_options(args: argparse.Namespace):
+    """The export and latency options, checked before any work: (ExportConfig or None, batches, dynamic axes)."""
+    from ..validation import check_int
+
+    batches = parse_batches(args.batch)
+    check_int(args.threads, "--threads", minimum=1)
+    check_int(args.rank_multiple, "--rank-multiple", minimum=1)
+    axes = parse_dynamic_axes(args.dynamic_axis)
+    if args.no_export:
+        for flag, given in (("--int8", args.int8), ("--dynamic-axis", args.dynamic_axis),
+                            ("--allow-traced-branches", args.allow_traced_branches)):
+            if given:
+                raise ConfigError(f"{flag} applies to the exported model.onnx; drop it or drop --no-export.")
+    measured = not args.ignore_latency or args.minimize == "latency" or args.max_latency is not None
+    if args.ignore_latency and (args.minimize == "latency" or args.max_latency is not None):
+        raise ConfigError("--ignore-latency contradicts --minimize latency / --max-latency, which measure it.")
+    if measured or not args.no_export:
+        from ..deploy.onnx import require_onnxruntime
+
+        require_onnxruntime()  # an install hint before any work
+    if args.int8:
+        from ..deploy.quantize import _require_quantization
+
+        _require_quantization()
+    if args.no_export:
+        return None, batches, axes
+    from ..deploy.package import ExportConfig
+
+    return ExportConfig(dynamic_axes=axes or None, allow_traced_branches=args.allow_traced_branches, int8=args.int8,
+                        batches=batches, threads=args.threads), batches, axes
+
+
+def _held_out(splits, n: int = 64):
+    """Real inputs the export is verified on: up to ``n`` rows of the test split (else validation)."""
+    from ..data import _dataset_len, first_batch
+
+    source = splits.test if splits.test is not None and _dataset_len(splits.test) else splits.val
+    return first_batch(source, min(n, _dataset_len(source)))[0], source
 
 
 @writes_output_dir
@@ -237,6 +362,7 @@ def run(args: argparse.Namespace) -> int:
     if args.min_baseline is not None:
         check_number(args.min_baseline, "--min-baseline", minimum=0, maximum=1)
     check_recovery_options(args)
+    export, batches, _ = _deploy_options(args)
     check_input_paths(args)
     check_output_dir(args.out, force=args.force)
     check_cache_and_out(args.cache, args.out)
@@ -247,10 +373,29 @@ def run(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else (args.cache or True)
     splits = load_data_from_args(args, spec)
     model = load_model(args, splits)
+    deployment: dict = {}
+    original_onnx = None
+    file_bytes = None
+    if export is not None:
+        # A model that does not export, or exports wrong on real inputs, is refused before the search.
+        from ..data import first_batch
+        from ..deploy.package import export_verified, shipped_bytes
+        from ..inputs import to_model
+
+        example = to_model(first_batch(splits.val, 2)[0], model)
+        verify_inputs, verify_data = _held_out(splits)
+        original_onnx = export_verified(model, example, to_model(verify_inputs, model), export)
+        if args.max_bytes is not None:
+            def file_bytes(m, example=example, export=export):
+                return shipped_bytes(m, example, export, calibration=splits.train)
+    latency = not args.ignore_latency
     result = compress(model, splits, metric=args.metric, minimize=args.minimize, methods=methods, fit=args.fit,
                       sensitivity=args.sensitivity, cache=cache, progress=not args.quiet, seed=args.seed,
                       calibration_samples=args.calibration_samples, layers=include, exclude=exclude,
-                      fold_bn=args.fold_bn, min_baseline=args.min_baseline, confidence=confidence, **target)
+                      fold_bn=args.fold_bn, min_baseline=args.min_baseline, confidence=confidence,
+                      latency=latency, batches=batches, latency_threads=args.threads,
+                      rank_multiple=args.rank_multiple,
+                      allow_slower=args.allow_slower, file_bytes=file_bytes, **target)
     compressed = result.model
     summary = result.summary()
     summary.update({"model": args.model, "weights": args.weights, "data": spec})
@@ -272,11 +417,42 @@ def run(args: argparse.Namespace) -> int:
     enrich_summary(summary, original=model, compressed=compressed, plan=result.plan.to_dict()["layers"],
                    splits=splits, argv=args.argv, data_spec=spec, model_spec=args.model, weights=args.weights,
                    seed=args.seed)
-    write_outputs(compressed, result.plan, summary, args.out, force=args.force)
+    deploy = None
+    if export is not None:
+        from ..deploy.package import write_deployment
+        from ..inputs import to_model
+
+        def deploy(stage, export=export):
+            return write_deployment(stage, model, compressed, example, to_model(verify_inputs, compressed), export,
+                                    calibration=splits.train, data=verify_data, original_onnx=original_onnx)
+    write_outputs(compressed, result.plan, summary, args.out, force=args.force, deploy=deploy)
+    if export is not None:
+        deployment = {k: summary[k] for k in ("latency_ms", "deployment") if k in summary}
+        print_deployment(deployment)
     report = write_run_report(args, args.out)
-    print(f"wrote {args.out}/plan.json, model.safetensors, summary.json" + (", report.html" if report else ""))
+    files = ["plan.json", "model.safetensors"] + (["model.onnx"] if export is not None else []) + \
+        (["model.int8.onnx"] if export is not None and export.int8 else []) + ["summary.json"]
+    print(f"wrote {args.out}/{', '.join(files)}" + (", report.html" if report else ""))
     set_result(args, {**summary, "out": str(args.out), "report": report})
     return 0
+
+
+def print_deployment(deployment: dict, file=None) -> None:
+    """The shipped variants on ONNX Runtime: file size, accuracy, latency per batch size."""
+    rows = deployment.get("deployment") or []
+    if not rows:
+        return
+    batches = list(rows[0]["latency_ms"])
+    original = rows[0]["latency_ms"]
+    table = []
+    for row in rows:
+        cells = [row["name"], format_bytes(row["file_bytes"]),
+                 "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"]
+        cells += [f"{row['latency_ms'][b]:.4g} ms ({row['latency_ms'][b] / original[b]:.2f}x)" for b in batches]
+        table.append(cells)
+    print("", file=file or sys.stdout)
+    print_table(["ONNX Runtime", "file", "accuracy (test)"] + [f"batch {b}" for b in batches], table,
+                file=file or sys.stdout)
 
 
 def _pct(value) -> str:
@@ -319,5 +495,11 @@ def print_report(result, file=None) -> None:
           f"size {format_bytes(o['bytes'])} -> {format_bytes(c['bytes'])}", file=file)
     print(f"evaluations: {result.evaluations} run, {result.evaluations_cached} from cache; "
           f"{result.seconds:.1f} s", file=file)
+    latency = result.latency or {}
+    for batch, check in (latency.get("prediction") or {}).items():
+        predicted = check.get("predicted_ratio")
+        print(f"latency at batch {batch}: measured {check['measured_ratio']:.2f}x the original"
+              + (f" (predicted from layers timed alone: {predicted:.2f}x, error {check['error']:+.0%})"
+                 if predicted is not None else ""), file=file)
     for note in result.notes:
         print(f"note: {note}", file=file)

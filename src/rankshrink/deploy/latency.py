@@ -22,7 +22,8 @@ from ..factorized import Factorized
 from ..plan import Plan
 from .onnx import onnx_bytes, onnx_feed, ort_session, require_onnxruntime
 
-__all__ = ["Latency", "onnx_latency", "LayerSpeed", "layer_latencies", "drop_slower_layers", "time_sessions"]
+__all__ = ["Latency", "onnx_latency", "LayerSpeed", "layer_latencies", "drop_slower_layers", "time_sessions",
+           "first_sample", "repeat_to_batch", "model_latencies"]
 
 
 @dataclass
@@ -44,6 +45,40 @@ def _timed_runs(sessions: list, feeds: list[dict], runs: int, warmup: int) -> li
             session.run(None, feed)
             times[index].append((time.perf_counter() - start) * 1000.0)
     return times
+
+
+def first_sample(example_input: Any) -> Any:
+    """The first row of an input structure (any form), detached; floating tensors as float32 (what the graphs take)."""
+    return model_inputs.map_tensors(
+        lambda t: t[:1].detach().cpu().float() if t.is_floating_point() else t[:1].detach().cpu(), example_input)
+
+
+def repeat_to_batch(sample: Any, batch: int) -> Any:
+    """A one-row input structure repeated to ``batch`` rows (the latency measurements' inputs)."""
+    return model_inputs.map_tensors(lambda t: t.expand(batch, *t.shape[1:]).contiguous(), sample)
+
+
+def model_latencies(models: dict[str, nn.Module], example_input: Any, *, batches: tuple[int, ...] = (1, 32),
+                    threads: int = 1, runs: int = 20, warmup: int = 3, min_ms: float = 30.0,
+                    max_runs: int = 400) -> dict[str, dict[int, Latency]]:
+    """Each model's latency on ONNX Runtime at each batch size (inputs: the example's first row repeated),
+    all models timed interleaved; exported for timing only (not verified, traced branches allowed)."""
+    import warnings
+
+    ort = require_onnxruntime()
+    sample = first_sample(example_input)
+    names = list(models)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sessions = [ort_session(ort, onnx_bytes(models[n], sample, allow_traced_branches=True), threads)
+                    for n in names]
+    result: dict[str, dict[int, Latency]] = {name: {} for name in names}
+    for batch in batches:
+        feed = onnx_feed(repeat_to_batch(sample, batch))
+        for name, latency in zip(names, time_sessions(sessions, [feed] * len(names), runs=runs, warmup=warmup,
+                                                      min_ms=min_ms, max_runs=max_runs)):
+            result[name][batch] = latency
+    return result
 
 
 def _summary(samples: list[float]) -> Latency:

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import inputs as model_inputs
 from ..cost import count
 from ..errors import ConfigError, LayerError
 from ..factorized import Factorized, conv_arguments, conv_class, layer_geometry
@@ -52,8 +54,8 @@ from ..fingerprint import jsonable, object_fingerprint
 from ..methods import get_method
 from ..plan import Plan
 from ..validation import check_choice, check_int, check_number
-from .latency import Latency, time_sessions
-from .onnx import onnx_bytes, ort_session, require_onnxruntime
+from .latency import Latency, first_sample, repeat_to_batch, time_sessions
+from .onnx import onnx_bytes, onnx_feed, ort_session, require_onnxruntime
 
 __all__ = ["LatencySettings", "LatencyCache", "Timing", "RankAdvice", "LayerBaseline", "ModelBaseline",
            "PredictionCheck", "LatencyModel", "cpu_model", "runtime_identity", "dense_layer", "factor_block",
@@ -311,7 +313,7 @@ class ModelBaseline:
     layers: dict[str, LayerBaseline]
     identity: dict[str, Any]
     model: nn.Module | None = field(default=None, repr=False)     # kept for in-context measurements
-    sample: torch.Tensor | None = field(default=None, repr=False)  # one example input (batch 1)
+    sample: Any = field(default=None, repr=False)  # one example input (batch 1, any input form)
 
     def rest_ms(self, batch: int) -> float:
         """The model's time minus its candidate layers' own: everything else in the graph
@@ -354,8 +356,11 @@ class PredictionCheck:
 
 # --------------------------------------------------------------------------- the model
 
-def _session(ort, module: nn.Module, example: torch.Tensor, threads: int):
-    return ort_session(ort, onnx_bytes(module, example), threads)
+def _session(ort, module: nn.Module, example: Any, threads: int):
+    # Exported for timing only: a traced branch changes what the graph computes, not how long it takes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ort_session(ort, onnx_bytes(module, example, allow_traced_branches=True), threads)
 
 
 class LatencyModel:
@@ -542,28 +547,28 @@ class LatencyModel:
         return RankAdvice(method, multiple, float(min_speedup), timings, slower, rounded)
 
     # -- whole models
-    def baseline(self, model: nn.Module, example_input: torch.Tensor, *,
+    def baseline(self, model: nn.Module, example_input: Any, *,
                  layers: Iterable[str] | None = None, batches: Iterable[int] | None = None) -> ModelBaseline:
         """Time ``model`` (its candidate layers dense) at each batch size, interleaved with each
         candidate layer alone (``layers``, default: every factorizable dense layer)."""
         ort = require_onnxruntime()
         batches = self._batches(batches)
         settings = self.settings
-        rows = [row for row in count(model, example_input[:1]).layers if row.method is None]
+        sample = first_sample(example_input)
+        rows = [row for row in count(model, sample).layers if row.method is None]
         if layers is not None:
             wanted = list(layers)
             unknown = sorted(set(wanted) - {row.name for row in rows})
             if unknown:
                 raise LayerError(f"layer(s) {', '.join(unknown)} are not dense factorizable layers of the model.")
             rows = [row for row in rows if row.name in wanted]
-        sample = example_input[:1].detach().float()
         modules = [model] + [model.get_submodule(row.name) for row in rows]
         examples = [sample] + [layer_input(row.geometry, row.input_size, 1) for row in rows]
         sessions = [_session(ort, m, x, settings.threads) for m, x in zip(modules, examples)]
         model_ms: dict[int, Latency] = {}
         layer_ms: dict[str, dict[int, float]] = {row.name: {} for row in rows}
         for batch in batches:
-            feeds = [{"input": sample.expand(batch, *sample.shape[1:]).contiguous().numpy()}]
+            feeds = [onnx_feed(repeat_to_batch(sample, batch))]
             feeds += [{"input": layer_input(row.geometry, row.input_size, batch).numpy()} for row in rows]
             whole, *parts = time_sessions(sessions, feeds, runs=settings.runs, warmup=settings.warmup,
                                           min_ms=settings.min_ms, max_runs=settings.max_runs)
@@ -575,7 +580,7 @@ class LatencyModel:
                                                                 row.calls, layer_ms[row.name]) for row in rows},
                              dict(self.identity), model=model, sample=sample)
 
-    def measure_in_model(self, model: nn.Module, example_input: torch.Tensor, layer: str, method: str,
+    def measure_in_model(self, model: nn.Module, example_input: Any, layer: str, method: str,
                          ranks: Iterable[Any], batches: Iterable[int] | None = None) -> dict[Any, dict[int, Timing]]:
         """Each rank's timing *in context*: the whole model with only ``layer`` replaced by the
         block, timed interleaved with the unchanged model (``dense_ms`` and ``factorized_ms`` are
@@ -594,8 +599,9 @@ class LatencyModel:
         geometry = layer_geometry(dense)
         impl.check_layer(geometry, layer)
         ranks = list(dict.fromkeys(impl.normalize_rank(geometry, _rank_key(r), layer=layer) for r in ranks))
-        sample = example_input[:1].detach().float()
-        context = {"model": module_fingerprint(model), "layer": layer, "input_shape": list(sample.shape[1:])}
+        sample = first_sample(example_input)
+        context = {"model": module_fingerprint(model), "layer": layer,
+                   "input_shape": [[name, list(t.shape[1:])] for name, t in model_inputs.leaves(sample)]}
 
         def payload(rank: Any, batch: int) -> dict[str, Any]:
             return {**self._payload(geometry, (), method, rank, batch), "context": context}
@@ -619,7 +625,7 @@ class LatencyModel:
                     replace_layer(variant, layer, factor_block(geometry, method, rank))
                     sessions.append(_session(ort, variant.eval(), sample, settings.threads))
                 for batch in batches:
-                    feed = {"input": sample.expand(batch, *sample.shape[1:]).contiguous().numpy()}
+                    feed = onnx_feed(repeat_to_batch(sample, batch))
                     whole, *variants = time_sessions(sessions, [feed] * len(sessions), runs=settings.runs,
                                                      warmup=settings.warmup, min_ms=settings.min_ms,
                                                      max_runs=settings.max_runs)
@@ -679,17 +685,17 @@ class LatencyModel:
             for name, layer in baseline.layers.items()) for batch in batches}
 
     def check(self, baseline: ModelBaseline, original: nn.Module, compressed: nn.Module,
-              plan: Plan | Mapping[str, tuple[str, Any]], example_input: torch.Tensor, *,
+              plan: Plan | Mapping[str, tuple[str, Any]], example_input: Any, *,
               context: str = "layer") -> list[PredictionCheck]:
         """Measure ``original`` and ``compressed`` (interleaved) at the baseline's batch sizes
         and compare with :meth:`predict` for ``plan``."""
         ort = require_onnxruntime()
         predicted = self.predict(baseline, plan, context=context)
-        sample = example_input[:1].detach().float()
+        sample = first_sample(example_input)
         sessions = [_session(ort, m, sample, self.settings.threads) for m in (original, compressed)]
         checks = []
         for batch in baseline.model_ms:
-            feed = {"input": sample.expand(batch, *sample.shape[1:]).contiguous().numpy()}
+            feed = onnx_feed(repeat_to_batch(sample, batch))
             before, after = time_sessions(sessions, [feed, feed], runs=self.settings.runs,
                                           warmup=self.settings.warmup, min_ms=self.settings.min_ms,
                                           max_runs=self.settings.max_runs)

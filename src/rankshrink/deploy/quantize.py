@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .. import inputs as model_inputs
 from ..data import iterate_batches
 from ..errors import ConfigError, DataError, FileFormatError
 from ..files import atomic_path
 from ..validation import check_bool, check_choice, check_int
-from .latency import Latency, time_sessions
+from .latency import Latency, first_sample, repeat_to_batch, time_sessions
 from .onnx import ExportError, ort_session, require_onnxruntime
 
-__all__ = ["INT8_MODES", "ACTIVATION_TYPES", "QuantizeConfig", "quantize_onnx", "onnx_input_name", "OnnxMeasurement",
-           "measure_onnx_files", "onnx_accuracy"]
+__all__ = ["INT8_MODES", "ACTIVATION_TYPES", "QuantizeConfig", "quantize_onnx", "onnx_input_name",
+           "onnx_input_names", "graph_feed", "OnnxMeasurement", "measure_onnx_files", "onnx_accuracy"]
 
 INT8_MODES = ("dynamic", "static")
 ACTIVATION_TYPES = ("uint8", "int8")
@@ -87,8 +88,8 @@ def _require_quantization():
     return quantization
 
 
-def onnx_input_name(path_or_bytes: str | os.PathLike | bytes) -> str:
-    """The name of an ONNX model's single data input (initializers excluded)."""
+def onnx_input_names(path_or_bytes: str | os.PathLike | bytes) -> list[str]:
+    """The names of an ONNX model's data inputs (initializers excluded), in graph order."""
     import onnx
 
     try:
@@ -98,29 +99,48 @@ def onnx_input_name(path_or_bytes: str | os.PathLike | bytes) -> str:
         raise FileFormatError(f"'{path_or_bytes if not isinstance(path_or_bytes, bytes) else 'the model'}' is not "
                               f"a readable ONNX model ({type(exc).__name__}: {exc}).") from None
     initializers = {t.name for t in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def onnx_input_name(path_or_bytes: str | os.PathLike | bytes) -> str:
+    """The name of an ONNX model's single data input (initializers excluded)."""
+    inputs = onnx_input_names(path_or_bytes)
     if len(inputs) != 1:
-        raise FileFormatError(f"the ONNX model has {len(inputs)} data inputs ({', '.join(inputs)}); rankshrink's "
-                              "int8 and measurement steps handle models with one input.")
+        raise FileFormatError(f"the ONNX model has {len(inputs)} data inputs ({', '.join(inputs)}); this step "
+                              "handles models with one input.")
     return inputs[0]
 
 
-def _calibration_batches(data: Dataset | torch.Tensor, samples: int, batch_size: int) -> Iterator[np.ndarray]:
+def graph_feed(names: list[str], inputs: Any) -> dict[str, np.ndarray]:
+    """An ONNX Runtime feed for a graph with inputs ``names`` from an input structure of any form: by name where
+    the structure's names (:func:`rankshrink.inputs.leaves`) are the graph's, else in order."""
+    found = model_inputs.leaves(inputs)
+    arrays = {name: (t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu()).numpy()
+              for name, t in found}
+    if set(arrays) == set(names):
+        return {name: arrays[name] for name in names}
+    if len(found) != len(names):
+        raise DataError(f"the ONNX model takes {len(names)} input(s) ({', '.join(names)}) but the data has "
+                        f"{len(found)} ({', '.join(arrays)}).")
+    return dict(zip(names, arrays.values()))
+
+
+def _calibration_batches(data: Dataset | torch.Tensor, samples: int, batch_size: int) -> Iterator[Any]:
     if isinstance(data, torch.Tensor):
         inputs = data[:samples]
         for start in range(0, len(inputs), batch_size):
-            yield inputs[start:start + batch_size].detach().float().cpu().numpy()
+            yield inputs[start:start + batch_size]
         return
     seen = 0
     for inputs, _ in iterate_batches(data, batch_size):
         if seen >= samples:
             return
-        chunk = inputs[:samples - seen]
-        seen += len(chunk)
-        yield chunk.detach().float().cpu().numpy()
+        chunk = model_inputs.take(inputs, slice(0, samples - seen))
+        seen += model_inputs.batch_size(chunk)
+        yield chunk
 
 
-def _reader(quantization, input_name: str, data: Dataset | torch.Tensor, config: QuantizeConfig):
+def _reader(quantization, input_names: list[str], data: Dataset | torch.Tensor, config: QuantizeConfig):
     class Reader(quantization.CalibrationDataReader):
         """Feeds calibration batches to ONNX Runtime's calibrator, then None."""
 
@@ -129,7 +149,7 @@ def _reader(quantization, input_name: str, data: Dataset | torch.Tensor, config:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
-            return None if batch is None else {input_name: batch}
+            return None if batch is None else graph_feed(input_names, batch)
 
     return Reader()
 
@@ -156,7 +176,7 @@ def quantize_onnx(model: str | os.PathLike, output: str | os.PathLike, *, mode: 
         raise ConfigError("int8 mode 'static' calibrates activation ranges: pass calibration data "
                           "(calibration=splits.train), or use mode='dynamic'.")
     quantization = _require_quantization()
-    input_name = onnx_input_name(source)
+    input_names = onnx_input_names(source)
     with tempfile.TemporaryDirectory(prefix="rankshrink-int8-") as work:
         prepared = source
         if config.preprocess:
@@ -178,7 +198,7 @@ def quantize_onnx(model: str | os.PathLike, output: str | os.PathLike, *, mode: 
                     activation_type = (quantization.QuantType.QUInt8 if config.activations == "uint8"
                                        else quantization.QuantType.QInt8)
                     quantization.quantize_static(str(prepared), str(tmp),
-                                                 _reader(quantization, input_name, calibration, config),
+                                                 _reader(quantization, input_names, calibration, config),
                                                  quant_format=quantization.QuantFormat.QDQ,
                                                  op_types_to_quantize=list(config.op_types) if config.op_types
                                                  else None,
@@ -211,13 +231,14 @@ class OnnxMeasurement:
 
 
 def onnx_accuracy(session, dataset: Dataset, *, batch_size: int = 256) -> float:
-    """Top-1 accuracy of an ONNX Runtime session's outputs (batch, classes) over ``dataset``."""
-    input_name = session.get_inputs()[0].name
+    """Top-1 accuracy of an ONNX Runtime session's first output (batch, classes) over ``dataset``
+    (inputs of any form)."""
+    names = [i.name for i in session.get_inputs()]
     correct = total = 0
     for inputs, labels in iterate_batches(dataset, batch_size):
         if labels is None:
             raise DataError("accuracy on ONNX Runtime needs labelled data; this data set has no labels.")
-        logits = session.run(None, {input_name: inputs.float().numpy()})[0]
+        logits = session.run(None, graph_feed(names, inputs))[0]
         if logits.ndim != 2 or logits.shape[0] != len(labels):
             raise DataError(f"the ONNX model returned outputs of shape {logits.shape} for a batch of {len(labels)}; "
                             "accuracy needs (batch, classes) logits.")
@@ -229,7 +250,7 @@ def onnx_accuracy(session, dataset: Dataset, *, batch_size: int = 256) -> float:
 
 
 def measure_onnx_files(files: Mapping[str, str | os.PathLike], data: Dataset | None = None, *,
-                       example_input: torch.Tensor | None = None, batches: tuple[int, ...] = (1, 32),
+                       example_input: Any = None, batches: tuple[int, ...] = (1, 32),
                        threads: int = 1, runs: int = 30, warmup: int = 5, min_ms: float = 50.0,
                        metric: Callable[[Any, Dataset], float] | None = None,
                        metric_name: str = "accuracy") -> dict[str, OnnxMeasurement]:
@@ -248,7 +269,7 @@ def measure_onnx_files(files: Mapping[str, str | os.PathLike], data: Dataset | N
         if data is None:
             raise ConfigError("pass data= or example_input= so the models can be timed.")
         example_input = next(iterate_batches(data, 1))[0]
-    sample = example_input[:1].detach().float()
+    sample = first_sample(example_input)
     ort = require_onnxruntime()
     names = list(files)
     paths = {name: Path(files[name]) for name in names}
@@ -260,7 +281,7 @@ def measure_onnx_files(files: Mapping[str, str | os.PathLike], data: Dataset | N
     metrics = {name: (metric_fn(session, data) if data is not None else None) for name, session in zip(names, sessions)}
     latency: dict[str, dict[int, Latency]] = {name: {} for name in names}
     for batch in batches:
-        feeds = [{session.get_inputs()[0].name: sample.expand(batch, *sample.shape[1:]).contiguous().numpy()}
+        feeds = [graph_feed([i.name for i in session.get_inputs()], repeat_to_batch(sample, batch))
                  for session in sessions]
         for name, measured in zip(names, time_sessions(sessions, feeds, runs=runs, warmup=warmup, min_ms=min_ms)):
             latency[name][batch] = measured

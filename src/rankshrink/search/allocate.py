@@ -110,6 +110,8 @@ class Allocation:
     probes: dict[str, Any] = field(default_factory=dict)
     path_length: int = 0
     position: int = 0
+    # Tolerance mode: every evaluated plan within the tolerance, cheapest first (the answer is the first).
+    passing: list[dict[str, Candidate]] = field(default_factory=list)
 
     @property
     def plan(self) -> Plan:
@@ -136,6 +138,8 @@ def _estimate_guess(space: LayerSpace, probe: list[Candidate], kind: str) -> int
             cost = factorized_cost(space.geometry, method, rank, space.input_size)
         except Exception:
             continue
+        if kind == "latency":  # not a formula: the probes start from the middle
+            return None
         value = {"params": cost.params, "macs": cost.macs * space.calls,
                  "bytes": cost.params * space.element_size}[kind]
         costs.append(value)
@@ -229,8 +233,12 @@ class _Measured:
 
     def best(self) -> tuple[dict[str, Candidate], int, float] | None:
         """The cheapest passing plan measured so far (ties: the higher decision value)."""
-        passing = [p for p in self.plans.values() if self.ok(p[2])]
-        return min(passing, key=lambda p: (p[1], -p[2])) if passing else None
+        passing = self.passing()
+        return passing[0] if passing else None
+
+    def passing(self) -> list[tuple[dict[str, Candidate], int, float]]:
+        """Every passing plan measured so far, cheapest first (ties: the higher decision value)."""
+        return sorted((p for p in self.plans.values() if self.ok(p[2])), key=lambda p: (p[1], -p[2]))
 
 
 def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -498,7 +506,8 @@ def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostMode
         notes.append("the metric was not monotone in rank over the evaluated plans (accuracy is not exactly "
                      "monotone in rank); the answer is the cheapest evaluated plan within the tolerance, a "
                      "slightly smaller one may exist")
-    return Allocation(choices, value, monotone, notes, probes, len(path), best_k)
+    return Allocation(choices, value, monotone, notes, probes, len(path), best_k,
+                      passing=[p[0] for p in measured.passing()])
 
 
 def budget_allocation(session, spaces: list[LayerSpace], cost_model: CostModel, *, target: int,

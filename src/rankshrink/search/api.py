@@ -77,6 +77,7 @@ class CompressResult:
     report: dict[str, dict[str, float | None]] = field(default_factory=dict)
     drop_ci: dict[str, list[float] | None] = field(default_factory=dict)
     confidence: float | None = None
+    latency: dict[str, Any] | None = None  # what the latency measurements found (SearchLatency.summary)
     _session: Any = field(default=None, repr=False, compare=False)
     _model: Any = field(default=None, repr=False, compare=False)
 
@@ -136,7 +137,8 @@ class CompressResult:
                                                       "dense_params", "dense_macs", "reason")}
                            for layer in self.layers],
                 "search_seconds": round(self.seconds, 3), "timings": self.timings,
-                "records": [r.to_dict() for r in self.records]}
+                "records": [r.to_dict() for r in self.records],
+                **({"latency_search": self.latency} if self.latency is not None else {})}
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "metric": self.metric, "baseline": self.baseline, "value": self.value,
@@ -146,7 +148,7 @@ class CompressResult:
                 "plan": self.plan.to_dict(), "evaluations": self.evaluations,
                 "evaluations_cached": self.evaluations_cached, "monotone": self.monotone, "notes": self.notes,
                 "seconds": self.seconds, "timings": self.timings, "r_max": self.r_max, "fit": self.fit,
-                "seed": self.seed, "test": self.test, "probes": self.probes,
+                "seed": self.seed, "test": self.test, "probes": self.probes, "latency": self.latency,
                 "records": [r.to_dict() for r in self.records]}
 
 
@@ -158,13 +160,20 @@ def compress(model: nn.Module, data: Any = None, *, tolerance: float | None = No
     Exactly one of:
 
     * ``tolerance`` (in [0, 1), e.g. 0.01 = one accuracy point): the cheapest model, in
-      ``minimize`` ('macs', 'params' or 'bytes'), whose validation metric is at most
+      ``minimize`` ('macs', 'params', 'bytes' or 'latency', measured), whose validation metric is at most
       ``tolerance`` below the original's (with ``confidence=0.95``: whose drop's 95%
       bootstrap interval stays below it): the cheapest of every model it evaluated
       that does. Evaluations: at most ``L·(⌈log2 r_max⌉ + 2) + 10`` for L layers.
     * ``budget`` (``{"macs": 0.3}``, ``{"params": 120000}``, ``{"bytes": 256000}``; a
       value ≤ 1 is a ratio of the original): the best predicted model whose exact cost
-      is within the budget, never over it and normally within 2% under it.
+      is within the budget, never over it and normally within 2% under it. A latency
+      budget (``{"latency": 0.6}``: 0.6 of the original's time at every batch size;
+      ``{"latency_ms": 2.0}``: 2 ms at the first batch size) is met as measured on ONNX
+      Runtime (:mod:`rankshrink.search.ship`).
+
+    ``latency=True`` (the CLI's default; implied by ``minimize='latency'`` and latency
+    budgets) measures candidates and plans on ONNX Runtime: nothing measured slower than
+    the dense layer or the original model is picked (:mod:`rankshrink.search.latency`).
 
     ``data``: a :class:`rankshrink.data.Splits` (the metric runs on ``val``;
     calibration and the distortion proxy use ``train``; ``test`` is only reported),
@@ -199,6 +208,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     sensitivity = config.sensitivity
     if sensitivity == "auto" and mode == "budget":
         sensitivity = "proxy"
+    use_latency = config.latency or kind == "latency"
+    file_budget = mode == "budget" and kind == "bytes" and config.file_bytes is not None
     methods = list(config.methods) if config.methods is not None else None
     progress = config.progress
     seed = config.seed
@@ -213,27 +224,32 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     original = dict(cost_model.original) if not folds else dict(CostModel(user_model, session.example_input).original)
     layers = _selected_layers(cost_model, config)
     target: int | None = None  # set in budget mode only
-    if mode == "budget":  # fail fast, before any factorization
+    if mode == "budget" and kind != "latency" and not file_budget:  # fail fast, before any factorization
         target = budget.absolute(original)
         breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
         if target < breakdown["total"]:
             raise ConfigError(_below_minimum(kind, target, breakdown, original))
     try:
         spaces: list = []  # the candidates, built once the baseline passed the sanity check
+        file_target: int | None = None  # a bytes budget counted in shipped-file bytes (config.file_bytes)
         evaluator = session.start(total=None,  # the total is known once the candidates are
                                   costs=lambda plan: plan_costs(plan, spaces, cost_model))
         try:
             baseline = evaluator(Plan(), "baseline")
             evaluator.baseline = baseline
             session.check_baseline(baseline)  # a model at chance on this data: stop before searching
+            if use_latency:
+                target = _start_latency(model, session, config, budget if mode == "budget" else None, cost_model,
+                                        original, target)
             spaces[:] = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods,
                                      progress=progress)
-            if target is not None and spaces:  # budget mode
+            if target is not None and spaces and kind != "latency":  # budget mode
                 lowest = minimum_cost(spaces, cost_model, kind)
                 if target < lowest:
                     breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
                     breakdown["total"] = lowest
-                    raise ConfigError(_below_minimum(kind, target, breakdown, original))
+                    raise ConfigError(_below_minimum(kind, target, breakdown, original,
+                                                     dropped=session.latency.dropped if session.latency else None))
             r_max = max([1, *(s.r_max for s in spaces)])
             total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
             # What one-layer probes may use at most; the whole-model phases get what they leave ('auto'
@@ -243,19 +259,21 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
             if not spaces:
                 from .allocate import Allocation
                 allocation = Allocation({}, baseline, notes=["no factorizable layer to compress"])
-            elif target is None:  # tolerance mode
+            elif mode == "tolerance":
                 assert tolerance is not None
                 allocation = tolerance_allocation(session, spaces, cost_model, baseline=baseline,
                                                   tolerance=tolerance, kind=kind, sensitivity=sensitivity,
                                                   max_global=max_global_evaluations,
                                                   probe_allowance=probe_allowance)
-            elif original[kind] <= target:
-                from .allocate import Allocation
-                allocation = Allocation({}, baseline, notes=["the original model is already within the budget"])
+                if session.latency is not None:
+                    from .ship import finish_tolerance
+
+                    allocation = finish_tolerance(session, spaces, allocation, kind=kind, baseline=baseline,
+                                                  allow_slower=config.allow_slower)
             else:
-                allocation = budget_allocation(session, spaces, cost_model, target=target, kind=kind)
-                allocation = polish_budget(session, spaces, allocation, cost_model, target=target, kind=kind,
-                                           max_evaluations=max_global_evaluations)
+                target, file_target, allocation = _budget_mode(session, spaces, cost_model, budget=budget,
+                                                               target=target, baseline=baseline, original=original,
+                                                               user_model=user_model, config=config)
         finally:
             evaluator.close()
     except KeyboardInterrupt:
@@ -290,7 +308,9 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     if mode == "tolerance":
         final_plan.metadata["tolerance"] = tolerance
     else:
-        final_plan.metadata["budget"] = {"kind": budget.kind, "value": budget.value, "target": target}
+        final_plan.metadata["budget"] = {"kind": budget.kind, "value": budget.value, "target": target,
+                                         **({"unit": budget.unit} if budget.unit else {}),
+                                         **({"file_bytes": file_target} if file_target is not None else {})}
     test = None
     report: dict[str, dict[str, float | None]] = {}
     level = config.confidence or 0.95
@@ -311,7 +331,9 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
             test = {"original": report["original"]["test_accuracy"],
                     "compressed": report["compressed"]["test_accuracy"]}
     notes = list(allocation.notes)
-    if mode == "budget" and target and compressed[kind] > target:  # defensive: must never happen
+    if session.latency is not None:
+        notes += session.latency.notes
+    if mode == "budget" and target and compressed[kind] > target and kind != "latency":  # must never happen
         raise ConfigError(f"internal error: the allocation costs {compressed[kind]} {kind}, over the budget {target}.")
     session.timings["evaluate"] = sum(r.seconds for r in evaluator.records)
     if folds:
@@ -320,14 +342,132 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     return CompressResult(
         plan=final_plan, mode=mode, metric=session.metric.name, baseline=baseline, value=value,
         tolerance=tolerance,
-        budget=None if budget is None else {"kind": budget.kind, "value": budget.value, "target": target,
-                                            "used": compressed[kind] / target if target else None},
+        budget=None if budget is None else _budget_record(budget, target, compressed[kind], file_target, session,
+                                                          choices),
         minimize=kind, original=original, compressed=compressed, layers=layers_out,
         evaluations=evaluator.evaluations, evaluations_cached=evaluator.cached, records=list(evaluator.records),
         monotone=allocation.monotone, notes=notes, seconds=time.perf_counter() - start,
         timings={k: round(v, 4) for k, v in session.timings.items()}, r_max=r_max, fit=session.fit,
         seed=seed, probes=allocation.probes, test=test, report=report, drop_ci=drop_ci,
-        confidence=config.confidence, _session=session)
+        confidence=config.confidence,
+        latency=session.latency.summary() if session.latency is not None else None, _session=session)
+
+
+def _budget_mode(session: Session, spaces: list, cost_model: CostModel, *, budget: Budget, target: int | None,
+                 baseline: float, original: dict[str, int], user_model: nn.Module, config: SearchConfig):
+    """Budget mode's allocation: (the target in the kind's cost, the shipped-file target or None, the allocation)."""
+    from .allocate import Allocation
+
+    kind, file_target = budget.kind, None
+    if kind == "latency":
+        from .ship import latency_budget
+
+        allocation = latency_budget(session, spaces, cost_model, budget=budget,
+                                    max_evaluations=config.max_global_evaluations, allow_slower=config.allow_slower)
+        return target, None, allocation
+    if kind == "bytes" and config.file_bytes is not None:
+        target, file_target, allocation = _file_bytes_allocation(
+            session, spaces, cost_model, budget=budget, original_model=user_model, file_bytes=config.file_bytes,
+            max_evaluations=config.max_global_evaluations)
+    elif target is None or original[kind] <= target:
+        allocation = Allocation({}, baseline, notes=["the original model is already within the budget"])
+    else:
+        allocation = budget_allocation(session, spaces, cost_model, target=target, kind=kind)
+        allocation = polish_budget(session, spaces, allocation, cost_model, target=target, kind=kind,
+                                   max_evaluations=config.max_global_evaluations)
+    if session.latency is not None and allocation.choices:
+        from .ship import finish_budget
+
+        assert target is not None
+        allocation = finish_budget(session, spaces, cost_model, allocation, kind=kind, target=target,
+                                   max_evaluations=config.max_global_evaluations, allow_slower=config.allow_slower)
+    return target, file_target, allocation
+
+
+def _start_latency(model: nn.Module, session: Session, config: SearchConfig, budget: Budget | None,
+                   cost_model: CostModel, original: dict[str, int], target: int | None) -> int | None:
+    """Start the search's latency measurements (``session.latency``, the model timed once); latency costs join
+    the cost model. Returns the budget target (a latency budget's in latency units)."""
+    from .latency import UNITS, SearchLatency
+
+    latency = SearchLatency.create(model, session.example_input, batches=tuple(config.batches),
+                                   threads=config.latency_threads, multiple=config.rank_multiple)
+    session.latency = latency
+    cost_model.original["latency"] = original["latency"] = UNITS
+    if budget is not None and budget.kind == "latency":
+        from .ship import latency_target
+
+        if budget.unit == "ms":
+            latency.use_batches(latency.batches[:1])  # an absolute time is a time at the first batch size
+        return int(UNITS * latency_target(latency, budget)[0])
+    return target
+
+
+def _budget_record(budget: Budget, target: int | None, cost: int, file_target: int | None, session: Session,
+                   choices: dict) -> dict[str, Any]:
+    record: dict[str, Any] = {"kind": budget.kind, "value": budget.value, "target": target,
+                              "used": cost / target if target else None}
+    if budget.unit:
+        record["unit"] = budget.unit
+    latency = session.latency
+    if budget.kind == "latency" and latency is not None and latency.final is not None:
+        from .ship import latency_target
+
+        ratio, batches = latency_target(latency, budget)
+        measured = latency.final.worst(batches)
+        record.update(target_ratio=ratio, measured_ratio=measured, used=measured / ratio)
+    if file_target is not None and session.config.file_bytes is not None:
+        size = session.config.file_bytes(session.factorizer.build(plan_of(choices)))
+        record.update(file_target=file_target, file_bytes=size, used=size / file_target)
+    return record
+
+
+def _file_bytes_allocation(session: Session, spaces: list, cost_model: CostModel, *, budget: Budget,
+                           original_model: nn.Module, file_bytes, max_evaluations: int):
+    """A bytes budget counted in the bytes of the file that will be shipped (``file_bytes(model)``): the
+    allocation's target in parameter bytes is corrected until the file fits. Returns (the target in parameter
+    bytes, the target in file bytes, the allocation)."""
+    original_file = int(file_bytes(original_model))
+    file_target = int(budget.value * original_file) if budget.relative else int(budget.value)
+    if original_file <= file_target:
+        from .allocate import Allocation
+
+        return cost_model.original["bytes"], file_target, Allocation(
+            {}, None, notes=[f"the original model's file ({original_file:,} bytes) is already within the budget"])
+    lowest = minimum_cost(spaces, cost_model, "bytes")
+    units = max(lowest, int(file_target * cost_model.original["bytes"] / original_file))
+    fits: list[tuple[int, Any, int]] = []
+    sizes: list[tuple[int, int]] = []
+    for _ in range(6):
+        allocation = budget_allocation(session, spaces, cost_model, target=units, kind="bytes")
+        size = int(file_bytes(session.factorizer.build(plan_of(allocation.choices))))
+        sizes.append((units, size))
+        if size <= file_target:
+            fits.append((units, allocation, size))
+            if size >= 0.97 * file_target:
+                break
+            grown = int(units * file_target / size * 0.995)
+            if grown <= units or any(u == grown for u, _ in sizes):
+                break
+            units = grown
+        else:
+            if units <= lowest:
+                break
+            units = max(lowest, int(units * file_target / size * 0.99))
+    if not fits:
+        smallest = min(size for _, size in sizes)
+        raise ConfigError(f"the bytes budget {file_target:,} (of the shipped file) is below the smallest file "
+                          f"reachable, {smallest:,} bytes (every factorizable layer at its cheapest candidate; the "
+                          f"original's file is {original_file:,} bytes). Raise the budget.")
+    units, allocation, size = max(fits, key=lambda f: f[2])
+    polished = polish_budget(session, spaces, allocation, cost_model, target=units, kind="bytes",
+                             max_evaluations=max_evaluations)
+    if polished.choices != allocation.choices and \
+            int(file_bytes(session.factorizer.build(plan_of(polished.choices)))) > file_target:
+        assert session.evaluator is not None
+        allocation.value = session.evaluator(plan_of(allocation.choices), "final")
+        return units, file_target, allocation
+    return units, file_target, polished
 
 
 def _test_predictions(session: Session, original: nn.Module, compressed: nn.Module):
@@ -416,7 +556,8 @@ def _kept_dense(session: Session, cost_model: CostModel, spaces: dict, layers: l
     return rows
 
 
-def _below_minimum(kind: str, target: int, breakdown: dict[str, Any], original: dict[str, int]) -> str:
+def _below_minimum(kind: str, target: int, breakdown: dict[str, Any], original: dict[str, int], *,
+                   dropped: dict[str, list[str]] | None = None) -> str:
     lowest = breakdown["total"]
     whole = original[kind] or 1
     text = (f"the {kind} budget {target:,} is below the minimum reachable {lowest:,} ({lowest / whole:.1%} of the "
@@ -430,9 +571,13 @@ def _below_minimum(kind: str, target: int, breakdown: dict[str, Any], original: 
             parts.append(f"{what} {value:,}{shown}")
         text += (f" Of that minimum, {stuck:,} ({stuck / whole:.1%} of the original) cannot be factorized: "
                  f"{'; '.join(parts)}.")
-    text += (f" The factorizable layers at rank 1 with their cheapest method add {breakdown['factorizable']:,}. "
-             "Raise the budget.")
-    return text
+    text += f" The factorizable layers at rank 1 with their cheapest method add {breakdown['factorizable']:,}."
+    if dropped:  # latency-aware: candidates measured slower than their dense layer are not used
+        return text + (f" Measured on ONNX Runtime, {sum(map(len, dropped.values()))} candidate(s) of {len(dropped)} "
+                       f"layer(s) ran slower than their dense layer and are not used ({', '.join(list(dropped)[:4])}"
+                       f"{' ...' if len(dropped) > 4 else ''}). Raise the budget, or pass --ignore-latency "
+                       "(latency=False) to budget by formula alone.")
+    return text + " Raise the budget."
 
 
 def _maybe(fn, model):

@@ -17,7 +17,7 @@ from ..validation import check_bool, check_choice, check_int, check_number, chec
 __all__ = ["SearchConfig", "Budget", "COST_KINDS", "SENSITIVITIES", "FIT_CHOICES", "MAX_GLOBAL_EVALUATIONS",
            "check_tolerance"]
 
-COST_KINDS = ("macs", "params", "bytes")
+COST_KINDS = ("macs", "params", "bytes", "latency")
 SENSITIVITIES = ("auto", "probe", "proxy")
 FIT_CHOICES = ("auto", "activations", "weights")
 # Whole-model evaluations a search may spend beyond its per-layer probes.
@@ -31,7 +31,7 @@ class SearchConfig:
     ``metric``: 'auto' (accuracy with labels, agreement without), 'accuracy', 'agreement'
     (with the original's predictions, no labels needed), 'per-class', 'worst-class' or a
     callable ``model -> float`` (higher is better). ``minimize``: what tolerance mode makes
-    smallest ('macs', 'params', 'bytes'). ``methods``: restrict the methods tried;
+    smallest ('macs', 'params', 'bytes', 'latency'). ``methods``: restrict the methods tried;
     ``layers`` / ``exclude``: glob patterns over qualified layer names (``features.*``) choosing
     the layers compressed. ``fold_bn``: fold eval-mode BatchNorm layers into the Linear/Conv
     before them first (the factors see the real weights; the plan records the folds).
@@ -57,6 +57,19 @@ class SearchConfig:
     the drop instead of the measured drop, so a plan passes only if the validation set
     makes a drop within the tolerance that likely; the reported ``drop_ci`` uses this
     level too (0.95 without one).
+
+    Latency (measured on ONNX Runtime's CPU provider; the CLI turns it on by default):
+    ``latency`` True measures every candidate against its dense layer
+    (:mod:`rankshrink.search.latency`): a candidate slower than the dense layer at some batch
+    size in ``batches`` is never picked, ranks are rounded to multiples of ``rank_multiple``
+    where that measures faster, and the final model is measured against the original: a plan
+    slower at some batch size is not returned (tolerance mode keeps the fastest plan within
+    the tolerance that is faster, possibly the original) unless ``allow_slower``.
+    ``minimize='latency'`` and ``{"latency": 0.6}`` / ``{"latency_ms": 2.0}`` budgets imply
+    it. ``latency_threads``: ONNX Runtime intra-op threads for every measurement.
+    ``file_bytes``: a callable ``model -> int`` (the size of the file that will be shipped,
+    e.g. :func:`rankshrink.deploy.shipped_bytes`); a bytes budget then counts it instead of
+    the parameter bytes.
     """
 
     metric: Any = "auto"
@@ -78,6 +91,12 @@ class SearchConfig:
     threads: int | None = None
     report_test: bool = True
     confidence: float | None = None
+    latency: bool = False
+    batches: tuple[int, ...] = (1, 32)
+    latency_threads: int = 1
+    rank_multiple: int = 8
+    allow_slower: bool = False
+    file_bytes: Any = None
 
     def __post_init__(self) -> None:
         from ..methods import method_names
@@ -92,6 +111,17 @@ class SearchConfig:
         check_bool(self.progress, "progress")
         check_bool(self.report_test, "report_test")
         check_bool(self.fold_bn, "fold_bn")
+        check_bool(self.latency, "latency")
+        check_bool(self.allow_slower, "allow_slower")
+        check_int(self.latency_threads, "latency_threads", minimum=1)
+        check_int(self.rank_multiple, "rank_multiple", minimum=1)
+        if isinstance(self.batches, int) or not isinstance(self.batches, (tuple, list)) or not self.batches:
+            raise ConfigError(f"batches must be a non-empty list of batch sizes, got {self.batches!r}.")
+        for batch in self.batches:
+            check_int(batch, "batch size", minimum=1)
+        object.__setattr__(self, "batches", tuple(dict.fromkeys(self.batches)))
+        if self.file_bytes is not None and not callable(self.file_bytes):
+            raise ConfigError(f"file_bytes must be a callable model -> bytes, got {type(self.file_bytes).__name__}.")
         if self.min_baseline is not None:
             check_number(self.min_baseline, "min_baseline", minimum=0, maximum=1)
         check_optional_int(self.threads, "threads", minimum=1)
@@ -127,14 +157,17 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class Budget:
-    """A hard cost limit: ``kind`` ('macs', 'params' or 'bytes') at ``value``.
+    """A hard cost limit: ``kind`` ('macs', 'params', 'bytes' or 'latency') at ``value``.
 
     A value in (0, 1] is a ratio of the original model's cost; a value above 1 is an
-    absolute count (MACs, parameters or bytes).
+    absolute count (MACs, parameters or bytes). A latency budget is a ratio of the
+    original's measured latency (at every batch size measured), or, with ``unit='ms'``,
+    milliseconds at the first batch size (``{"latency_ms": 2.0}``).
     """
 
     kind: str
     value: float
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in COST_KINDS:
@@ -143,10 +176,15 @@ class Budget:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"a {self.kind} budget must be a positive number (a ratio in (0, 1] or an absolute "
                               f"count), got {v!r}.")
+        if self.unit not in (None, "ms") or (self.unit == "ms" and self.kind != "latency"):
+            raise ConfigError(f"a budget's unit can only be 'ms' for a latency budget, got {self.unit!r}.")
+        if self.kind == "latency" and self.unit is None and v > 1:
+            raise ConfigError(f"a latency budget is a ratio of the original's latency in (0, 1] (0.6) or a time "
+                              f"({{'latency_ms': {v:g}}}, CLI --max-latency {v:g}ms), got {v!r}.")
 
     @property
     def relative(self) -> bool:
-        return self.value <= 1
+        return self.unit is None and self.value <= 1
 
     def absolute(self, original: Mapping[str, int]) -> int:
         if self.relative:
@@ -159,11 +197,13 @@ class Budget:
             return budget
         if isinstance(budget, Mapping) and len(budget) == 1:
             (kind, value), = budget.items()
+            if kind == "latency_ms":
+                return cls("latency", value, "ms")
             return cls(str(kind), value)
         if isinstance(budget, (tuple, list)) and len(budget) == 2:
             return cls(str(budget[0]), budget[1])
-        raise ConfigError(f"budget must be {{'macs'|'params'|'bytes': value}}, a (kind, value) pair or a Budget; "
-                          f"got {budget!r}.")
+        raise ConfigError(f"budget must be {{'macs'|'params'|'bytes'|'latency': value}}, {{'latency_ms': ms}}, a "
+                          f"(kind, value) pair or a Budget; got {budget!r}.")
 
 
 def check_tolerance(tolerance: Any) -> float:

@@ -147,6 +147,7 @@ class Session:
             example_input = first_batch(source, 1)[0]
         self.example_input = to_model(example_input, model)  # half-precision models get cast inputs
         self.kept_dense: dict[str, str] = {}  # layer -> why the search leaves it dense (tied, no method ...)
+        self.latency: Any = None  # a rankshrink.search.latency.SearchLatency when latency is measured
 
         # The fit: data-aware when there is training data to calibrate on.
         fit = config.fit

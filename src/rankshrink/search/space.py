@@ -50,6 +50,7 @@ class Candidate:
     bytes: int
     distortion: float
     config: MethodConfig | None = field(default=None, compare=False)  # the plan entry (None when dense)
+    latency: int = 0  # predicted latency cost (rankshrink.search.latency units) when latency is measured
 
     @property
     def dense(self) -> bool:
@@ -80,6 +81,16 @@ class LayerSpace:
     module: Any = field(default=None, repr=False, compare=False)
     known: dict[str, float] = field(default_factory=dict, repr=False)   # cached proxies: "method:rank" -> value
     fresh: bool = field(default=False, repr=False)                       # computed proxies not yet cached
+    # With latency measured: the (method, rank)s measured faster than the dense layer (None: no filter), and
+    # each one's predicted latency cost and time ratio per batch size.
+    allowed: set | None = field(default=None, repr=False)
+    latency_costs: dict = field(default_factory=dict, repr=False)
+    latency_ratios: dict = field(default_factory=dict, repr=False)
+
+    def latency_of(self, method: str | None, rank) -> int:
+        """The predicted latency cost of a candidate (the dense layer's for ``method`` None; 0 unmeasured)."""
+        key = None if method is None else (method, tuple(rank) if isinstance(rank, list) else rank)
+        return int(self.latency_costs.get(key, 0))
 
     def proxies(self) -> dict[str, float]:
         return {f"{c.method}:{c.rank}": c.distortion for c in self.candidates}
@@ -119,13 +130,13 @@ class CostModel:
     def __init__(self, model: nn.Module, example_input: torch.Tensor):
         self.model_cost = count(model, example_input)
         self.original = {"params": self.model_cost.params, "macs": self.model_cost.macs,
-                         "bytes": self.model_cost.bytes}
+                         "bytes": self.model_cost.bytes}  # plus "latency" when the search measures it
 
     def total(self, choices: dict[str, Candidate], spaces: dict[str, "LayerSpace"]) -> dict[str, int]:
         result = dict(self.original)
         for name, cand in choices.items():
             dense = spaces[name].dense
-            for kind in COST_KINDS:
+            for kind in result:
                 result[kind] += cand.cost(kind) - dense.cost(kind)
         return result
 
@@ -143,6 +154,8 @@ def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Ca
     found = space.find(method, rank)
     if found is not None:
         return found
+    if space.allowed is not None and (method, rank) not in space.allowed:
+        return space.dense  # not measured faster than the dense layer (latency is measured)
     cost = factorized_cost(space.geometry, method, rank, space.input_size)
     if cost.params > space.dense.params or cost.macs * space.calls > space.dense.macs:
         return space.dense
@@ -150,7 +163,8 @@ def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Ca
     label = f"{method}:{rank}"
     if label in space.known:
         cand = Candidate(space.name, method, rank, cost.params, cost.macs * space.calls,
-                         cost.params * space.element_size, float(space.known[label]), config)
+                         cost.params * space.element_size, float(space.known[label]), config,
+                         space.latency_of(method, rank))
         space.candidates.append(cand)
         return cand
     space.fresh = True
@@ -164,7 +178,7 @@ def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Ca
         distortion = weight_distortion(space.module, block)
     session.timings["proxy"] += time.perf_counter() - start
     cand = Candidate(space.name, method, rank, cost.params, cost.macs * space.calls,
-                     cost.params * space.element_size, distortion, config)
+                     cost.params * space.element_size, distortion, config, space.latency_of(method, rank))
     space.candidates.append(cand)
     return cand
 
@@ -271,7 +285,8 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
     """Candidates for every factorizable layer (or those named in ``layers``), in model order."""
     if kind not in COST_KINDS:
         raise ConfigError(f"cost kind must be one of {', '.join(COST_KINDS)}, got {kind!r}.")
-    cap_objective = "macs" if kind == "macs" else "params"
+    cap_objective = "params" if kind in ("params", "bytes") else "macs"
+    latency = getattr(session, "latency", None)  # a rankshrink.search.latency.SearchLatency, or None
     model = session.model
     rows = [row for row in cost_model.model_cost.layers if row.method is None]
     known = {row.name for row in rows}
@@ -315,10 +330,14 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
         for row, module, allowed in work:
             esize = _dtype_size(module)
             dense_c = dense_cost(row.geometry, row.input_size)
+            dense_latency = latency.dense_cost(row.name) if latency is not None else 0
             dense = Candidate(row.name, None, None, dense_c.params, dense_c.macs * row.calls,
-                              dense_c.params * esize, 0.0)
+                              dense_c.params * esize, 0.0, latency=dense_latency)
             space = LayerSpace(row.name, row.type, row.geometry, tuple(row.input_size), row.calls, esize, dense,
                                [], {}, module=module)
+            if latency is not None:
+                space.allowed = set()
+                space.latency_costs[None] = dense_latency
             proxy_key = session.proxy_key(row.name)
             cached = session.cache.get_json("proxies", proxy_key) if proxy_key else None
             if isinstance(cached, dict):
@@ -327,7 +346,10 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
                 impl = get_method(method)
                 be = break_even_rank(row.geometry, method, row.input_size, by=cap_objective)
                 space.break_even[method] = be
-                for rank in impl.rank_grid(row.geometry, impl.search_max_rank(row.geometry, be)):
+                ranks = impl.rank_grid(row.geometry, impl.search_max_rank(row.geometry, be))
+                if latency is not None:  # measured: only ranks faster than the layer, rounded where faster
+                    ranks = latency.candidate_ranks(space, method, ranks)
+                for rank in ranks:
                     make_candidate(session, space, method, rank)
                 if bar is not None:
                     bar.update(1)
@@ -362,4 +384,6 @@ def plan_costs(plan: Plan, spaces: list[LayerSpace], cost_model: CostModel) -> d
         result["params"] += cost.params - space.dense.params
         result["macs"] += cost.macs * space.calls - space.dense.macs
         result["bytes"] += cost.params * space.element_size - space.dense.bytes
+        if "latency" in result:
+            result["latency"] += space.latency_of(entry.method, entry.rank) - space.dense.latency
     return result

@@ -1,0 +1,258 @@
+"""Latency in the search: what runs faster on ONNX Runtime, measured, not counted.
+
+With ``SearchConfig.latency`` (the CLI's default), :class:`SearchLatency`:
+
+* **times the model** once (:meth:`LatencyModel.baseline`: the model and each of its
+  factorizable layers alone, interleaved, at every batch size), which gives each layer's
+  share of the model's time;
+* **measures every candidate** (layer, method, rank) as a standalone graph against its dense
+  layer (:meth:`LatencyModel.measure`, cached on disk), on a rank grid snapped to multiples of
+  ``rank_multiple`` (measured here: a CP block of a 32→64 3×3 conv at ranks 16, 28, 40, 52 ran
+  at 0.29–0.63× the dense time, at 13, 31, 43, 55 at 0.51–1.08×); a rank below the multiple
+  is replaced by the multiple where that measures faster at every batch size, and a
+  candidate slower than the dense layer at some batch size is dropped, in every mode;
+* gives each candidate a **latency cost**: its predicted share of the model's time, in units of
+  a millionth of the original's (averaged over the batch sizes a budget constrains), so the
+  allocation can minimize or budget it like MACs;
+* **measures whole plans** against the original, interleaved (:meth:`measure`), because a
+  layer timed alone misses what the graph does around it (ONNX Runtime keeps chains of convs
+  in a blocked layout and pays reorders around factors: measured up to 135% prediction error
+  on conv nets at batch 32), and acts on it (:mod:`rankshrink.search.ship`): nothing measured
+  slower than the original is returned, and a latency budget is met as measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from torch import nn
+
+from ..errors import LayerError
+from ..methods import get_method
+
+__all__ = ["UNITS", "SearchLatency", "PlanTiming"]
+
+UNITS = 1_000_000  # the original model's latency cost: costs are millionths of its (weighted) time
+_MAX_SMALL = 4     # ranks below the multiple kept per (layer, method), spread out (1 and the largest included)
+
+
+@dataclass
+class PlanTiming:
+    """One plan measured against the original in the same interleaved run: ms per batch size, and the ratio."""
+
+    original_ms: dict[int, float]
+    plan_ms: dict[int, float]
+    p90_ms: dict[int, float]
+    original_p90_ms: dict[int, float]
+    runs: dict[int, int]
+
+    @property
+    def ratios(self) -> dict[int, float]:
+        return {b: self.plan_ms[b] / self.original_ms[b] for b in self.plan_ms}
+
+    def faster(self) -> bool:
+        """Faster than the original at every batch size measured."""
+        return all(r < 1.0 for r in self.ratios.values())
+
+    def worst(self, batches: Iterable[int] | None = None) -> float:
+        ratios = self.ratios
+        return max(ratios[b] for b in (batches if batches is not None else ratios))
+
+    def describe(self) -> str:
+        return ", ".join(f"{r:.2f}x at batch {b}" for b, r in self.ratios.items())
+
+
+@dataclass
+class SearchLatency:
+    """Latency measurements for one search (see the module doc). Built by :meth:`create`."""
+
+    model: nn.Module
+    sample: Any
+    lm: Any                                   # rankshrink.deploy.latency_model.LatencyModel
+    baseline: Any                             # its ModelBaseline of ``model``
+    multiple: int
+    batches: tuple[int, ...]
+    weights: dict[int, float] = field(default_factory=dict)
+    dropped: dict[str, list[str]] = field(default_factory=dict)   # layer -> candidates measured slower than dense
+    rounded: dict[str, dict[str, str]] = field(default_factory=dict)  # layer -> {rank: the multiple used}
+    measured_plans: int = 0
+    notes: list[str] = field(default_factory=list)
+    final: PlanTiming | None = None
+    predicted: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, model: nn.Module, example_input: Any, *, batches: tuple[int, ...], threads: int,
+               multiple: int, progress: bool = False) -> "SearchLatency":
+        from ..deploy.latency import first_sample
+        from ..deploy.latency_model import LatencyModel, LatencySettings
+
+        settings = LatencySettings(batches=tuple(batches), threads=threads)
+        lm = LatencyModel(settings, progress=progress)
+        sample = first_sample(example_input)
+        baseline = lm.baseline(model, sample)
+        result = cls(model, sample, lm, baseline, multiple, tuple(batches))
+        result.use_batches(batches)
+        return result
+
+    # -- costs
+    def use_batches(self, batches: Iterable[int]) -> None:
+        """Which batch sizes the latency cost averages (all of them; an absolute budget: the first)."""
+        chosen = list(batches)
+        self.weights = {b: 1.0 / len(chosen) for b in chosen}
+
+    def _share(self, layer: str, batch: int) -> float:
+        row = self.baseline.layers[layer]
+        return row.calls * row.dense_ms[batch] / self.baseline.model_ms[batch].median_ms
+
+    def dense_cost(self, layer: str) -> int:
+        return self.cost(layer, {b: 1.0 for b in self.batches})
+
+    def cost(self, layer: str, ratios: dict[int, float]) -> int:
+        """A candidate's latency cost: its predicted share of the model's time (units), from its time ratio."""
+        return int(round(UNITS * sum(w * self._share(layer, b) * ratios[b] for b, w in self.weights.items())))
+
+    def predicted_ratios(self, spaces: list, choices: dict) -> dict[int, float]:
+        """The whole model's predicted time ratio at each batch size: 1 + Σ layer share × (ratio − 1)."""
+        result = {}
+        for space in spaces:  # a candidate the filter did not see (allow_slower, a plan given) is measured now
+            cand = choices.get(space.name)
+            if cand is not None and cand.method is not None and (cand.method, cand.rank) not in space.latency_ratios:
+                per = next(iter(self.lm.measure(space.geometry, space.input_size, cand.method, [cand.rank],
+                                                self.batches).values()))
+                space.latency_ratios[(cand.method, cand.rank)] = {b: per[b].ratio for b in self.batches}
+        for batch in self.batches:
+            change = 0.0
+            for space in spaces:
+                cand = choices.get(space.name)
+                if cand is None or cand.method is None:
+                    continue
+                ratio = space.latency_ratios[(cand.method, cand.rank)][batch]
+                change += self._share(space.name, batch) * (ratio - 1.0)
+            result[batch] = 1.0 + change
+        return result
+
+    # -- candidates
+    def _snap(self, method: str, geometry: dict[str, Any], rank: Any) -> Any:
+        """``rank`` with every component of at least the multiple rounded to the nearest multiple (down where up
+        leaves the layer's range)."""
+        impl = get_method(method)
+        parts = list(rank) if isinstance(rank, (tuple, list)) else [rank]
+        m = self.multiple
+        if m <= 1 or all(p < m for p in parts):
+            return rank
+        for round_part in (lambda p: int(math.floor(p / m + 0.5)) * m, lambda p: (p // m) * m):
+            snapped = [p if p < m else max(m, round_part(p)) for p in parts]
+            value: Any = tuple(snapped) if isinstance(rank, (tuple, list)) else snapped[0]
+            try:
+                return impl.normalize_rank(geometry, value)
+            except LayerError:
+                continue
+        return rank
+
+    def candidate_ranks(self, space, method: str, grid: list[Any]) -> list[Any]:
+        """The ranks of ``grid`` to try for ``space``'s layer with ``method``: snapped to multiples, measured,
+        those slower than the dense layer dropped and small ones replaced by the multiple where it is faster.
+        Records each kept rank's latency cost and ratios in ``space``."""
+        from ..cost import factorized_cost
+
+        impl = get_method(method)
+        geometry = dict(space.geometry)
+        dense_macs, dense_params = space.dense.macs, space.dense.params
+        wanted: list[Any] = []
+        for rank in grid:
+            snapped = self._snap(method, geometry, impl.normalize_rank(geometry, rank))
+            cost = factorized_cost(geometry, method, snapped, space.input_size)
+            if cost.params <= dense_params and cost.macs * space.calls <= dense_macs and snapped not in wanted:
+                wanted.append(snapped)
+        parts = {r: (list(r) if isinstance(r, (tuple, list)) else [r]) for r in wanted}
+        small = [r for r in wanted if all(p < self.multiple for p in parts[r])]
+        if len(small) > _MAX_SMALL:
+            keep = {small[round(i * (len(small) - 1) / (_MAX_SMALL - 1))] for i in range(_MAX_SMALL)}
+            wanted = [r for r in wanted if r not in small or r in keep]
+            small = [r for r in small if r in keep]
+        if not wanted:
+            return []
+        unit: Any = None
+        if small:
+            try:
+                unit = impl.normalize_rank(geometry, self.multiple)
+            except LayerError:  # the layer's ranks stop below the multiple
+                unit = None
+        if unit is not None and unit not in wanted:
+            cost = factorized_cost(geometry, method, unit, space.input_size)
+            unit = unit if cost.params <= dense_params and cost.macs * space.calls <= dense_macs else None
+        measured = self.lm.measure(geometry, space.input_size, method, wanted + ([unit] if unit is not None
+                                                                                and unit not in wanted else []),
+                                   self.batches)
+        kept = []
+        for rank in wanted:
+            per = measured[rank]
+            label = f"{method}:{'x'.join(map(str, rank)) if isinstance(rank, tuple) else rank}"
+            if any(t.ratio >= 1.0 for t in per.values()):
+                self.dropped.setdefault(space.name, []).append(label)
+                continue
+            if rank in small and unit is not None and all(measured[unit][b].ratio < per[b].ratio
+                                                          for b in self.batches) \
+                    and all(t.ratio < 1.0 for t in measured[unit].values()):
+                self.rounded.setdefault(space.name, {})[label] = str(unit)
+                rank = unit
+                per = measured[unit]
+            if rank in kept:
+                continue
+            kept.append(rank)
+            ratios = {b: per[b].ratio for b in self.batches}
+            space.allowed.add((method, rank))
+            space.latency_ratios[(method, rank)] = ratios
+            space.latency_costs[(method, rank)] = self.cost(space.name, ratios)
+        return kept
+
+    def forget(self, space, cand) -> None:
+        """Never pick ``cand`` again (it measured slower in the whole model)."""
+        space.allowed.discard((cand.method, cand.rank))
+        if cand in space.candidates:
+            space.candidates.remove(cand)
+        self.dropped.setdefault(space.name, []).append(f"{cand.label()} (in the model)")
+
+    # -- whole plans
+    def measure(self, models: list[nn.Module]) -> list[PlanTiming]:
+        """Each model timed against the original in one interleaved run, at every batch size."""
+        from ..deploy.latency import model_latencies
+
+        named = {"original": self.model, **{f"plan{i}": m for i, m in enumerate(models)}}
+        settings = self.lm.settings
+        latency = model_latencies(named, self.sample, batches=self.batches, threads=settings.threads,
+                                  runs=max(30, settings.runs), warmup=settings.warmup,
+                                  min_ms=max(60.0, settings.min_ms), max_runs=max(1000, settings.max_runs))
+        self.measured_plans += len(models)
+        original = latency["original"]
+        return [PlanTiming({b: original[b].median_ms for b in self.batches},
+                           {b: latency[f"plan{i}"][b].median_ms for b in self.batches},
+                           {b: latency[f"plan{i}"][b].p90_ms for b in self.batches},
+                           {b: original[b].p90_ms for b in self.batches},
+                           {b: latency[f"plan{i}"][b].runs for b in self.batches}) for i in range(len(models))]
+
+    def in_context(self, layer: str, method: str, rank: Any) -> dict[int, float]:
+        """``layer`` alone factorized inside the whole model: the model's time ratio per batch size."""
+        timing = self.lm.measure_in_model(self.model, self.sample, layer, method, [rank], self.batches)
+        per = next(iter(timing.values()))
+        return {b: per[b].ratio for b in self.batches}
+
+    def original_ms(self, batch: int) -> float:
+        return self.baseline.model_ms[batch].median_ms
+
+    def summary(self) -> dict[str, Any]:
+        """What summary.json records under ``latency_search``."""
+        out: dict[str, Any] = {
+            "runtime": dict(self.lm.identity), "batches": list(self.batches), "rank_multiple": self.multiple,
+            "original_ms": {str(b): self.original_ms(b) for b in self.batches},
+            "dropped_slower": {k: list(v) for k, v in self.dropped.items()},
+            "rounded": {k: dict(v) for k, v in self.rounded.items()},
+            "plans_measured": self.measured_plans, "notes": list(self.notes)}
+        if self.final is not None:
+            measured = self.final.ratios
+            out["prediction"] = {str(b): {"predicted_ratio": self.predicted.get(b), "measured_ratio": measured[b],
+                                          "error": (self.predicted[b] / measured[b] - 1.0)
+                                          if b in self.predicted else None} for b in self.batches}
+        return out
