@@ -73,7 +73,7 @@ from .stats import MIN_INVERSE_DAMPING, Whitening, check_damping, check_moment, 
 from .svd import _check_matrix_and_rank, choose_svd_method, truncated_svd
 
 __all__ = [
-    "ActivationSVD", "whitened_singular_values",
+    "ActivationSVD", "whitened_singular_values", "diagonal_activation_svd", "tail_errors",
     "activation_svd", "activation_low_rank_factors", "activation_weight_svd", "activation_spatial_svd",
     "activation_tucker2", "activation_cp", "activation_error", "relative_activation_error",
     "optimal_activation_error", "bias_shift", "vertical_moment",
@@ -150,6 +150,55 @@ def activation_svd(matrix: torch.Tensor, moment: torch.Tensor | Whitening, rank:
         raise ConfigError(f"unknown SVD method {method!r}; use 'auto', 'exact' or 'randomized'.")
     left, right = _balance(U_r, U_r.T @ W)  # W′ = U_r U_rᵀ W: projection, no inverse of L
     return ActivationSVD(left.to(dtype), right.to(dtype), S, total)
+
+
+def diagonal_activation_svd(matrix: torch.Tensor, diagonal: torch.Tensor, rank: int) -> ActivationSVD:
+    """:func:`activation_svd` for inputs whose second moment is diagonal, ``C = diag(diagonal)``.
+
+    The case of an Embedding: its inputs are one-hot vectors, ``C = diag(lookup counts)``, so
+    ``L = diag(√counts)`` and the whitened matrix is ``matrix`` with column ``v`` scaled by
+    ``√counts[v]``. Columns with a zero weight drop out of the fit (the projection ``U_r U_rᵀ``
+    still maps them). The left singular vectors come from the (m × m) Gram matrix of the
+    weighted columns when m is the smaller side -- O(m²·n), never an n × n matrix (an
+    embedding has n = vocabulary size).
+    """
+    _check_matrix_and_rank(matrix, rank)
+    weights = diagonal.detach().to(torch.float64).reshape(-1)
+    if weights.numel() != matrix.shape[1]:
+        raise ConfigError(f"the diagonal statistics have {weights.numel()} entries but the matrix has "
+                          f"{matrix.shape[1]} columns.")
+    if not torch.isfinite(weights).all() or bool((weights < 0).any()):
+        raise ConfigError("the diagonal statistics must be finite and non-negative.")
+    dtype = matrix.dtype
+    W = matrix.detach().to(torch.float64)
+    keep = weights > 0
+    M = W[:, keep] * weights[keep].sqrt()
+    if M.shape[1] == 0:
+        raise ConfigError("the diagonal statistics are all zero (no input was ever seen).")
+    if M.shape[0] <= M.shape[1]:
+        eigenvalues, U = torch.linalg.eigh(M @ M.T)
+        order = torch.argsort(eigenvalues, descending=True)
+        U, S = U[:, order], eigenvalues[order].clamp(min=0).sqrt()
+    else:
+        U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    U_r = U[:, :rank]
+    if U_r.shape[1] < rank:  # fewer weighted columns than the rank: complete the basis from the matrix itself
+        U_r = torch.linalg.qr(torch.cat([U_r, W], dim=1)).Q[:, :rank]
+    left, right = _balance(U_r, U_r.T @ W)
+    return ActivationSVD(left.to(dtype), right.to(dtype), S, float((S ** 2).sum()))
+
+
+def tail_errors(singular: torch.Tensor, full_rank: int) -> torch.Tensor:
+    """``Σ_{i>r} σ_i²`` for every rank ``r = 0..full_rank`` (float64): the best rank-r (activation) error.
+
+    With the singular values of the whitened weight ``W·L`` these are the data-aware output errors
+    ``‖(W − W′_r)X‖²_F`` of the optimal rank-r factorization, for every rank at once.
+    """
+    squares = singular.detach().to(torch.float64).reshape(-1) ** 2
+    kept = torch.cat([squares.new_zeros(1), torch.cumsum(squares, 0)])
+    if kept.numel() < full_rank + 1:  # ranks beyond the singular values given keep everything
+        kept = torch.cat([kept, kept[-1:].expand(full_rank + 1 - kept.numel())])
+    return (squares.sum() - kept[:full_rank + 1]).clamp(min=0)
 
 
 def activation_low_rank_factors(matrix: torch.Tensor, moment, rank: int, *, damping: float = 0.0,

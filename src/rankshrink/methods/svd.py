@@ -16,7 +16,16 @@ from torch import nn
 
 from .. import decompose
 from ..factorized import Factorized
-from .base import Method, MethodConfig, SVDAlgorithm, matrix_rank_estimates, narrow_rank, register, widen_rank
+from .base import (
+    Method,
+    MethodConfig,
+    SVDAlgorithm,
+    matrix_error_curve,
+    matrix_rank_estimates,
+    narrow_rank,
+    register,
+    widen_rank,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +77,10 @@ class SVD(Method):
         whitened = stats.whitening(centered, config.damping)
         left, right = decompose.activation_low_rank_factors(weight, whitened, rank, **config.svd_options())
         return [right, left]
+
+    def error_curve(self, weight: torch.Tensor, config: MethodConfig, stats=None, *,
+                    centered: bool = False) -> tuple[torch.Tensor, float] | None:
+        return matrix_error_curve(weight, config.damping, stats, centered=centered)
 
     def merge_adapter(self, block: Factorized, A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple[int, int]:
         return widen_rank(block, A, B, scaling)

@@ -167,6 +167,10 @@ def compress(model: nn.Module, data: Any = None, *, tolerance: float | None = No
     repeats no finished evaluation (the cache); Ctrl-C raises :class:`SearchInterrupted`.
     """
     config = (config or SearchConfig()).replace(**options)
+    if config.device is not None:
+        from ..devices import on_device
+
+        model = on_device(model, config.device)  # a copy on the device; the caller's model stays where it is
     with thread_policy(model, config.threads):
         return _compress(model, data, tolerance=tolerance, budget=budget, config=config, apply_fn=apply_fn,
                          calibration=calibration, example_input=example_input)
@@ -202,10 +206,16 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     # Ratios and relative budgets are of the user's model (before any BatchNorm fold).
     original = dict(cost_model.original) if not folds else dict(CostModel(user_model, session.example_input).original)
     layers = _selected_layers(cost_model, config)
+    from ..reachability import unreached_layers
+
+    session.unreached = unreached_layers(model, session.example_input,
+                                         [row.name for row in cost_model.model_cost.layers if row.method is None])
     target: int | None = None  # set in budget mode only
+    breakdown: dict[str, Any] = {}
     if mode == "budget":  # fail fast, before any factorization
-        target = budget.absolute(original)
-        breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
+        breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model,
+                                      unreached=session.unreached)
+        target = budget.absolute(original, breakdown["factorizable_dense"])
         if target < breakdown["total"]:
             raise ConfigError(_below_minimum(kind, target, breakdown, original))
     try:
@@ -218,7 +228,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
             if target is not None and spaces:  # budget mode
                 lowest = minimum_cost(spaces, cost_model, kind)
                 if target < lowest:
-                    breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
+                    breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model,
+                                                  unreached=session.unreached)
                     breakdown["total"] = lowest
                     raise ConfigError(_below_minimum(kind, target, breakdown, original))
             r_max = max([1, *(s.r_max for s in spaces)])
@@ -241,6 +252,7 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                                            max_evaluations=max_global_evaluations)
         finally:
             evaluator.close()
+            session.close()
     except KeyboardInterrupt:
         raise SearchInterrupted("search interrupted; finished evaluations are cached and a rerun resumes from "
                                 "them.") from None
@@ -274,6 +286,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         final_plan.metadata["tolerance"] = tolerance
     else:
         final_plan.metadata["budget"] = {"kind": budget.kind, "value": budget.value, "target": target}
+        if budget.of != "model":
+            final_plan.metadata["budget"].update(of=budget.of, factorizable=breakdown.get("factorizable_dense"))
     test = None
     report: dict[str, dict[str, float | None]] = {}
     if config.report_test:
@@ -297,7 +311,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         plan=final_plan, mode=mode, metric=session.metric.name, baseline=baseline, value=value,
         tolerance=tolerance,
         budget=None if budget is None else {"kind": budget.kind, "value": budget.value, "target": target,
-                                            "used": compressed[kind] / target if target else None},
+                                            "used": compressed[kind] / target if target else None,
+                                            "of": budget.of, "factorizable": breakdown.get("factorizable_dense")},
         minimize=kind, original=original, compressed=compressed, layers=layers_out,
         evaluations=evaluator.evaluations, evaluations_cached=evaluator.cached, records=list(evaluator.records),
         monotone=allocation.monotone, notes=notes, seconds=time.perf_counter() - start,
