@@ -1,30 +1,43 @@
-"""Benchmark: rank selection (rankshrink.search.plan) against three baselines.
+"""Benchmark: rank selection (rankshrink.compress) against baselines and against the real AIMET.
 
 Question: how much compression / accuracy does the search reach, with how many
 evaluations and how much time, compared with
 
+* **the real Qualcomm AIMET 2.42** (aimet-torch): Weight SVD and Spatial SVD with AIMET's
+  greedy compression-ratio selection (auto mode, 10 candidate ratios per layer, MACs as the
+  cost, validation accuracy as the eval function) at MAC targets 0.5/0.4/0.3/0.2, on the same
+  models, weights and splits. rankshrink runs at the same targets and at the MACs AIMET
+  actually reached, with AIMET's own methods (``svd,weight``) and with all methods, plain
+  (``fit=weights``) and data-aware (``fit=activations``). AIMET runs in its own virtual
+  environment (built on first use: ``python -m venv``, ``torch==2.13.0``, then aimet-torch
+  2.42 without its torchvision requirement, whose PyPI wheels do not load beside this torch;
+  an import-only ``torchvision`` stand-in takes its place) through ``aimet_driver.py``, which
+  receives the weights and the data as files and runs in a scratch directory (AIMET writes
+  ``./data/``);
 * **brute force** over a per-layer grid (every combination of {dense, and a few MAC
   ratios per layer}: 5^L combinations on the digits CNN, 4^L on the CIFAR CNN), the
   best answer that grid allows, at a huge evaluation count;
 * **uniform**: one MAC ratio shared by every layer (bisected for a tolerance, the
   largest that fits for a budget);
-* **AIMET-style greedy** (AIMET's greedy compression-ratio selection): every layer
-  alone at N = 9 MAC ratios (0.1 … 0.9) is evaluated (L·9 evaluations), then one
-  global accuracy threshold picks, per layer, the smallest ratio that keeps its
-  single-layer accuracy above the threshold; the threshold is bisected (by formula,
-  no evaluations) to fit the budget, then the model is evaluated once more. It has
-  no tolerance mode; for tolerance rows each layer takes its smallest ratio with a
-  single-layer drop within δ, which can break δ once the layers are combined.
+* **greedy per-layer selection (AIMET-style reimplementation)**: rankshrink's own
+  reimplementation of the greedy idea, kept for the tolerance rows the real AIMET has no
+  mode for: every layer alone at N = 9 MAC ratios (0.1 … 0.9) is evaluated (L·9
+  evaluations), then one global accuracy threshold picks, per layer, the smallest ratio
+  that keeps its single-layer accuracy above the threshold; for tolerance rows each layer
+  takes its smallest ratio with a single-layer drop within δ, which can break δ once the
+  layers are combined.
 
-All methods share the same factorizer (data-aware factors, the search's default), the
-same validation split for decisions and the same test split for the report. The
-baselines use one method per layer type, as AIMET does: SVD for Linear layers and
-spatial SVD for convolutions; the search also chooses the method.
+The baselines of the first table share the search's factorizer (data-aware factors, the
+search's default), the same validation split for decisions and the same test split for the
+report, and use one method per layer type, as AIMET does: SVD for Linear layers and spatial
+SVD for convolutions; the search also chooses the method.
 
-Run: ``python benchmarks/ranks.py`` (a few minutes on 2 cores). Writes
-``benchmarks/results/ranks.json`` and ``ranks.md``; ``--section own`` runs only the three
-user models (a BatchNorm CNN, a Conv1d+GRU, a dict-input model) into ``ranks_own.json``/``.md``.
-``--cifar-dir DIR`` uses real CIFAR-10 instead of the synthetic CIFAR-shaped set; ``--quick`` skips brute force.
+Run: ``python benchmarks/ranks.py`` (about 13 minutes on 2 cores; the first run also builds
+AIMET's environment). Writes ``benchmarks/results/ranks.json`` and ``ranks.md``; ``--section own``
+runs only the three user models (a BatchNorm CNN, a Conv1d+GRU, a dict-input model) into
+``ranks_own.json``/``.md``. ``--cifar-dir DIR`` uses real CIFAR-10 instead of the synthetic
+CIFAR-shaped set; ``--quick`` skips brute force; ``--no-aimet`` skips the real AIMET; ``--aimet-venv
+DIR`` says where its environment is (default: ``<user cache>/benchmarks/aimet-torch-2.42.0``).
 """
 
 from __future__ import annotations
@@ -33,7 +46,10 @@ import argparse
 import itertools
 import json
 import platform
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +70,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCES = (0.005, 0.01)
 MAC_BUDGETS = (0.5, 0.3, 0.2)
 GREEDY_RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+GREEDY = "greedy per-layer selection (AIMET-style reimplementation)"
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -218,8 +235,8 @@ def run_model(name: str, model, splits, *, levels, quick: bool) -> list[dict]:
     for kind, value in settings:
         setting = f"tolerance {value:g}" if kind == "tolerance" else f"MACs <= {value:g}"
         kw = {"tolerance": value} if kind == "tolerance" else {"budget": {"macs": value}}
-        for sensitivity in ("proxy", "probe"):
-            if kind == "budget" and sensitivity == "probe":
+        for sensitivity in ("auto", "probe", "proxy"):
+            if kind == "budget" and sensitivity != "proxy":  # budget mode always uses the proxy
                 continue
             t0 = time.perf_counter()
             result = compress(model, splits, sensitivity=sensitivity, cache=False, progress=False, **kw)
@@ -238,13 +255,13 @@ def run_model(name: str, model, splits, *, levels, quick: bool) -> list[dict]:
         used = b.evaluations - before
         if greedy_first is None:
             greedy_first = used  # the L·9 per-layer scores are paid once; count them in every row
-        greedy_row = b.row("AIMET-style greedy", setting, plan_g, greedy_first + 1 if used < greedy_first else used,
+        greedy_row = b.row(GREEDY, setting, plan_g, greedy_first + 1 if used < greedy_first else used,
                            time.perf_counter() - t0, tolerance=kw.get("tolerance"))
         rows.append(greedy_row)
         # Accuracy per MAC at equal MACs: the search's budget mode at exactly the greedy's MACs.
         t0 = time.perf_counter()
         at = compress(model, splits, budget={"macs": greedy_row["macs_ratio"]}, cache=False, progress=False)
-        rows.append(b.row("search at greedy's MACs", setting, at.plan, at.requested, time.perf_counter() - t0,
+        rows.append(b.row("search at the greedy's MACs", setting, at.plan, at.requested, time.perf_counter() - t0,
                           value=at.value))
         if table is not None:
             plan_b = brute_answer(b, table["table"], **base_kw)
@@ -255,6 +272,189 @@ def run_model(name: str, model, splits, *, levels, quick: bool) -> list[dict]:
                                                  for r in rows if r["setting"] == setting and r["model"] == name),
               file=sys.stderr)
     return rows
+
+
+# --------------------------------------------------------------------------- the real AIMET
+
+AIMET_VERSION = "2.42.0"
+AIMET_TARGETS = (0.5, 0.4, 0.3, 0.2)
+AIMET_SCHEMES = {"weight_svd": "AIMET Weight SVD", "spatial_svd": "AIMET Spatial SVD"}
+AIMET_CANDIDATES = 10  # AIMET's default num_comp_ratio_candidates: ratios 0.1 ... 0.9 per layer
+RANKSHRINK_CONFIGS = (("svd,weight", "weights"), ("svd,weight", "activations"), ("all", "weights"),
+                      ("all", "activations"))
+_TORCHVISION_STUB = {
+    "__init__.py": '"""Import-only stand-in written by rankshrink\'s benchmark: PyPI\'s torchvision does not load '
+                   'beside this torch, and AIMET\'s SVD compression never calls it."""\n'
+                   "from . import datasets, ops, transforms  # noqa: F401\n__version__ = \"0+stub\"\n",
+    "datasets.py": "",
+    "transforms.py": "class Resize:\n    def __init__(self, *args, **kwargs):\n"
+                     "        raise NotImplementedError('torchvision stand-in')\n",
+    "ops.py": "def _missing(*args, **kwargs):\n    raise NotImplementedError('torchvision stand-in')\n\n\n"
+              "roi_align = nms = _missing\n\n\nclass RoIPool:\n    def __init__(self, *args, **kwargs):\n"
+              "        raise NotImplementedError('torchvision stand-in')\n",
+}
+
+
+def _run(command: list[str], **kw) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:6])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def aimet_python(venv: Path) -> Path:
+    """The Python of a virtual environment holding aimet-torch 2.42 (built on first use).
+
+    ``python -m venv``; ``pip install torch==2.13.0``; aimet-torch without dependencies; then its
+    requirements (extras left out) except torch and torchvision, with torch pinned by a
+    constraints file so nothing replaces it; then the torchvision stand-in in site-packages.
+    """
+    python = venv / "bin" / "python"
+    check = ["-c", "import importlib.metadata as m, aimet_torch.compress; print(m.version('aimet-torch'))"]
+    if python.exists():
+        try:
+            if _run([str(python), *check], cwd=tempfile.gettempdir()).strip() == AIMET_VERSION:
+                return python
+        except RuntimeError:
+            pass
+    print(f"[aimet] building {venv} (torch 2.13.0 + aimet-torch {AIMET_VERSION})", file=sys.stderr)
+    _run([sys.executable, "-m", "venv", "--clear", str(venv)])
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    _run(pip + ["torch==2.13.0"])
+    _run(pip + ["--no-deps", f"aimet-torch=={AIMET_VERSION}"])
+    listing = _run([str(python), "-c", "import importlib.metadata as m; print('\\n'.join(m.requires('aimet-torch')))"])
+    wanted = []
+    for requirement in listing.splitlines():
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement.strip())
+        if name and "extra ==" not in requirement and name.group(0).lower() not in ("torch", "torchvision"):
+            wanted.append(requirement.split(";")[0].strip())
+    constraints = venv / "constraints.txt"
+    constraints.write_text("torch==2.13.0\n")
+    _run(pip + ["-c", str(constraints), *wanted])
+    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
+    (site / "torchvision").mkdir(exist_ok=True)
+    for name, text in _TORCHVISION_STUB.items():
+        (site / "torchvision" / name).write_text(text)
+    version = _run([str(python), *check], cwd=tempfile.gettempdir()).strip()
+    if version != AIMET_VERSION:
+        raise RuntimeError(f"aimet-torch {version} installed, expected {AIMET_VERSION}")
+    return python
+
+
+def run_aimet(python: Path, model, splits, architecture: str) -> dict:
+    """AIMET's Weight SVD and Spatial SVD greedy selection at every target (``aimet_driver.py``)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="rankshrink-aimet-") as scratch:
+        work = Path(scratch)
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(work / "weights.safetensors"))
+        save_file({"val_x": splits.val.tensors[0].contiguous(), "val_y": splits.val.tensors[1].contiguous(),
+                   "test_x": splits.test.tensors[0].contiguous(), "test_y": splits.test.tensors[1].contiguous()},
+                  str(work / "data.safetensors"))
+        job = {"src": str(Path(__file__).resolve().parents[1] / "src"), "architecture": architecture,
+               "input_shape": list(splits.input_shape), "num_classes": splits.num_classes,
+               "weights": str(work / "weights.safetensors"), "data": str(work / "data.safetensors"),
+               "candidates": AIMET_CANDIDATES,
+               "runs": [{"scheme": scheme, "target": t} for scheme in AIMET_SCHEMES for t in AIMET_TARGETS]}
+        (work / "job.json").write_text(json.dumps(job))
+        done = subprocess.run([str(python), str(Path(__file__).with_name("aimet_driver.py")), "job.json", "out.json"],
+                              cwd=work, capture_output=True, text=True)
+        for line in done.stderr.splitlines():
+            if line.startswith("[aimet]"):
+                print(line, file=sys.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(f"AIMET's driver failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads((work / "out.json").read_text())
+
+
+def compare_with_aimet(name: str, model, splits, architecture: str, python: Path) -> tuple[list[dict], dict]:
+    """AIMET's rows, then rankshrink at the same targets and at AIMET's achieved MACs."""
+    answer = run_aimet(python, model, splits, architecture)
+    costs = CostModel(model, splits.val.tensors[0][:1]).original
+    counted = answer["original"]["macs"]  # FlopCounterMode's count in AIMET's environment
+    rows = []
+    for run in answer["runs"]:
+        rows.append({"model": name, "tool": AIMET_SCHEMES[run["scheme"]], "methods": "", "fit": "weights",
+                     "setting": f"target {run['target']:g}", "target": run["target"],
+                     "macs": costs["macs"] - (counted - run["macs"]), "macs_ratio": run["macs"] / counted,
+                     "val_accuracy": run["val_accuracy"], "test_accuracy": run["test_accuracy"],
+                     "evaluations": run["evaluations"], "seconds": round(run["seconds"], 2),
+                     "per_layer": run["per_layer"], "layers": run["layers"]})
+    points = {}  # achieved MACs -> the AIMET rows that reached them
+    for row in rows:
+        points.setdefault(row["macs"], []).append(f"{row['tool']} {row['setting']}")
+    for methods, fit in RANKSHRINK_CONFIGS:
+        chosen = None if methods == "all" else methods.split(",")
+        settings = [(f"target {t:g}", {"macs": t}, t) for t in AIMET_TARGETS]
+        settings += [(f"at {' = '.join(who)} MACs", {"macs": macs}, None) for macs, who in points.items()]
+        for setting, budget, target in settings:
+            t0 = time.perf_counter()
+            result = compress(model, splits, budget=budget, methods=chosen, fit=fit, cache=False, progress=False)
+            seconds = time.perf_counter() - t0
+            rows.append({"model": name, "tool": "rankshrink", "methods": methods, "fit": fit, "setting": setting,
+                         "target": target, "budget_macs": result.budget["target"], "macs": result.compressed["macs"],
+                         "macs_ratio": result.ratio("macs"), "val_accuracy": result.value,
+                         "test_accuracy": result.test["compressed"] if result.test else None,
+                         "evaluations": result.requested, "seconds": round(seconds, 2),
+                         "plan": result.plan.to_dict()["layers"]})
+        print(f"[{name}] rankshrink {methods} fit={fit}: " + "; ".join(
+            f"{r['setting']}: {r['macs_ratio']:.3f} val {r['val_accuracy']:.4f}" for r in rows
+            if r["tool"] == "rankshrink" and r["methods"] == methods and r["fit"] == fit), file=sys.stderr)
+    original = {"val_accuracy": answer["original"]["val_accuracy"],
+                "test_accuracy": answer["original"]["test_accuracy"],
+                "macs": costs["macs"], "macs_flop_counter": counted}
+    return rows, original
+
+
+def aimet_markdown(rows: list[dict], originals: dict) -> list[str]:
+    out = ["## The real AIMET 2.42 (aimet-torch) and rankshrink on the same models, weights and splits", "",
+           "AIMET: greedy compression-ratio selection (auto mode, 10 candidate ratios per layer, MACs as the cost, "
+           "validation accuracy as the eval function), Weight SVD (Linear and Conv2d: two layers of rank r) and "
+           "Spatial SVD (Conv2d only: k×1 then 1×k), at MAC targets 0.5/0.4/0.3/0.2. rankshrink: budget mode "
+           "(`budget={'macs': ...}`, never over it) at the same targets and at each MAC count AIMET reached, "
+           "with AIMET's own methods (`svd,weight`) or all methods, fitting factors to the weights (plain) or "
+           "to the activations (data-aware). `MACs` is the share of the original's (AIMET's counted with torch's "
+           "FlopCounterMode in its environment, rankshrink's by its cost model; both count the convolutions and "
+           "matmuls and agree on the original). `evals`: validation-set evaluations, the original's included "
+           "(AIMET: calls of its eval function). Time is the selection's wall time on one thread.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        base = originals[model]
+        mine = [r for r in rows if r["model"] == model]
+        out += [f"### {model}", "",
+                f"Original: validation {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
+                f"{base['macs']:,} MACs (FlopCounterMode: {base['macs_flop_counter']:,}).", "",
+                "| who | methods | fit | setting | MACs | val acc | test acc | evals | time (s) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            out.append(f"| {r['tool']} | {r['methods'] or '-'} | {r['fit'] if r['tool'] == 'rankshrink' else '-'} | "
+                       f"{r['setting']} | {r['macs_ratio']:.4f} | {r['val_accuracy']:.4f} | "
+                       f"{r['test_accuracy']:.4f} | {r['evaluations']} | {r['seconds']:.1f} |")
+        out.append("")
+    out += ["### The goal: at AIMET's MACs, strictly more accurate with AIMET's own methods, in no more evaluations",
+            "", "Each AIMET result against rankshrink `svd,weight` budget mode at exactly its MACs (validation "
+            "accuracy, where both selections decide; test accuracy for reference).", "",
+            "| model | AIMET | AIMET MACs / val / test / evals | rankshrink fit | "
+            "rankshrink MACs / val / test / evals | met |", "|---|---|---|---|---|---|"]
+    verdicts = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for them in (r for r in rows if r["model"] == model and r["tool"] != "rankshrink"):
+            label = f"at {them['tool']} {them['setting']}"
+            for fit in ("weights", "activations"):
+                ours = next(r for r in rows if r["model"] == model and r["tool"] == "rankshrink"
+                            and r["methods"] == "svd,weight" and r["fit"] == fit and r["setting"].startswith("at ")
+                            and label[3:] in r["setting"])
+                met = ours["val_accuracy"] > them["val_accuracy"] and ours["evaluations"] <= them["evaluations"]
+                verdicts.setdefault((model, fit), []).append(met)
+                out.append(f"| {model} | {them['tool']} {them['setting']} | {them['macs_ratio']:.4f} / "
+                           f"{them['val_accuracy']:.4f} / {them['test_accuracy']:.4f} / {them['evaluations']} | "
+                           f"{'plain' if fit == 'weights' else 'data-aware'} | {ours['macs_ratio']:.4f} / "
+                           f"{ours['val_accuracy']:.4f} / {ours['test_accuracy']:.4f} / {ours['evaluations']} | "
+                           f"{'yes' if met else '**no**'} |")
+    out += ["", "Summary: " + "; ".join(
+        f"{model}, {'plain' if fit == 'weights' else 'data-aware'}: {sum(v)}/{len(v)} met"
+        for (model, fit), v in verdicts.items()), ""]
+    return out
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -280,21 +480,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
                        f"{r['test_accuracy']:.4f} | {r['macs_ratio']:.3f} | {r['params_ratio']:.3f} | "
                        f"{r['evaluations']} | {r['seconds']:.1f} | {met} |")
         out.append("")
-    out += ["## Search vs AIMET-style greedy", "",
-            "Tolerance rows compare the search's default (probe) with the greedy; `at equal MACs` runs the "
-            "search's budget mode at exactly the MACs the greedy reached, so the accuracies compare at equal "
-            "cost.", "",
+    out += ["## Search vs the greedy per-layer selection (AIMET-style reimplementation)", "",
+            "Tolerance rows compare the search's default (auto) with the reimplemented greedy; `at equal MACs` "
+            "runs the search's budget mode at exactly the MACs the greedy reached, so the accuracies compare at "
+            "equal cost. (The real AIMET follows in its own section.)", "",
             "| model | setting | search: val acc / MACs / evals | greedy: val acc / MACs / evals | "
-            "search at greedy's MACs: val acc / evals | verdict |",
+            "search at the greedy's MACs: val acc / evals | verdict |",
             "|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         for setting in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
             pick = lambda m, model=model, setting=setting: next(
                 r for r in rows if r["model"] == model and r["setting"] == setting and r["method"] == m)
             tolerance = setting.startswith("tolerance")
-            ours = pick("search (probe)" if tolerance else "search (proxy)")
-            them = pick("AIMET-style greedy")
-            equal = pick("search at greedy's MACs")
+            ours = pick("search (auto)" if tolerance else "search (proxy)")
+            them = pick(GREEDY)
+            equal = pick("search at the greedy's MACs")
             gain = equal["val_accuracy"] - them["val_accuracy"]
             parts = []
             if tolerance and not them["tolerance_met"]:
@@ -531,6 +731,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar-dir", help="real CIFAR-10 (python batches) instead of synthetic:cifar")
     parser.add_argument("--quick", action="store_true", help="skip brute force")
+    parser.add_argument("--no-aimet", action="store_true", help="skip the real AIMET")
+    parser.add_argument("--aimet-venv", help="AIMET's virtual environment (built there on first use)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--section", choices=("all", "reference", "own"), default="all",
                         help="reference: the built-in models (ranks.json/md); own: the three user models "
@@ -549,24 +751,49 @@ def main(argv=None) -> int:
         if args.section == "own":
             return 0
     start = time.perf_counter()
-    rows = []
+    rows: list[dict] = []
+    aimet_rows: list[dict] = []
+    originals: dict = {}
+    python = None
+    if not args.no_aimet:
+        from rankshrink.files import user_cache_dir
+
+        default = user_cache_dir() / "benchmarks" / f"aimet-torch-{AIMET_VERSION}"
+        venv = Path(args.aimet_venv) if args.aimet_venv else default
+        python = aimet_python(venv)
     with single_threaded():
-        model, splits = load_builtin("digits-cnn", progress=False)
-        rows += run_model("digits CNN (builtin:digits)", model, splits, levels=(None, 0.1, 0.25, 0.5, 0.75),
-                          quick=args.quick)
         data = load_data(f"cifar10:{args.cifar_dir}") if args.cifar_dir else None
-        model, splits = load_builtin("cifar-cnn", data=data, progress=False)
-        rows += run_model(f"seeds' CIFAR CNN ({splits.name})", model, splits, levels=(None, 0.1, 0.25, 0.5),
-                          quick=args.quick)
+        models = [("digits CNN (builtin:digits)", "digits-cnn", None, "DigitsCNN", (None, 0.1, 0.25, 0.5, 0.75)),
+                  ("seeds' CIFAR CNN", "cifar-cnn", data, "CifarCNN", (None, 0.1, 0.25, 0.5))]
+        for label, builtin, source, architecture, levels in models:
+            model, splits = load_builtin(builtin, data=source, progress=False)
+            if builtin == "cifar-cnn":
+                label = f"{label} ({splits.name})"
+            rows += run_model(label, model, splits, levels=levels, quick=args.quick)
+            if python is not None:
+                found, original = compare_with_aimet(label, model, splits, architecture, python)
+                aimet_rows += found
+                originals[label] = original
     meta = {"machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads "
                        "available", "torch": torch.__version__, "seconds": time.perf_counter() - start,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "commit": _commit(),
+            "aimet_torch": None if python is None else AIMET_VERSION}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ranks.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (out / "ranks.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    text = markdown(rows, meta) + ("\n".join(aimet_markdown(aimet_rows, originals)) if aimet_rows else "")
+    (out / "ranks.json").write_text(json.dumps({"meta": meta, "rows": rows, "aimet": {"rows": aimet_rows,
+                                                                                     "originals": originals}},
+                                               indent=2) + "\n")
+    (out / "ranks.md").write_text(text)
+    print(text)
     return 0
+
+
+def _commit() -> str | None:
+    try:
+        return _run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent).strip()
+    except (RuntimeError, OSError):
+        return None
 
 
 if __name__ == "__main__":

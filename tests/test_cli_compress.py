@@ -7,7 +7,7 @@ import torch
 
 import rankshrink
 from rankshrink.cli import main
-from rankshrink.cli.compress import parse_amount, parse_byte_budget, parse_tolerance
+from rankshrink.cli.compress import parse_amount, parse_byte_budget, parse_confidence, parse_tolerance
 from rankshrink.errors import ConfigError
 from rankshrink.files import save_tensors, verify_output_set
 from rankshrink.metrics import accuracy
@@ -64,6 +64,10 @@ def test_parsers():
     for bad in ("0", "-3", "lots", "150%"):
         with pytest.raises(ConfigError):
             parse_amount(bad, "--max-macs")
+    assert parse_confidence("0.95") == 0.95 and parse_confidence("90%") == pytest.approx(0.9)
+    for bad in ("0", "1", "95", "high"):
+        with pytest.raises(ConfigError, match="--confidence"):
+            parse_confidence(bad)
 
 
 def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
@@ -82,6 +86,15 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     assert summary["seed"] == 0 and summary["evaluations"] > 0
     assert summary["original"]["accuracy"] - summary["compressed"]["accuracy"] <= 0.01 + 1e-9
     assert summary["compressed"]["macs"] < summary["original"]["macs"]
+    # Paired bootstrap intervals of the drop, shown in the summary; every record has its plan's costs.
+    ci = summary["drop_ci"]
+    assert ci["validation"][0] <= summary["drop"] <= ci["validation"][1]
+    test_drop = summary["original"]["test_accuracy"] - summary["compressed"]["test_accuracy"]
+    assert ci["test"][0] <= test_drop <= ci["test"][1]
+    assert "95% paired bootstrap interval: validation [" in text
+    assert all(isinstance(r[k], int) for r in summary["records"] for k in ("params", "bytes", "macs"))
+    final = [r for r in summary["records"] if r["plan"] == Plan.load(out / "plan.json").to_dict()["layers"]]
+    assert final and final[0]["macs"] == summary["compressed"]["macs"]
     for layer in summary["layers"]:
         assert {"name", "method", "rank", "params", "macs"} <= set(layer)
     plan = Plan.load(out / "plan.json")
@@ -102,6 +115,19 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     rerun = json.loads((out / "summary.json").read_text())
     assert rerun["evaluations"] == 0
     assert rerun["evaluations_cached"] == summary["evaluations"] + summary["evaluations_cached"]
+
+
+def test_compress_with_confidence_keeps_the_interval_under_the_tolerance(tmp_path, capsys, digits):
+    model, splits, weights = digits
+    out = tmp_path / "out"
+    assert main(_args(weights, out, "--tolerance", "0.02", "--confidence", "0.9")) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["confidence"] == 0.9
+    assert summary["drop_ci"]["validation"][1] <= 0.02 + 1e-9
+    assert "90% paired bootstrap interval" in text and "the tolerance applies to the upper end" in text
+    # Every record the search judged carries the interval's upper end it was judged by.
+    assert all(r["drop_high"] is not None for r in summary["records"] if r["plan"])
 
 
 @pytest.mark.parametrize("flag,value,kind,target,extra", [

@@ -367,7 +367,7 @@ def test_evaluation_cache_entries_are_bound_to_what_they_were_computed_for(tmp_p
 
 def test_compress_stores_the_model_and_data_fingerprints_in_its_entries(tmp_path):
     from rankshrink.data import load_data
-    from rankshrink.fingerprint import dataset_fingerprint, module_fingerprint
+    from rankshrink.fingerprint import code_fingerprint, dataset_fingerprint, module_fingerprint, object_fingerprint
     from rankshrink.models import BUILTIN_MODELS
     from rankshrink.search import compress
 
@@ -376,7 +376,9 @@ def test_compress_stores_the_model_and_data_fingerprints_in_its_entries(tmp_path
     compress(model, splits, budget={"params": 0.5}, methods=["svd"], fit="weights", cache=tmp_path, progress=False,
              min_baseline=0.0)  # untrained weights: past the sanity check
     entries = [json.loads(p.read_text()) for p in (tmp_path / "evaluations").glob("*/*.json")]
-    assert entries and all(e["bound"]["model"] == module_fingerprint(model) for e in entries)
+    # The model is its weights and the code that runs them (another wrapper of the same weights is another model).
+    expected = object_fingerprint({"weights": module_fingerprint(model), "code": code_fingerprint(model)})
+    assert entries and all(e["bound"]["model"] == expected for e in entries)
     assert all(e["bound"]["data"] == dataset_fingerprint(splits.val) for e in entries)
 
 
@@ -414,7 +416,10 @@ def test_ctrl_c_during_builtin_training_resumes_on_the_rerun(tmp_path):
     cache = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RANKSHRINK_CACHE=str(cache), OMP_NUM_THREADS="1")
     argv = [sys.executable, "-c", CLI, "analyze", *DIGITS]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    # A shell runs background jobs with SIGINT ignored, and an ignored signal is inherited: reset it, or
+    # Python would install no KeyboardInterrupt handler in the child and Ctrl-C would do nothing.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoints = cache / "models"
     deadline = time.monotonic() + 240
     while not list(checkpoints.glob(".*.training/train_checkpoint.pt")):

@@ -38,7 +38,8 @@ SECTIONS = ("summary", "layers", "spectra", "curves", "tradeoff", "run")
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory, _session_models):
-    """A compress run of the trained digits CNN at a 1-point tolerance: (run dir, model, splits)."""
+    """A compress run of the trained digits CNN at a 1-point tolerance, with one-layer probes (so every plot
+    of the report has something to draw): (run dir, model, splits, weights)."""
     from rankshrink.files import save_tensors
     from rankshrink.models import load_builtin
     from rankshrink.search.evaluate import single_threaded
@@ -57,7 +58,7 @@ def digits_run(tmp_path_factory, _session_models):
         out = root / "run"
         assert main(["compress", "--model", "builtin:digits-cnn", "--weights", str(weights), "--data",
                      "builtin:digits", "--tolerance", "1%", "--out", str(out), "--quiet", "--cache",
-                     str(root / "evaluations")]) == 0
+                     str(root / "evaluations"), "--sensitivity", "probe"]) == 0  # probes: metric-vs-rank curves
     return out, model, splits, weights
 
 
@@ -157,7 +158,8 @@ def test_compress_writes_a_self_contained_report(digits_run):
     keys = {key for key, _, _ in parsed.items}
     for key in ("/original/accuracy", "/compressed/accuracy", "/original/test_accuracy", "/compressed/test_accuracy",
                 "/original/params", "/compressed/params", "/original/bytes", "/compressed/bytes", "/original/macs",
-                "/compressed/macs", "/per_class/compressed/val/0", "/layers/0/params", "/run/data_fingerprint"):
+                "/compressed/macs", "/per_class/compressed/val/0", "/layers/0/params", "/run/data_fingerprint",
+                "/drop_ci/validation/0", "/drop_ci/validation/1", "/drop_ci/test/1"):  # the honest interval too
         assert key in keys, key
     assert check_numbers(parsed.items, summary) >= 60
     assert "rankshrink compress --model builtin:digits-cnn" in page and torch.__version__ in page
@@ -321,7 +323,7 @@ def test_apply_and_finetune_write_their_reports(digits_run, tmp_path, capsys):
     page = (applied / REPORT_FILE).read_text()
     parsed = _parse(page)
     assert "/compressed/layers/2/params" in {key for key, _, _ in parsed.items}
-    assert check_numbers(parsed.items, summary) > 20
+    assert check_numbers(parsed.items, summary) >= 18  # the summary, four layer rows and the run, all checked
     assert len(parsed.images) == len(summary["spectra"]) == 4
     assert "only compress searches ranks; this is an apply run" in page
     tuned = tmp_path / "tuned"

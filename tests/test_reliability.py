@@ -651,6 +651,8 @@ BAD_INPUTS = [
     Case("cache", "a built-in model cache file with the wrong accuracy (poisoned)", lambda f: ["analyze", *DIGITS],
          ("records validation accuracy '0.983333' but scores", "Delete '"),
          env=lambda f: {"RANKSHRINK_CACHE": str(f["cache_accuracy"])}),
+    Case("option", "--confidence 95", lambda f: _compress(f, "--tolerance", "0.01", "--confidence", "95"),
+         ("--confidence", "0.95")),
 ]
 
 

@@ -50,7 +50,7 @@ def shared_cache(tmp_path_factory):
 def tolerance_results(digits, shared_cache):
     model, splits = digits
     return {mode: plan(model, splits, tolerance=TOL, sensitivity=mode, cache=shared_cache, progress=False)
-            for mode in ("probe", "proxy")}
+            for mode in ("auto", "probe", "proxy")}
 
 
 # --------------------------------------------------------------------------- one layer
@@ -94,7 +94,7 @@ def test_one_layer_search_dense_when_nothing_passes(digits):
 
 # --------------------------------------------------------------------------- whole network, tolerance
 
-@pytest.mark.parametrize("mode", ["probe", "proxy"])
+@pytest.mark.parametrize("mode", ["auto", "probe", "proxy"])
 def test_tolerance_search_respects_the_tolerance_within_the_evaluation_bound(digits, tolerance_results, mode):
     model, splits = digits
     result = tolerance_results[mode]
@@ -118,9 +118,53 @@ def test_tolerance_search_respects_the_tolerance_within_the_evaluation_bound(dig
     assert result.test["original"] is not None and result.test["compressed"] is not None
     assert all(r.value == pytest.approx(1 - (r.drop or 0) - (1 - result.baseline)) for r in result.records)
     summary = result.summary()
-    for key in ("original", "compressed", "evaluations", "evaluations_cached", "seed", "layers"):
+    for key in ("original", "compressed", "evaluations", "evaluations_cached", "seed", "layers", "drop_ci"):
         assert key in summary
     json.dumps(summary)
+    # The answer is the cheapest of every whole-model plan it measured within the tolerance.
+    passing = [r for r in result.records if r.drop is not None and r.drop <= TOL + 1e-9]
+    assert result.compressed["macs"] == min([result.original["macs"], *(r.macs for r in passing)])
+    final = next(r for r in result.records if r.plan == {n: e.to_json() for n, e in result.plan.items()})
+    assert (final.params, final.bytes, final.macs) == (counted.params, counted.bytes, counted.macs)
+    # Monotone is what the measured pairs say.
+    from rankshrink.search.allocate import measured_monotone
+
+    assert result.monotone == measured_monotone(result.records)
+    low, high = summary["drop_ci"]["validation"]
+    assert low <= result.drop <= high
+
+
+def test_the_default_tolerance_search_is_cheaper_than_probing_first(tolerance_results):
+    # Measured on this CNN: whole-model plans for every evaluation (auto) beat one-layer probes first.
+    assert tolerance_results["auto"].compressed["macs"] <= tolerance_results["probe"].compressed["macs"]
+
+
+def test_tolerance_mode_never_loses_to_budget_mode(digits, tolerance_results, shared_cache):
+    model, splits = digits
+    result = tolerance_results["auto"]
+    for budget in (0.5, 0.3, 0.2, 0.15, 0.12, 0.1, 0.08):
+        other = plan(model, splits, budget={"macs": budget}, cache=shared_cache, progress=False)
+        if other.drop <= TOL + 1e-9:  # whatever budget mode finds within the tolerance ...
+            assert result.compressed["macs"] <= other.compressed["macs"], budget  # ... is no cheaper
+
+
+def test_confidence_applies_the_tolerance_to_the_intervals_upper_end(digits, shared_cache):
+    model, splits = digits
+    tolerance = 0.02
+    result = plan(model, splits, tolerance=tolerance, confidence=0.95, cache=shared_cache, progress=False)
+    plain = plan(model, splits, tolerance=tolerance, cache=shared_cache, progress=False)
+    low, high = result.drop_ci["validation"]
+    assert result.confidence == 0.95 and low <= result.drop <= high <= tolerance + 1e-9
+    judged = [r for r in result.records if r.plan]
+    assert judged and all(r.drop_high is not None and r.drop_high >= r.drop - 1e-12 for r in judged)
+    # The answer is the cheapest plan whose upper end is within the tolerance ...
+    passing = [r.macs for r in judged if r.drop_high <= tolerance + 1e-9]
+    assert result.compressed["macs"] == min(passing)
+    # ... and the reported interval is the one the answer was judged by.
+    final = next(r for r in judged if r.plan == {n: e.to_json() for n, e in result.plan.items()})
+    assert final.drop_high == high
+    # Demanding confidence cannot make the accepted drop larger than the tolerance allows.
+    assert plain.drop <= tolerance + 1e-9 and result.drop <= tolerance
 
 
 def test_the_model_is_not_modified(digits, tolerance_results):

@@ -86,7 +86,7 @@ class Calibration:
     ``samples`` is the number of calibration samples run through the model.
     """
 
-    stats: dict[str, InputStats]
+    stats: dict[str, Any]  # InputStats, or DiagonalStats for an embedding's lookup counts
     samples: int
     alias_of: dict[str, str] = field(default_factory=dict)
 
@@ -154,7 +154,7 @@ class Calibration:
                 raise FileFormatError(f"calibration file '{path}' has version {metadata.get('version')}; "
                                       f"this rankshrink reads version {_VERSION}.")
             meta = json.loads(metadata["calibration"])
-            stats = {}
+            stats: dict[str, Any] = {}
             for name, info in meta["layers"].items():
                 if info["kind"] == DIAGONAL:
                     stats[name] = DiagonalStats(int(info["dim"]), count=int(info["count"]),

@@ -82,7 +82,7 @@ def code_fingerprint(module: torch.nn.Module) -> str:
         cls = type(sub)
         if cls not in seen:
             seen.add(cls)
-            digest.update(f"{cls.__module__}.{cls.__qualname__}:{_class_source_hash(cls)}|".encode())
+            digest.update(f"{cls.__module__}.{cls.__qualname__}:{_class_source_hash(cls)}|".encode())  # type: ignore[arg-type]
         own = sub.__dict__.get("forward")
         if own is not None:
             digest.update(f"{name}.forward:{source_hash(own)}|".encode())

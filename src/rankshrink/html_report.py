@@ -479,6 +479,26 @@ def _target_text(summary: Mapping[str, Any], kind: str) -> str:
     return f"{budget.get('kind')} budget {_fmt(budget.get('target'))}"
 
 
+def _interval_text(summary: Mapping[str, Any]) -> str:
+    """The paired bootstrap interval of the drop (``drop_ci``), when the run computed one."""
+    intervals = summary.get("drop_ci")
+    if not isinstance(intervals, Mapping):
+        return ""
+    shown = []
+    for split in ("validation", "test"):
+        bounds = intervals.get(split)
+        if isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds):
+            shown.append(f"{split} [{_num(pointer('drop_ci', split, 0), bounds[0], 'pct', tag='span', cls='num')}, "
+                         f"{_num(pointer('drop_ci', split, 1), bounds[1], 'pct', tag='span', cls='num')}]")
+    if not shown:
+        return ""
+    level = summary.get("confidence")
+    judged = (f"; the tolerance applied to its upper end ({_fmt(level, 'pct')} confidence)"
+              if _is_number(level) else "")
+    return (f"<p>Drop, 95% paired bootstrap interval (same samples, original vs compressed): {', '.join(shown)}"
+            f"{judged}.</p>")
+
+
 def summary_section(summary: Mapping[str, Any], kind: str) -> str:
     labelled = kind == "apply" or _has_labels(summary, kind)
     parts = ["<section id=\"summary\"><h2>Summary</h2>", f"<p class=\"lead\">{_esc(_target_text(summary, kind))}"]
@@ -489,6 +509,7 @@ def summary_section(summary: Mapping[str, Any], kind: str) -> str:
                      f"{_num('/evaluations_cached', summary.get('evaluations_cached'), tag='span', cls='num')}"
                      " from the cache")
     parts.append("</p>")
+    parts.append(_interval_text(summary))
     parts.append(_accuracy_table(summary, kind))
     costs = _cost_table(summary)
     parts.append(costs or "<p class=\"missing\">Sizes not recorded: this run had no example input to count "

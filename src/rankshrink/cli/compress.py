@@ -45,7 +45,7 @@ from .common import (
 )
 
 _COUNT_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
-METRICS = ("auto", "accuracy", "agreement", "per-class", "worst-class")
+METRICS = ("auto", "accuracy", "agreement", "per-class", "worst-class", "cosine", "mse", "kl")
 
 
 def parse_tolerance(text: str) -> float:
@@ -99,6 +99,18 @@ def parse_byte_budget(text: str) -> float:
     return _budget_value(value, text, "--max-bytes", unit=False)
 
 
+def parse_confidence(text: str) -> float:
+    """'0.95' or '95%' -> 0.95; must lie strictly between 0 and 1."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ConfigError(f"--confidence must be a level like 0.95 or 95%, got {text!r}.") from None
+    if not 0 < value < 1:
+        raise ConfigError(f"--confidence must lie strictly between 0 and 1 (e.g. 0.95), got {text!r}.")
+    return value
+
+
 def parse_methods(text: str) -> list[str]:
     from ..methods import method_names
 
@@ -130,11 +142,14 @@ def register(subparsers) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--tolerance", help="largest allowed validation-metric drop: 0.01 or 1%%")
     target.add_argument("--max-macs", help="MAC budget: ratio (0.5, 50%%) or count (1.2M)")
-    target.add_argument("--max-params", help="parameter budget: ratio (0.5, 50%%) or count (120000, 120k)")
+    target.add_argument("--max-params", help="parameter budget: ratio (0.5, 50%%) or count (120000, 120k); "
+                        "50%%-of-factorizable is a ratio of what can be factorized (see --budget-of)")
     target.add_argument("--max-bytes", help="size budget: 256KB, 1.5MB, 2MiB, a byte count, or a ratio (50%%)")
     parser.add_argument("--metric", default="auto", choices=METRICS,
-                        help="what the tolerance is measured in: auto (accuracy with labels, agreement without), "
-                             "agreement (with the original's predictions) ...")
+                        help="what the tolerance is measured in: auto (accuracy with labels; without: agreement for "
+                             "logits, cosine for other outputs), agreement (with the original's predictions), "
+                             "cosine / mse / kl (label-free comparisons with the original's outputs; an encoder's "
+                             "mask-mean-pooled last hidden state); the tolerance is the drop from the original")
     parser.add_argument("--minimize", default="macs", choices=("macs", "params", "bytes"),
                         help="what --tolerance mode makes smallest (default: macs)")
     from ..methods import method_names
@@ -151,7 +166,20 @@ def register(subparsers) -> None:
                         help="stop unless the original model's validation metric reaches VALUE (0..1; default: "
                              "clearly above chance; 0 turns the check off)")
     parser.add_argument("--sensitivity", default="auto", choices=("auto", "probe", "proxy"),
-                        help="per-layer sensitivity from evaluations (probe) or from the distortion proxy alone")
+                        help="tolerance mode: auto (proxy-ordered, every evaluation on whole models), probe "
+                             "(one-layer bisections first) or proxy (at most 10 whole-model evaluations)")
+    parser.add_argument("--confidence", default=None,
+                        help="apply --tolerance to the upper end of the drop's paired bootstrap interval at this "
+                             "level (e.g. 0.95) instead of the measured drop")
+    parser.add_argument("--budget-of", choices=("model", "factorizable"), default=None,
+                        help="what a ratio budget is a ratio of: the whole model (default) or the layers the search "
+                             "can factorize (everything else stays as it is)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="evaluate independent probes and plans on N local Ray workers (needs ray)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="join the Ray cluster at ADDR instead of starting a local one")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                        help="where calibration, evaluation and fine-tuning run (default: where the model is)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
     cache = parser.add_mutually_exclusive_group()
@@ -168,14 +196,48 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+_OF_SUFFIX = re.compile(r"^(.*?)\s*-?\s*of[-\s]*(model|factorizable)\s*$", re.IGNORECASE)
+
+
 def _target(args: argparse.Namespace) -> dict:
     if args.tolerance is not None:
+        if getattr(args, "budget_of", None):
+            raise ConfigError("--budget-of applies to a budget (--max-macs, --max-params, --max-bytes), not to "
+                              "--tolerance.")
         return {"tolerance": parse_tolerance(args.tolerance)}
-    if args.max_macs is not None:
-        return {"budget": {"macs": parse_amount(args.max_macs, "--max-macs")}}
-    if args.max_params is not None:
-        return {"budget": {"params": parse_amount(args.max_params, "--max-params")}}
-    return {"budget": {"bytes": parse_byte_budget(args.max_bytes)}}
+    for kind, option in (("macs", "max_macs"), ("params", "max_params"), ("bytes", "max_bytes")):
+        text = getattr(args, option)
+        if text is None:
+            continue
+        what = "--" + option.replace("_", "-")
+        of = getattr(args, "budget_of", None)
+        match = _OF_SUFFIX.match(text.strip())
+        if match:  # 50%-of-factorizable
+            if of is not None and of != match.group(2).lower():
+                raise ConfigError(f"{what} {text} and --budget-of {of} disagree; give one of them.")
+            text, of = match.group(1), match.group(2).lower()
+        value = parse_byte_budget(text) if kind == "bytes" else parse_amount(text, what)
+        budget: dict = {kind: value}
+        if of is not None and of != "model":
+            if value > 1:
+                raise ConfigError(f"{what} {text} is a count; 'of {of}' applies to a ratio (50%-of-{of}).")
+            budget["of"] = of
+        return {"budget": budget}
+    raise ConfigError("give --tolerance or one of --max-macs, --max-params, --max-bytes.")
+
+
+def check_parallel_options(args: argparse.Namespace) -> None:
+    """``--workers N`` / ``--ray-address``: a positive count, and Ray installed (else how to install it)."""
+    from ..validation import check_optional_int
+
+    check_optional_int(args.workers, "--workers", minimum=1)
+    if (args.workers or 1) > 1 or args.ray_address is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            from ..search.parallel import RAY_HINT
+
+            raise ConfigError(f"--workers/--ray-address evaluate on Ray, which is not installed: {RAY_HINT}.")
 
 
 def check_recovery_options(args: argparse.Namespace) -> None:
@@ -214,9 +276,11 @@ def run(args: argparse.Namespace) -> int:
 
     # Every option and path is checked before any work (loading, training, searching).
     target = _target(args)
+    confidence = parse_confidence(args.confidence) if args.confidence is not None else None
     methods = parse_methods(args.methods) if args.methods is not None else None
     include, exclude = layer_patterns(args)
     check_int(args.calibration_samples, "--calibration-samples", minimum=1)
+    check_parallel_options(args)
     if args.min_baseline is not None:
         check_number(args.min_baseline, "--min-baseline", minimum=0, maximum=1)
     check_recovery_options(args)
@@ -233,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
     result = compress(model, splits, metric=args.metric, minimize=args.minimize, methods=methods, fit=args.fit,
                       sensitivity=args.sensitivity, cache=cache, progress=not args.quiet, seed=args.seed,
                       calibration_samples=args.calibration_samples, layers=include, exclude=exclude,
-                      fold_bn=args.fold_bn, min_baseline=args.min_baseline, **target)
+                      fold_bn=args.fold_bn, min_baseline=args.min_baseline, confidence=confidence,
+                      workers=args.workers, ray_address=args.ray_address, device=args.device, **target)
     compressed = result.model
     summary = result.summary()
     summary.update({"model": args.model, "weights": args.weights, "data": spec})
@@ -266,6 +331,11 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _interval(pair) -> str:
+    """A drop interval in points: '[-0.28, +0.83] points' (the metric's units × 100)."""
+    return "-" if not pair else f"[{100 * pair[0]:+.2f}, {100 * pair[1]:+.2f}] points"
+
+
 def print_report(result, file=None) -> None:
     """The per-layer table and the before/after lines (shared with ``rankshrink demo``)."""
     file = file or sys.stdout
@@ -285,6 +355,13 @@ def print_report(result, file=None) -> None:
           file=file)
     print(f"validation accuracy {_pct(o['accuracy'])} -> {_pct(c['accuracy'])}; "
           f"test accuracy {_pct(o['test_accuracy'])} -> {_pct(c['test_accuracy'])}", file=file)
+    ci = s.get("drop_ci") or {}
+    if ci.get("validation") or ci.get("test"):
+        level = result.confidence or 0.95
+        print(f"drop, {level:.0%} paired bootstrap interval: validation {_interval(ci.get('validation'))} "
+              f"({result.metric}), test {_interval(ci.get('test'))} (accuracy)"
+              + ("; the tolerance applies to the upper end" if result.confidence and result.mode == "tolerance"
+                 else ""), file=file)
     print(f"params {format_count(o['params'])} -> {format_count(c['params'])} ({c['params_ratio']:.1%}), "
           f"MACs {format_count(o['macs'])} -> {format_count(c['macs'])} ({c['macs_ratio']:.1%}), "
           f"size {format_bytes(o['bytes'])} -> {format_bytes(c['bytes'])}", file=file)

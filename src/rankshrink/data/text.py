@@ -3,7 +3,8 @@
 Each non-empty line of the (UTF-8) file is one sample. The lines are tokenized with the tokenizer of
 the model directory (``hf:DIR``: the CLI passes it; the API takes ``tokenizer=`` a directory or a
 tokenizer), truncated to ``max_length`` tokens (default 128) and padded to the longest line kept, so
-every sample has the same shape; each batch is cut after its own longest line when it runs. The samples are unlabelled dict inputs -- ``input_ids`` and
+every sample has the same shape; each batch is cut after its own longest line when it runs.
+The samples are unlabelled dict inputs -- ``input_ids`` and
 ``attention_mask``, plus ``token_type_ids`` when the tokenizer produces them for its model -- passed
 to the model as keyword arguments; the attention mask keeps padding out of calibration statistics,
 out of the label-free metrics' mean pooling and out of distillation. The lines are split
@@ -44,7 +45,8 @@ def read_lines(path: str | Path) -> list[str]:
     return lines
 
 
-def tokenize_lines(lines: Sequence[str], tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, torch.Tensor]:
+def tokenize_lines(lines: Sequence[str], tokenizer: Any,
+                   max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, torch.Tensor]:
     """``tokenizer(lines)`` padded to the longest kept line (at most ``max_length`` tokens), as int64 tensors."""
     from ..validation import check_int
 

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["InputStats", "DiagonalStats", "Whitening", "whitening", "statistics_of_kind", "patch_moment_to_channel", "KINDS",
+__all__ = ["InputStats", "DiagonalStats", "Whitening", "whitening", "statistics_of_kind", "patch_moment_to_channel",
+           "KINDS",
            "MIN_INVERSE_DAMPING", "DEFAULT_DAMPING", "check_damping", "check_moment"]
 
 
@@ -318,7 +319,7 @@ def statistics_of_kind(stats: InputStats, kind: str, weight_shape, *, layer: str
         if stats.dim != weight_shape[0]:
             raise ConfigError(f"{layer}: the lookup counts cover {stats.dim} indices but the embedding has "
                               f"{weight_shape[0]} rows; recalibrate on this model.")
-        return stats  # type: ignore[return-value]
+        return stats
     kernel = tuple(weight_shape[2:])
     if kernel and stats.kernel_size is not None and tuple(stats.kernel_size) != kernel:
         raise ConfigError(f"{layer}: the statistics were collected for kernel size {tuple(stats.kernel_size)} "

@@ -62,5 +62,6 @@ def normalize_rank(geometry: dict, method: str, rank, *, layer: str = "layer"):
 
 __all__ = ["full_rank", "normalize_rank", "FITS", "Method", "MethodConfig", "config_from_json", "default_method",
            "factorize", "get_method", "make_config", "method_names", "methods_for", "register", "select_options",
-           "SVDConfig", "EmbeddingConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig", "FactorizationWarning",
+           "SVDConfig", "EmbeddingConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig",
+           "FactorizationWarning",
            "bigger_than_dense"]

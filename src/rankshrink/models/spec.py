@@ -1,4 +1,5 @@
-"""The one way to load a model SPEC: ``builtin:NAME``, ``path/to/file.py:factory``, ``path/to/model.onnx`` or ``hf:DIR``.
+"""The one way to load a model SPEC: ``builtin:NAME``, ``path/to/file.py:factory``, ``path/to/model.onnx``
+or ``hf:DIR``.
 
 ``path/to/file.py:factory`` imports the file by path and calls ``factory()`` (a function
 that takes no arguments and returns an ``nn.Module``). ``path/to/model.onnx`` is converted

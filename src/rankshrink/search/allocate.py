@@ -13,16 +13,25 @@ from the original model (position 0) to every layer at its cheapest candidate
 (position K): position k applies the k cheapest-per-distortion steps. Cost falls and
 predicted distortion rises along the path, so the knob is a position on it.
 
-* Tolerance mode bisects the position with real evaluations of the combined model
-  (the largest position whose drop is within δ), then spends any evaluations left
-  (of at most ``max_global``) on single extra steps that still pass. Before that,
-  with ``sensitivity='probe'``, each layer gets its own one-layer bisection on its
-  frontier (at most ``⌈log2 r_max⌉ + 1`` evaluations): candidates cheaper than the
-  layer's own smallest passing one are dropped (if one layer alone breaks δ, so
-  does any model containing it), a layer whose best candidate already fails stays
-  dense, and each layer's distortion is rescaled by the distortion at which it
-  crossed δ (the measured per-layer sensitivity), so the path trades layers by
-  measured accuracy cost rather than by raw output distortion.
+* Tolerance mode returns the cheapest of *every* whole-model plan it evaluated whose
+  drop is within δ (on validation; with a confidence, the upper end of the drop's
+  bootstrap interval), wherever the plan came from. Its evaluations (at most
+  ``L·(⌈log2 r_max⌉ + 1) + max_global`` after the original's) go to: the bisection of the
+  position (the largest position whose drop is within δ); budget-mode runs under the
+  best cost found (the allocations budget mode would make at a grid of targets, then
+  budget mode's polish at the nearest one, so tolerance mode does not lose to a budget
+  run there); and a local search around the best (one layer one step down, or one down
+  and another up, cheaper in all). With ``sensitivity='probe'`` each layer first gets
+  its own one-layer bisection on its frontier (at most ``⌈log2 r_max⌉ + 1``
+  evaluations): candidates cheaper than the layer's own smallest passing one are
+  dropped from the path, a layer whose best candidate already fails stays dense, and
+  each layer's distortion is rescaled by the distortion at which it crossed δ (the
+  measured per-layer sensitivity). The default (``'auto'``) skips the probes and gives
+  their evaluations to whole-model plans: on validation sets of a few hundred samples
+  one-layer thresholds are within an image or two of noise, and whole-model plans
+  found cheaper answers on the digits and CIFAR CNNs. ``monotone`` says whether every
+  pair of evaluated plans where one keeps at least as much of every layer agreed with
+  "more rank, no less accurate".
 * Budget mode walks the path to the first position within the budget, then fills
   the remaining slack greedily with the upgrades that remove the most distortion
   per unit of cost that still fit. The cost is exact by formula, so the result is
@@ -33,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigError
 from ..plan import Plan
@@ -140,17 +149,17 @@ def _state_choices(fronts, state, spaces) -> dict[str, Candidate]:
     return {s.name: fronts[li][state[li]] for li, s in enumerate(spaces)}
 
 
-def _probe_layers(ev, spaces: list[LayerSpace], fronts: list[list[Candidate]], ok, kind: str,
-                  probes: dict[str, Any], notes: list[str]) -> tuple[list[float], bool]:
+def _probe_layers(measured: "_Measured", spaces: list[LayerSpace], fronts: list[list[Candidate]], ok, kind: str,
+                  probes: dict[str, Any], notes: list[str]) -> list[float]:
     """One-layer bisections: trim each layer's frontier and measure its sensitivity.
 
     Candidates cheaper than a layer's own smallest passing one are dropped from
     ``fronts`` (in place); a layer whose best candidate fails stays dense. Returns each
     layer's distortion weight (1 / the distortion at which it alone reaches the
-    tolerance) and whether every bisection saw monotone values.
+    tolerance). Every probe is a whole-model plan (one layer factorized) and a candidate
+    answer of the tolerance search.
     """
     weights = [1.0] * len(spaces)
-    monotone = True
     # Every layer's bisection advances one step per round; a round's evaluations are independent and run
     # together on the worker pool (search/parallel.py). Each bisection sees the values it would alone.
     subsampled = [_subsample(front[:-1], space.r_max) for space, front in zip(spaces, fronts)]
@@ -159,10 +168,9 @@ def _probe_layers(ev, spaces: list[LayerSpace], fronts: list[list[Candidate]], o
                 for li in active]
 
     def evaluate_round(requests: list[tuple[int, int]]) -> list[float]:
-        plans = [(spaces[active[s]].name, plan_of({spaces[active[s]].name: subsampled[active[s]][i]}))
-                 for s, i in requests]
-        ev.prefetch([plan for _, plan in plans])
-        return [ev(plan, f"probe {name}") for name, plan in plans]
+        choices = [(spaces[active[s]].name, {spaces[active[s]].name: subsampled[active[s]][i]}) for s, i in requests]
+        measured.ev.prefetch([plan_of(measured.full(c)) for _, c in choices])
+        return [measured.evaluate(c, f"probe {name}") for name, c in choices]
 
     results = dict(zip(active, run_in_lockstep(searches, evaluate_round)))
     for li, space in enumerate(spaces):
@@ -172,7 +180,6 @@ def _probe_layers(ev, spaces: list[LayerSpace], fronts: list[list[Candidate]], o
             probes[space.name] = {"evaluated": {}, "threshold": None}
             continue
         found = results[li]
-        monotone = monotone and found.monotone
         probes[space.name] = {"evaluated": {probe[i].label(): v for i, v in sorted(found.values.items())},
                               "threshold": None if found.index is None else probe[found.index].label()}
         if found.index is None:
@@ -189,33 +196,268 @@ def _probe_layers(ev, spaces: list[LayerSpace], fronts: list[list[Candidate]], o
             scale = 2.0 * d_pass  # passes at its cheapest candidate: tolerates at least this much
         # Distortion in units of "the distortion at which this layer alone reaches δ".
         weights[li] = 1.0 / scale
-    return weights, monotone
+    return weights
+
+
+class _Measured:
+    """Every whole-model plan a tolerance search evaluated: its choices, exact cost and decision value.
+
+    The answer is the cheapest of these within the tolerance, wherever it came from (a
+    one-layer probe, the path, a budget walk or the local search).
+    """
+
+    def __init__(self, session, spaces: list[LayerSpace], cost_model: CostModel, kind: str, ok):
+        self.ev = session.evaluator
+        self.spaces = spaces
+        self.by_name = {s.name: s for s in spaces}
+        self.cost_model = cost_model
+        self.kind = kind
+        self.ok = ok
+        self.plans: dict[str, tuple[dict[str, Candidate], int, float]] = {}
+
+    def full(self, choices: dict[str, Candidate]) -> dict[str, Candidate]:
+        return {s.name: choices.get(s.name, s.dense) for s in self.spaces}
+
+    def cost(self, choices: dict[str, Candidate]) -> int:
+        return self.cost_model.total(choices, self.by_name)[self.kind]
+
+    def evaluate(self, choices: dict[str, Candidate], phase: str) -> float:
+        choices = self.full(choices)
+        plan = plan_of(choices)
+        value = self.ev.decision(plan, phase)
+        self.plans.setdefault(plan.key(), (choices, self.cost(choices), value))
+        return value
+
+    def known(self, choices: dict[str, Candidate]) -> bool:
+        return plan_of(choices).key() in self.plans
+
+    def passes(self, choices: dict[str, Candidate]) -> bool | None:
+        found = self.plans.get(plan_of(choices).key())
+        return None if found is None else self.ok(found[2])
+
+    def best(self) -> tuple[dict[str, Candidate], int, float] | None:
+        """The cheapest passing plan measured so far (ties: the higher decision value)."""
+        passing = [p for p in self.plans.values() if self.ok(p[2])]
+        return min(passing, key=lambda p: (p[1], -p[2])) if passing else None
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether plan ``a`` keeps at least as much of every layer as plan ``b`` (JSON plan entries).
+
+    Dense (absent) keeps everything; two factorizations compare only with the same method,
+    fit and options, rank by rank.
+    """
+    for name, entry_b in b.items():
+        entry_a = a.get(name)
+        if entry_a is None:
+            continue
+        if {k: v for k, v in entry_a.items() if k != "rank"} != {k: v for k, v in entry_b.items() if k != "rank"}:
+            return False
+        ra, rb = entry_a.get("rank"), entry_b.get("rank")
+        ra = list(ra) if isinstance(ra, (list, tuple)) else [ra]
+        rb = list(rb) if isinstance(rb, (list, tuple)) else [rb]
+        if len(ra) != len(rb) or any(x < y for x, y in zip(ra, rb)):
+            return False
+    return all(name in b for name in a)  # a layer factorized in a but dense in b keeps less
+
+
+def measured_monotone(records) -> bool:
+    """Whether every measured pair agrees with "more rank is at least as accurate".
+
+    For every two evaluated plans where one keeps at least as much of every layer as the
+    other (:func:`_dominates`; the original model keeps all), the metric of the larger
+    one must be at least the smaller one's.
+    """
+    from .single import _EPS
+
+    entries = [(r.plan, r.value) for r in records]
+    for i, (plan_a, value_a) in enumerate(entries):
+        for plan_b, value_b in entries[i + 1:]:
+            if plan_a == plan_b:
+                continue
+            if _dominates(plan_a, plan_b) and value_a < value_b - _EPS:
+                return False
+            if _dominates(plan_b, plan_a) and value_b < value_a - _EPS:
+                return False
+    return True
+
+
+def _step_down(session, space: LayerSpace, front: list[Candidate], here: Candidate, kind: str) -> list[Candidate]:
+    """One step cheaper for one layer: the next cheaper frontier candidate, else the same method one rank lower.
+
+    (Single ranks near a layer's top save too little to be worth an evaluation when the
+    frontier has a real step.)
+    """
+    cheaper = [c for c in front if c.cost(kind) < here.cost(kind)]
+    if cheaper:
+        return [cheaper[-1]]
+    steps: list[Candidate] = []
+    if here.method is not None:
+        rank = neighbour_rank(space.geometry, here.method, here.rank, -1)
+        if rank is not None:
+            fine = make_candidate(session, space, here.method, rank)
+            if front[0].cost(kind) <= fine.cost(kind) < here.cost(kind):
+                steps.append(fine)
+    return steps
+
+
+def _step_up(session, space: LayerSpace, front: list[Candidate], here: Candidate, kind: str) -> list[Candidate]:
+    """One step costlier for one layer: the next costlier frontier candidate, and the same method one rank higher."""
+    steps = []
+    dearer = [c for c in front if c.cost(kind) > here.cost(kind)]
+    if dearer:
+        steps.append(dearer[0])
+    if here.method is not None:
+        rank = neighbour_rank(space.geometry, here.method, here.rank, +1)
+        if rank is not None:
+            fine = make_candidate(session, space, here.method, rank)
+            if here.cost(kind) < fine.cost(kind) < space.dense.cost(kind):
+                steps.append(fine)
+    return steps
+
+
+def _local_search(session, measured: _Measured, fronts: list[list[Candidate]], weights: list[float],
+                  kind: str, budget: int) -> None:
+    """Spend up to ``budget`` evaluations on plans around the cheapest passing one; keep what passes.
+
+    Moves from the current answer: one layer one step down, or one layer one step down and
+    another one step up, whenever the pair is cheaper in all. Moves are tried in order of
+    predicted harm per unit of cost saved (the weighted distortion proxy); a passing move
+    becomes the new centre.
+    """
+    ev = session.evaluator
+    spaces = measured.spaces
+    stop = ev.requested + budget
+    while ev.requested < stop:
+        best = measured.best()
+        if best is None:
+            return
+        centre, centre_cost, _ = best
+        downs = {s.name: _step_down(session, s, fronts[li], centre[s.name], kind) for li, s in enumerate(spaces)}
+        ups = {s.name: _step_up(session, s, fronts[li], centre[s.name], kind) for li, s in enumerate(spaces)}
+        options = []
+        for li, a in enumerate(spaces):
+            here_a = centre[a.name]
+            for down in downs[a.name]:
+                harm_a = (_d(down) - _d(here_a)) * weights[li]
+                moves = [({a.name: down}, harm_a)]
+                for lj, b in enumerate(spaces):
+                    if lj == li:
+                        continue
+                    for up in ups[b.name]:
+                        moves.append(({a.name: down, b.name: up},
+                                      harm_a + (_d(up) - _d(centre[b.name])) * weights[lj]))
+                for change, harm in moves:
+                    trial = dict(centre)
+                    trial.update(change)
+                    if measured.known(trial):
+                        continue
+                    saved = centre_cost - measured.cost(trial)
+                    if saved <= 0:
+                        continue
+                    options.append((harm / saved, -saved, li, trial))
+        if not options:
+            return
+        options.sort(key=lambda o: (o[0], o[1], o[2]))
+        for _, _, _, trial in options:
+            if ev.requested >= stop:
+                return
+            before = ev.requested
+            value = measured.evaluate(trial, "local")
+            if measured.ok(value):
+                break  # a new centre: recompute the moves around it
+            if ev.requested == before:  # answered from memory (cannot happen: unknown plans only)
+                continue
+        else:
+            return
+
+
+# Budget-mode allocations a tolerance search evaluates: targets on a geometric grid from the
+# cheapest reachable cost up to just under the best plan found so far.
+WALK_TARGETS = 24
+# Evaluations budget mode's polish may spend at the nearest target under the best plan.
+WALK_POLISH = 4
+
+
+def _budget_walks(session, measured: _Measured, spaces: list[LayerSpace], cost_model: CostModel, kind: str,
+                  below: int, budget: int) -> None:
+    """Budget-mode runs under the best cost found so far (``below``), within ``budget`` evaluations.
+
+    Budget mode walks the proxy path of the full frontiers, fills the slack and polishes on
+    real evaluations; its answer at some target can be cheaper than the tolerance path's and
+    still keep the tolerance. So its allocations at (a subsample of) :data:`WALK_TARGETS`
+    targets are evaluated from the top down, one evaluation each, every one of them (accuracy
+    is far from monotone in the target: a lower target's allocation can pass where a higher
+    one fails); then budget mode's polish runs at the nearest target under the best plan,
+    stopping at the first plan within the tolerance.
+    """
+    ev = session.evaluator
+    lowest = minimum_cost(spaces, cost_model, kind)
+    if budget < 1 or below <= lowest:
+        return
+    targets = sorted({int(lowest * (below / lowest) ** (i / WALK_TARGETS)) for i in range(WALK_TARGETS)})
+    targets = [t for t in targets if lowest <= t < below]
+    stop = ev.requested + budget
+    polish = min(WALK_POLISH, budget // 3)
+    picks = _subsample(list(range(len(targets))), max(1, budget - polish))
+    allocations: dict[int, Allocation] = {}
+
+    def allocation(i: int) -> Allocation:
+        if i not in allocations:
+            allocations[i] = budget_allocation(session, spaces, cost_model, target=targets[i], kind=kind)
+        return allocations[i]
+
+    for i in reversed(picks):
+        if ev.requested >= stop:
+            return
+        measured.evaluate(allocation(i).choices, "budget walk")
+    best = measured.best()
+    under = [i for i in picks if best is None or targets[i] < best[1]]
+    if under and ev.requested < stop:
+        i = under[-1]
+        polish_budget(session, spaces, allocation(i), cost_model, target=targets[i], kind=kind,
+                      max_evaluations=stop - ev.requested, evaluate=measured.evaluate, stop=measured.ok,
+                      phase="budget walk")
 
 
 def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostModel, *, baseline: float,
-                         tolerance: float, kind: str, sensitivity: str = "probe",
-                         max_global: int = MAX_GLOBAL_EVALUATIONS) -> Allocation:
-    """The cheapest allocation (in ``kind``) whose metric drop stays within ``tolerance``."""
+                         tolerance: float, kind: str, sensitivity: str = "auto",
+                         max_global: int = MAX_GLOBAL_EVALUATIONS, probe_allowance: int = 0) -> Allocation:
+    """The cheapest allocation (in ``kind``) whose metric drop stays within ``tolerance``.
+
+    The answer is the cheapest of every whole-model plan evaluated that keeps the tolerance,
+    wherever it came from: the one-layer probes (``sensitivity='probe'``), the bisection of
+    the allocation path, the budget-mode runs under the best found (:func:`_budget_walks`) or
+    the local search around the best (:func:`_local_search`). The whole-model phases share
+    ``max_global`` evaluations plus the ``probe_allowance`` (what per-layer probes may use)
+    less what the probes used: with ``sensitivity='auto'`` there are no probes and the whole
+    allowance goes to whole-model plans; with ``'proxy'`` the allowance is 0.
+    """
     ev = session.evaluator
     ok = passes_within(baseline, tolerance)
+    measured = _Measured(session, spaces, cost_model, kind, ok)
     fronts = [s.frontier(kind) for s in spaces]
     weights = [1.0] * len(spaces)
     notes: list[str] = []
-    monotone = True
     probes: dict[str, Any] = {}
 
+    start = ev.requested
     if sensitivity == "probe":
-        weights, monotone = _probe_layers(ev, spaces, fronts, ok, kind, probes, notes)
+        weights = _probe_layers(measured, spaces, fronts, ok, kind, probes, notes)
+    left = max_global + max(0, probe_allowance - (ev.requested - start))
 
     hulls = [lower_hull(f, kind) for f in fronts]
     path = build_path(fronts, hulls, kind, weights)
-    start = [len(f) - 1 for f in fronts]
-    states = [list(start)]
+    first = [len(f) - 1 for f in fronts]
+    states = [list(first)]
     for li, to in path:
         state = list(states[-1])
         state[li] = to
         states.append(state)
-    positions = _subsample(list(range(len(states))), 2 ** max_global)
+    # The path's bisection gets a third of the evaluations (at most 6); the budget walks and
+    # the local search share the rest.
+    path_evaluations = max(1, min(6, left // 3))
+    positions = _subsample(list(range(len(states))), 2 ** path_evaluations)
     n = len(positions)
     # Weakest first: index i <-> path position positions[n - 1 - i]; the top (position 0, the
     # original model) passes by definition and is answered from memory.
@@ -233,61 +475,37 @@ def tolerance_allocation(session, spaces: list[LayerSpace], cost_model: CostMode
         k = positions[n - 1 - i]
         if k == 0:
             return baseline
-        return ev(plan_of(_state_choices(fronts, states[k], spaces)), "global")
+        return measured.evaluate(_state_choices(fronts, states[k], spaces), "global")
 
-    used_before = ev.requested
-    found = smallest_passing(n, evaluate_position, ok, guess=guess)
-    monotone = monotone and found.monotone
+    before = ev.requested
+    found = smallest_passing(n, evaluate_position, ok, guess=guess, budget=path_evaluations + 1)
     best_i = found.index if found.index is not None else n - 1
     best_k = positions[n - 1 - best_i]
-    state = list(states[best_k])
-    value = found.values.get(best_i, baseline)
-    used = ev.requested - used_before
+    left -= ev.requested - before
 
-    # Spend what is left on single extra steps from the answer, most promising first: the next
-    # cheaper frontier candidate of a layer, or the same method one rank lower (finer than the grid).
-    choices = _state_choices(fronts, state, spaces)
-    failed: set[str] = set()
-    if best_k + 1 < len(states):
-        failed.add(plan_of(_state_choices(fronts, states[best_k + 1], spaces)).key())
-    remaining = max_global - used
-    while remaining > 0:
-        options = []
-        for li, space in enumerate(spaces):
-            here = choices[space.name]
-            floor = fronts[li][0].cost(kind)
-            steps = []
-            cheaper = [c for c in fronts[li] if c.cost(kind) < here.cost(kind)]
-            if cheaper:
-                steps.append(cheaper[-1])
-            if here.method is not None:
-                rank = neighbour_rank(space.geometry, here.method, here.rank, -1)
-                if rank is not None:
-                    fine = make_candidate(session, space, here.method, rank)
-                    if floor <= fine.cost(kind) < here.cost(kind):
-                        steps.append(fine)
-            for cand in steps:
-                trial = dict(choices)
-                trial[space.name] = cand
-                key = plan_of(trial).key()
-                if key in failed:
-                    continue
-                saved = here.cost(kind) - cand.cost(kind)
-                slope = (_d(cand) - _d(here)) * weights[li] / saved
-                options.append((slope, li, key, trial))
-        if not options:
-            break
-        options.sort(key=lambda o: (o[0], o[1]))
-        _, _, key, trial = options[0]
-        v = ev(plan_of(trial), "refine")
-        remaining -= 1
-        if ok(v):
-            choices, value = trial, v
-        else:
-            failed.add(key)
+    best = measured.best()
+    walks = left - min(left // 4, 4)  # keep a few evaluations for the local search
+    if best is not None and walks > 0:
+        before = ev.requested
+        _budget_walks(session, measured, spaces, cost_model, kind, best[1], walks)
+        left -= ev.requested - before
+    if left > 0:
+        # The probes' trimming assumed that a layer failing alone fails in every model; accuracy is
+        # not that monotone, so the local search may step below it, on the full frontiers.
+        _local_search(session, measured, [s.frontier(kind) for s in spaces], weights, kind, left)
+
+    best = measured.best()
+    if best is None:
+        choices, value = measured.full({}), baseline
+    else:
+        choices = best[0]
+        value = ev.value_of(plan_of(choices))
+        value = baseline if value is None else value
+    monotone = measured_monotone(ev.records)
     if not monotone:
-        notes.append("the metric was not monotone along the evaluated ranks/positions (accuracy is not exactly "
-                     "monotone in rank); the answer keeps the tolerance, a slightly smaller one may exist")
+        notes.append("the metric was not monotone in rank over the evaluated plans (accuracy is not exactly "
+                     "monotone in rank); the answer is the cheapest evaluated plan within the tolerance, a "
+                     "slightly smaller one may exist")
     return Allocation(choices, value, monotone, notes, probes, len(path), best_k)
 
 
@@ -412,7 +630,9 @@ def fill_budget(session, spaces: list[LayerSpace], fronts: list[list[Candidate]]
 
 def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cost_model: CostModel, *,
                   target: int, kind: str, weights: list[float] | None = None,
-                  max_evaluations: int = MAX_GLOBAL_EVALUATIONS) -> Allocation:
+                  max_evaluations: int = MAX_GLOBAL_EVALUATIONS,
+                  evaluate: Callable[[dict[str, Candidate], str], float] | None = None,
+                  stop: Callable[[float], bool] | None = None, phase: str = "final") -> Allocation:
     """Spend a few real evaluations on neighbours of a budget allocation; keep strict improvements.
 
     The proxy picks the allocation; the metric then gets the last word among its close
@@ -421,15 +641,22 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
     similar cost (another method). Neighbours are tried in order of predicted harm; the
     first that beats the current value on validation is taken and the search restarts from
     it. At most ``max_evaluations`` evaluations in all (the allocation's own included).
+    ``evaluate(choices, phase)`` replaces the plain metric (the tolerance search passes its
+    own, which records every plan); ``stop(value)`` ends the polish at the first value it
+    accepts (the tolerance search stops at the first plan within the tolerance).
     """
     ev = session.evaluator
+    if evaluate is None:
+        def evaluate(ch: dict[str, Candidate], phase: str) -> float:
+            return ev(plan_of(ch), phase)
     by_name = {s.name: s for s in spaces}
     weights = weights or [1.0] * len(spaces)
     index = {s.name: li for li, s in enumerate(spaces)}
     fronts = [s.frontier(kind) for s in spaces]
     choices = dict(allocation.choices)
-    value = ev(plan_of(choices), "final")
-    used = 1
+    start = ev.requested
+    value = evaluate(choices, phase)
+    used = max(1, ev.requested - start)
     tried = {plan_of(choices).key()}
     floor = 0.98 * target
 
@@ -442,7 +669,7 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
         downs = sorted((c for c in pool if c.cost(kind) < here.cost(kind)), key=lambda c: -c.cost(kind))[:2]
         return ups, downs
 
-    while used < max_evaluations:
+    while used < max_evaluations and not (stop is not None and stop(value)):
         neighbours = []
         moves = {s.name: steps(s, choices[s.name]) for s in spaces}
         for a in spaces:
@@ -481,10 +708,13 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
                 ahead = scored[position:position + min(ev.parallelism, max_evaluations - used)]
                 ev.prefetch([plan_of(t) for *_, t in ahead])
             tried.add(key)
-            v = ev(plan_of(trial), "polish")
+            v = evaluate(trial, "polish" if phase == "final" else f"{phase} polish")
             used += 1
             if v > value + 1e-12:
                 choices, value, improved = trial, v, True
+                break
+            if stop is not None and stop(v):  # cannot happen: a passing value beats a failing one
+                choices, value = trial, v
                 break
         if not improved:
             break

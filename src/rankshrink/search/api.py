@@ -18,15 +18,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 from torch import nn
 
 from ..errors import ConfigError
 from ..plan import Plan
 from .allocate import budget_allocation, minimum_cost, plan_of, polish_budget, tolerance_allocation
+from .bootstrap import drop_interval
 from .config import MAX_GLOBAL_EVALUATIONS, Budget, SearchConfig, check_tolerance
 from .evaluate import EvaluationRecord, SearchInterrupted, thread_policy
 from .session import Session, as_search_data
-from .space import CostModel, build_spaces, minimum_breakdown
+from .space import CostModel, build_spaces, minimum_breakdown, plan_costs
 
 __all__ = ["compress", "CompressResult", "evaluation_bound"]
 
@@ -43,7 +45,10 @@ class CompressResult:
     ``value``/``baseline``: the metric of the compressed/original model on the
     validation split; ``test``: test-split accuracy of both (reports only) when the
     data has a test split. ``evaluations`` ran this time, ``evaluations_cached``
-    came from the cache. ``records`` lists every evaluation in order.
+    came from the cache. ``records`` lists every evaluation in order, each with its
+    plan's exact costs. ``drop_ci``: the paired bootstrap interval (at ``confidence``,
+    0.95 by default) of the drop on ``validation`` (the search metric) and ``test``
+    (accuracy), each ``[low, high]`` or None where it cannot be computed.
     """
 
     plan: Plan
@@ -70,6 +75,8 @@ class CompressResult:
     probes: dict[str, Any] = field(default_factory=dict)
     test: dict[str, float | None] | None = None
     report: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    drop_ci: dict[str, list[float] | None] = field(default_factory=dict)
+    confidence: float | None = None
     _session: Any = field(default=None, repr=False, compare=False)
     _model: Any = field(default=None, repr=False, compare=False)
 
@@ -122,7 +129,8 @@ class CompressResult:
                 "tolerance": self.tolerance, "budget": self.budget, "minimize": self.minimize,
                 "original": side("original", self.original, self.baseline),
                 "compressed": side("compressed", self.compressed, self.value),
-                "drop": self.drop, "evaluations": self.evaluations, "evaluations_cached": self.evaluations_cached,
+                "drop": self.drop, "drop_ci": self.drop_ci, "confidence": self.confidence,
+                "evaluations": self.evaluations, "evaluations_cached": self.evaluations_cached,
                 "seed": self.seed, "fit": self.fit, "monotone": self.monotone, "notes": self.notes,
                 "layers": [{k: layer.get(k) for k in ("name", "type", "method", "rank", "params", "macs", "bytes",
                                                       "dense_params", "dense_macs", "reason")}
@@ -132,7 +140,8 @@ class CompressResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "metric": self.metric, "baseline": self.baseline, "value": self.value,
-                "drop": self.drop, "tolerance": self.tolerance, "budget": self.budget, "minimize": self.minimize,
+                "drop": self.drop, "drop_ci": self.drop_ci, "confidence": self.confidence,
+                "tolerance": self.tolerance, "budget": self.budget, "minimize": self.minimize,
                 "original": self.original, "compressed": self.compressed, "layers": self.layers,
                 "plan": self.plan.to_dict(), "evaluations": self.evaluations,
                 "evaluations_cached": self.evaluations_cached, "monotone": self.monotone, "notes": self.notes,
@@ -150,8 +159,9 @@ def compress(model: nn.Module, data: Any = None, *, tolerance: float | None = No
 
     * ``tolerance`` (in [0, 1), e.g. 0.01 = one accuracy point): the cheapest model, in
       ``minimize`` ('macs', 'params' or 'bytes'), whose validation metric is at most
-      ``tolerance`` below the original's. Evaluations: at most
-      ``L·(⌈log2 r_max⌉ + 2) + 10`` for L layers.
+      ``tolerance`` below the original's (with ``confidence=0.95``: whose drop's 95%
+      bootstrap interval stays below it): the cheapest of every model it evaluated
+      that does. Evaluations: at most ``L·(⌈log2 r_max⌉ + 2) + 10`` for L layers.
     * ``budget`` (``{"macs": 0.3}``, ``{"params": 120000}``, ``{"bytes": 256000}``; a
       value ≤ 1 is a ratio of the original): the best predicted model whose exact cost
       is within the budget, never over it and normally within 2% under it.
@@ -191,8 +201,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         mode = "budget"
         kind = budget.kind
     sensitivity = config.sensitivity
-    if sensitivity == "auto":
-        sensitivity = "probe" if mode == "tolerance" else "proxy"
+    if sensitivity == "auto" and mode == "budget":
+        sensitivity = "proxy"
     methods = list(config.methods) if config.methods is not None else None
     progress = config.progress
     seed = config.seed
@@ -219,12 +229,15 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         if target < breakdown["total"]:
             raise ConfigError(_below_minimum(kind, target, breakdown, original))
     try:
-        evaluator = session.start(total=None)  # the total is known once the candidates are
+        spaces: list = []  # the candidates, built once the baseline passed the sanity check
+        evaluator = session.start(total=None,  # the total is known once the candidates are
+                                  costs=lambda plan: plan_costs(plan, spaces, cost_model))
         try:
             baseline = evaluator(Plan(), "baseline")
             evaluator.baseline = baseline
             session.check_baseline(baseline)  # a model at chance on this data: stop before searching
-            spaces = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods, progress=progress)
+            spaces[:] = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods,
+                                     progress=progress)
             if target is not None and spaces:  # budget mode
                 lowest = minimum_cost(spaces, cost_model, kind)
                 if target < lowest:
@@ -234,7 +247,10 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                     raise ConfigError(_below_minimum(kind, target, breakdown, original))
             r_max = max([1, *(s.r_max for s in spaces)])
             total = evaluation_bound(r_max, len(spaces)) if mode == "tolerance" else 2
-            evaluator.set_phase_total(total if sensitivity == "probe" else MAX_GLOBAL_EVALUATIONS + 1)
+            # What one-layer probes may use at most; the whole-model phases get what they leave ('auto'
+            # runs no probes and gives all of it to whole-model plans, 'proxy' none).
+            probe_allowance = len(spaces) * (math.ceil(math.log2(r_max)) + 1) if sensitivity != "proxy" else 0
+            evaluator.set_phase_total(total if sensitivity != "proxy" else MAX_GLOBAL_EVALUATIONS + 1)
             if not spaces:
                 from .allocate import Allocation
                 allocation = Allocation({}, baseline, notes=["no factorizable layer to compress"])
@@ -242,7 +258,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                 assert tolerance is not None
                 allocation = tolerance_allocation(session, spaces, cost_model, baseline=baseline,
                                                   tolerance=tolerance, kind=kind, sensitivity=sensitivity,
-                                                  max_global=max_global_evaluations)
+                                                  max_global=max_global_evaluations,
+                                                  probe_allowance=probe_allowance)
             elif original[kind] <= target:
                 from .allocate import Allocation
                 allocation = Allocation({}, baseline, notes=["the original model is already within the budget"])
@@ -290,13 +307,20 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
             final_plan.metadata["budget"].update(of=budget.of, factorizable=breakdown.get("factorizable_dense"))
     test = None
     report: dict[str, dict[str, float | None]] = {}
+    level = config.confidence or 0.95
+    drop_ci: dict[str, list[float] | None] = {"validation": None, "test": None}
+    if session.metric.per_sample and evaluator.predictions_of(plan_of(choices)) is not None:
+        drop_ci["validation"] = list(evaluator.interval(plan_of(choices), level))
     if config.report_test:
         small = session.factorizer.build(final_plan)
         is_accuracy = session.metric.key == "accuracy" and session.metric.dataset is session.data.val
+        tested = _test_predictions(session, model, small)
         report = {"original": {"accuracy": baseline if is_accuracy else _maybe(session.val_accuracy, model),
-                               "test_accuracy": _maybe(session.test_accuracy, model)},
+                               "test_accuracy": None if tested is None else tested[0]},
                   "compressed": {"accuracy": value if is_accuracy else _maybe(session.val_accuracy, small),
-                                 "test_accuracy": _maybe(session.test_accuracy, small)}}
+                                 "test_accuracy": None if tested is None else tested[1]}}
+        if tested is not None:
+            drop_ci["test"] = list(drop_interval(tested[2], tested[3], tested[4], confidence=level, seed=seed))
         if session.data.test is not None:
             test = {"original": report["original"]["test_accuracy"],
                     "compressed": report["compressed"]["test_accuracy"]}
@@ -317,7 +341,28 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         evaluations=evaluator.evaluations, evaluations_cached=evaluator.cached, records=list(evaluator.records),
         monotone=allocation.monotone, notes=notes, seconds=time.perf_counter() - start,
         timings={k: round(v, 4) for k, v in session.timings.items()}, r_max=r_max, fit=session.fit,
-        seed=seed, probes=allocation.probes, test=test, report=report, _session=session)
+        seed=seed, probes=allocation.probes, test=test, report=report, drop_ci=drop_ci,
+        confidence=config.confidence, _session=session)
+
+
+def _test_predictions(session: Session, original: nn.Module, compressed: nn.Module):
+    """Test accuracy of both models, the accuracy statistic and both models' test predictions (or None)."""
+    from ..errors import DataError
+    from ..metrics import predictions
+    from .bootstrap import accuracy_statistic
+    from .metrics import dataset_labels
+
+    if session.data.test is None:
+        return None
+    try:
+        labels = dataset_labels(session.data.test)
+        mine = predictions(original, session.data.test).numpy()
+        theirs = predictions(compressed, session.data.test).numpy()
+    except DataError:
+        return None
+    statistic = accuracy_statistic(labels)
+    whole = np.arange(labels.size)[None, :]
+    return (float(statistic(mine, whole)[0]), float(statistic(theirs, whole)[0]), statistic, mine, theirs)
 
 
 def _fold_batchnorm(model: nn.Module, data: Any, config: SearchConfig, example_input: Any,

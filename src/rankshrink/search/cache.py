@@ -10,10 +10,12 @@ the sha256 of everything the value depends on:
 * the metric (its key, e.g. 'accuracy') and the data fingerprint,
 * the factorization options (fit, calibration fingerprint, seed, ...).
 
-Every entry carries a checksum of its key and value, and records what it was computed
-for (``bound``: the model and data fingerprints, the plan, the metric and the options);
-the reader checks those against what it is evaluating now. An entry that cannot be
-parsed, whose checksum, key or binding does not match, is reported with a
+Every entry carries a checksum of its key, value and what it was computed for (``bound``:
+the model and data fingerprints, the plan, the metric and the options; the reader checks
+those against what it is evaluating now), and of the per-sample predictions it stores for
+metrics that are functions of them, from which bootstrap intervals are computed (see
+:func:`encode_predictions`). An entry that cannot be parsed, whose checksum, key or binding
+does not match, is reported with a
 :class:`CacheWarning`, deleted and recomputed. A process killed at any point leaves
 complete entries (or none): a rerun resumes with every finished evaluation. A cache that
 cannot be written (a full disk, an entry path that is a directory) gives one warning and
@@ -39,10 +41,11 @@ from ..errors import ConfigError
 from ..files import atomic_write_text, user_cache_dir
 from ..fingerprint import jsonable, object_fingerprint
 
-__all__ = ["CacheWarning", "EvaluationCache", "cache_key", "default_cache_dir"]
+__all__ = ["CacheWarning", "EvaluationCache", "cache_key", "default_cache_dir", "encode_predictions",
+           "decode_predictions"]
 
 _FORMAT = "rankshrink-evaluation"
-_VERSION = 3
+_VERSION = 4  # 3: entries are bound to what they were computed for; 4: per-sample predictions stored too
 
 
 class CacheWarning(UserWarning):
@@ -60,8 +63,38 @@ def cache_key(model_fp: str, plan_key: str, metric_key: str, data_fp: str, optio
                                "metric": metric_key, "data": data_fp, "factorize": options_fp})
 
 
-def _checksum(key: str, value: float, bound: Any = None) -> str:
-    return hashlib.sha256(json.dumps([key, repr(float(value)), bound], sort_keys=True).encode()).hexdigest()
+def _checksum(key: str, value: float, bound: Any = None, predictions: str | None = None) -> str:
+    parts: list[Any] = [key, repr(float(value)), bound]
+    if predictions is not None:
+        parts.append(predictions)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def encode_predictions(predictions: Any) -> str:
+    """Per-sample class predictions as compact text: base64 of zlib-compressed little-endian int32."""
+    import base64
+    import zlib
+
+    import numpy as np
+
+    data = np.ascontiguousarray(np.asarray(predictions).reshape(-1), dtype="<i4").tobytes()
+    return base64.b64encode(zlib.compress(data, 6)).decode("ascii")
+
+
+def decode_predictions(text: str) -> Any:
+    """The int64 numpy array :func:`encode_predictions` stored."""
+    import base64
+    import zlib
+
+    import numpy as np
+
+    try:
+        data = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+    except zlib.error as exc:
+        raise ValueError(f"corrupt predictions ({exc})") from None
+    if len(data) % 4:
+        raise ValueError("corrupt predictions (not a whole number of int32 values)")
+    return np.frombuffer(data, dtype="<i4").astype(np.int64)
 
 
 def _body_checksum(key: str, body: Any) -> str:
@@ -110,10 +143,13 @@ class EvaluationCache:
         expected = jsonable(bound)
         try:
             entry = json.loads(text)
+            predictions = entry.get("predictions") if isinstance(entry, dict) else None
             ok = (isinstance(entry, dict) and entry.get("format") == _FORMAT and entry.get("key") == key
                   and isinstance(entry.get("value"), (int, float)) and not isinstance(entry.get("value"), bool)
-                  and math.isfinite(entry["value"])
-                  and entry.get("checksum") == _checksum(key, entry["value"], entry.get("bound")))
+                  and math.isfinite(entry["value"]) and (predictions is None or isinstance(predictions, str))
+                  and entry.get("checksum") == _checksum(key, entry["value"], entry.get("bound"), predictions))
+            if ok and predictions is not None:
+                entry["predictions"] = decode_predictions(predictions)
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, RecursionError):
             ok = False
         if not ok:
@@ -136,13 +172,16 @@ class EvaluationCache:
             self._drop(path, f"unreadable ({exc})")
             return None
 
-    def put(self, key: str, value: float, *, bound: Any = None, **info: Any) -> None:
-        """Store ``value`` (and JSON-friendly ``info``) under ``key``, atomically, bound to ``bound``."""
+    def put(self, key: str, value: float, *, bound: Any = None, predictions: Any = None, **info: Any) -> None:
+        """Store ``value`` (JSON-friendly ``info``, per-sample ``predictions``) under ``key``, atomically,
+        bound to ``bound``."""
         if self.root is None or self.unwritable:
             return
         bound = jsonable(bound)
+        text = None if predictions is None else encode_predictions(predictions)
         entry = {"format": _FORMAT, "version": _VERSION, "key": key, "value": float(value), **jsonable(info),
-                 "bound": bound, "checksum": _checksum(key, value, bound)}
+                 **({} if text is None else {"predictions": text}), "bound": bound,
+                 "checksum": _checksum(key, value, bound, text)}
         self._write(self.path(key), json.dumps(entry, sort_keys=True) + "\n")
         self.writes += 1
 

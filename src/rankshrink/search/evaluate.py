@@ -192,7 +192,12 @@ class Factorizer:
 
 @dataclass
 class EvaluationRecord:
-    """One evaluation the search asked for."""
+    """One evaluation the search asked for: the plan, its metric value and drop, and its exact costs.
+
+    ``params``/``bytes``/``macs``: the whole compressed model's (None when the search had no
+    cost model yet). ``drop_high``: the upper end of the drop's bootstrap interval at the
+    search's ``confidence`` (None without one); the tolerance applies to it then.
+    """
 
     index: int
     phase: str
@@ -201,10 +206,18 @@ class EvaluationRecord:
     drop: float | None
     seconds: float
     cached: bool
+    params: int | None = None
+    bytes: int | None = None
+    macs: int | None = None
+    drop_high: float | None = None
+
+    def cost(self, kind: str) -> int | None:
+        return getattr(self, kind)
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "phase": self.phase, "plan": self.plan, "value": self.value,
-                "drop": self.drop, "seconds": round(self.seconds, 6), "cached": self.cached}
+                "drop": self.drop, "drop_high": self.drop_high, "params": self.params, "bytes": self.bytes,
+                "macs": self.macs, "seconds": round(self.seconds, 6), "cached": self.cached}
 
 
 class Evaluator:
@@ -213,23 +226,39 @@ class Evaluator:
     ``evaluations`` counts metric runs this time, ``cached`` the answers read from the
     cache; ``requested`` is their sum (what the search algorithm asked for). A plan
     asked for twice in one search is answered from memory and not counted again.
+
+    ``costs(plan) -> {"params", "bytes", "macs"}`` puts the whole model's exact costs into
+    every record. Metrics that are functions of per-sample predictions keep them (in memory
+    and in the cache), so :meth:`interval` gives the paired bootstrap interval of any
+    evaluated plan's drop; with ``confidence`` set, :meth:`decision` returns the value the
+    tolerance is checked against: ``baseline − (upper end of the drop's interval)``.
     """
 
     def __init__(self, metric: Metric, factorizer: Factorizer, cache: EvaluationCache, *,
                  model_fp: str, options_fp: str, progress: bool = False, total: int | None = None,
-                 desc: str = "searching", pool: Any = None):
+                 desc: str = "searching", costs: Callable[[Plan], dict[str, int]] | None = None,
+                 confidence: float | None = None, seed: int = 0, pool: Any = None):
         self.metric = metric
         self.factorizer = factorizer
         self.cache = cache
         self.model_fp = model_fp
         self.options_fp = options_fp
         self.pool = pool  # search/parallel.py: evaluates independent plans at once (None: one at a time)
+        self.costs = costs
+        self.confidence = confidence
+        self.seed = seed
+        if confidence is not None and not metric.per_sample:
+            raise ConfigError(f"confidence needs a metric that is a function of per-sample predictions (accuracy, "
+                              f"agreement, per-class, worst-class); metric '{metric.name}' is not. Drop confidence "
+                              "or use a built-in metric.")
         self.records: list[EvaluationRecord] = []
         self.evaluations = 0
         self.cached = 0
         self.baseline: float | None = None
         self._values: dict[str, float] = {}
-        self._prefetched: dict[str, tuple[float, float]] = {}
+        self._prefetched: dict[str, tuple[float, float, Any]] = {}
+        self._predictions: dict[str, Any] = {}
+        self._intervals: dict[tuple[str, float], tuple[float, float]] = {}
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -269,19 +298,20 @@ class Evaluator:
             if text in self._values or text in self._prefetched or text in todo:
                 continue
             key = self.key(plan)
-            if key is not None and self.cache.get(key, bound=self._bound(text)) is not None:
+            entry = self.cache.get(key, bound=self._bound(text)) if key is not None else None
+            if entry is not None and (not self.metric.per_sample or entry.get("predictions") is not None):
                 continue
             todo[text] = plan
         if len(todo) < 2:
             return
         tasks = [self.factorizer.blocks(plan) for plan in todo.values()]
-        for (text, plan), (value, seconds) in zip(todo.items(), self.pool.metric_values(tasks)):
-            self._prefetched[text] = (float(value), float(seconds))
+        for (text, plan), (value, seconds, predictions) in zip(todo.items(), self.pool.metric_values(tasks)):
+            self._prefetched[text] = (float(value), float(seconds), predictions)
             self.evaluations += 1
             key = self.key(plan)
             if key is not None:
                 self.cache.put(key, value, bound=self._bound(text), seconds=seconds, metric=self.metric.key,
-                               plan={n: e.to_json() for n, e in plan.items()})
+                               plan={n: e.to_json() for n, e in plan.items()}, predictions=predictions)
 
     def evaluate_many(self, plans: list[Plan], phase: str = "") -> list[float]:
         """``[self(plan, phase) for plan in plans]``, the misses evaluated in parallel first."""
@@ -294,17 +324,29 @@ class Evaluator:
             return self._values[text]
         key = self.key(plan)
         bound = self._bound(text)
-        entry = self.cache.get(key, bound=bound) if key is not None and text not in self._prefetched else None
+        per_sample = self.metric.per_sample
+        entry = None
+        if key is not None and text not in self._prefetched:
+            entry = self.cache.get(key, bound=bound)
+            if entry is not None and per_sample and entry.get("predictions") is None:
+                entry = None  # written without predictions: evaluate again so intervals can be computed
+        predictions = None
         if text in self._prefetched:  # evaluated (and counted) by prefetch
-            value, seconds = self._prefetched.pop(text)
+            value, seconds, predictions = self._prefetched.pop(text)
             cached = False
         elif entry is not None:
             value, seconds, cached = float(entry["value"]), 0.0, True
+            predictions = entry.get("predictions")
             self.cached += 1
         else:
             start = time.perf_counter()
             model = self.factorizer.build(plan)
-            value = self.metric(model)
+            if per_sample:
+                assert self.metric.predict is not None
+                predictions = self.metric.predict(model)
+                value = self.metric.from_predictions(predictions)
+            else:
+                value = self.metric(model)
             del model
             release_memory()  # one evaluation's activations, given back before the next
             seconds = time.perf_counter() - start
@@ -312,16 +354,55 @@ class Evaluator:
             self.evaluations += 1
             if key is not None:
                 self.cache.put(key, value, bound=bound, seconds=seconds, metric=self.metric.key,
-                               plan={n: e.to_json() for n, e in plan.items()})
+                               plan={n: e.to_json() for n, e in plan.items()}, predictions=predictions)
         self._values[text] = value
+        if predictions is not None:
+            self._predictions[text] = predictions
         drop = None if self.baseline is None else self.baseline - value
+        costs = self.costs(plan) if self.costs is not None else {}
+        high = None
+        if self.confidence is not None and self.baseline is not None and text != Plan().key():
+            high = self.interval(plan)[1]
         self.records.append(EvaluationRecord(len(self.records), phase,
                                              {n: e.to_json() for n, e in plan.items()}, value, drop,
-                                             seconds, cached))
+                                             seconds, cached, costs.get("params"), costs.get("bytes"),
+                                             costs.get("macs"), high))
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(f"{phase} {self.metric.name}={value:.4f}", refresh=False)
         return value
+
+    def decision(self, plan: Plan, phase: str = "") -> float:
+        """The value a tolerance is checked against: the metric, or with ``confidence`` the
+        pessimistic ``baseline − upper end of the drop's interval``."""
+        value = self(plan, phase)
+        if self.confidence is None or self.baseline is None or plan.key() == Plan().key():
+            return value
+        return self.baseline - self.interval(plan)[1]
+
+    def value_of(self, plan: Plan) -> float | None:
+        """The metric of an evaluated plan (None if it was not evaluated)."""
+        return self._values.get(plan.key())
+
+    def predictions_of(self, plan: Plan):
+        return self._predictions.get(plan.key())
+
+    def interval(self, plan: Plan, confidence: float | None = None) -> tuple[float, float]:
+        """The paired bootstrap interval of an evaluated plan's drop from the original (``Plan()``)."""
+        from .bootstrap import drop_interval
+
+        level = confidence if confidence is not None else (self.confidence or 0.95)
+        text = plan.key()
+        found = self._intervals.get((text, level))
+        if found is None:
+            original = self._predictions.get(Plan().key())
+            mine = self._predictions.get(text)
+            if original is None or mine is None:
+                raise ConfigError(f"no per-sample predictions for this plan with metric '{self.metric.name}'; "
+                                  "intervals need a built-in metric and an evaluated plan.")
+            found = drop_interval(self.metric.statistic(), original, mine, confidence=level, seed=self.seed)
+            self._intervals[(text, level)] = found
+        return found
 
     def set_phase_total(self, total: int) -> None:
         if self._bar is not None:

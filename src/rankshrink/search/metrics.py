@@ -13,15 +13,17 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from ..fingerprint import dataset_fingerprint
+from .bootstrap import Statistic, accuracy_statistic, agreement_statistic, per_class_statistic
 
 __all__ = ["Metric", "accuracy_metric", "per_class_metric", "agreement_metric", "comparison_metric", "as_metric",
-           "register_metric", "metric_names", "METRIC_NAMES", "LABEL_FREE"]
+           "dataset_labels", "register_metric", "metric_names", "METRIC_NAMES", "LABEL_FREE"]
 
 # name -> (builder(original, dataset, fingerprint=, num_classes=) -> Metric, needs labels, aliases)
 _REGISTRY: dict[str, tuple[Callable[..., "Metric"], bool]] = {}
@@ -62,15 +64,47 @@ class Metric:
 
     ``key``: what is measured (e.g. 'accuracy'); ``data_fingerprint``: on which data.
     Both None means the metric cannot be cached. ``dataset`` is kept for reports.
+
+    The built-ins are functions of the per-sample predictions: ``predict(model)`` gives
+    them (int64 array, one class per sample) and ``statistic()`` the function that turns
+    predictions at resampled positions into metric values (see
+    :mod:`~rankshrink.search.bootstrap`), so their drops get bootstrap intervals. A plain
+    callable has neither (``predict`` None).
     """
 
     def __init__(self, fn: Callable[[nn.Module], float], name: str, *, key: str | None = None,
-                 data_fingerprint: str | None = None, dataset: Dataset | None = None):
+                 data_fingerprint: str | None = None, dataset: Dataset | None = None,
+                 predict: Callable[[nn.Module], np.ndarray] | None = None,
+                 statistic: Callable[[], Statistic] | None = None):
         self.fn = fn
         self.name = name
         self.key = key
         self.data_fingerprint = data_fingerprint
         self.dataset = dataset
+        self.predict = predict
+        self._statistic_factory = statistic
+        self._statistic: Statistic | None = None
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether the metric is a function of per-sample predictions (bootstrap intervals possible)."""
+        return self.predict is not None and self._statistic_factory is not None
+
+    def statistic(self) -> Statistic:
+        """``(predictions, index (rows, n)) -> metric per row`` (built once, on first use)."""
+        if self._statistic is None:
+            if self._statistic_factory is None:
+                raise ConfigError(f"metric '{self.name}' is not a function of per-sample predictions.")
+            self._statistic = self._statistic_factory()
+        return self._statistic
+
+    def from_predictions(self, predictions: np.ndarray) -> float:
+        """The metric of a model whose per-sample predictions are ``predictions``."""
+        predictions = np.asarray(predictions).reshape(-1)
+        value = float(self.statistic()(predictions, np.arange(predictions.size)[None, :])[0])
+        if not math.isfinite(value):
+            raise DataError(f"metric '{self.name}' is {value} on these predictions.")
+        return value
 
     @property
     def cacheable(self) -> bool:
@@ -96,13 +130,32 @@ class Metric:
         return f"Metric({self.name!r})"
 
 
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Every label of ``dataset`` in order (int64); DataError when it has none."""
+    from ..data import iterate_batches
+
+    parts = []
+    for _, y in iterate_batches(dataset, 1024):
+        if y is None:
+            raise DataError("the data set has no labels.")
+        parts.append(torch.as_tensor(y).reshape(-1))
+    return torch.cat(parts).long().numpy()
+
+
+def _predictor(dataset: Dataset, batch_size: int) -> Callable[[nn.Module], np.ndarray]:
+    from ..metrics import predictions
+
+    return lambda model: predictions(model, dataset, batch_size).numpy()
+
+
 def accuracy_metric(dataset: Dataset | None, *, fingerprint: str | None = None, batch_size: int = 512) -> Metric:
     """Top-1 accuracy on ``dataset`` (a fraction in [0, 1])."""
     from ..metrics import accuracy
 
     data = _check_dataset(dataset, "accuracy")
     return Metric(lambda model: accuracy(model, data, batch_size), "accuracy", key="accuracy",
-                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data)
+                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data,
+                  predict=_predictor(data, batch_size), statistic=lambda: accuracy_statistic(dataset_labels(data)))
 
 
 def per_class_metric(dataset: Dataset | None, reduce: str = "mean", *, num_classes: int | None = None,
@@ -124,7 +177,9 @@ def per_class_metric(dataset: Dataset | None, reduce: str = "mean", *, num_class
 
     name = "per-class" if reduce == "mean" else "worst-class"
     return Metric(fn, name, key=f"per_class_accuracy:{reduce}",
-                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data)
+                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data,
+                  predict=_predictor(data, batch_size),
+                  statistic=lambda: per_class_statistic(dataset_labels(data), reduce, num_classes))
 
 
 def agreement_metric(original: nn.Module, dataset: Dataset | None, *, fingerprint: str | None = None,
@@ -143,9 +198,15 @@ def agreement_metric(original: nn.Module, dataset: Dataset | None, *, fingerprin
             reference.append(predictions(original, data, batch_size))
         return agreement(model, data, reference[0], batch_size)
 
+    def statistic() -> Statistic:
+        if not reference:
+            reference.append(predictions(original, data, batch_size))
+        return agreement_statistic(reference[0].numpy())
+
     # The reference is a function of the original model, whose fingerprint is in every cache key.
     return Metric(fn, "agreement", key="agreement",
-                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data)
+                  data_fingerprint=fingerprint or dataset_fingerprint(data), dataset=data,
+                  predict=_predictor(data, batch_size), statistic=statistic)
 
 
 def comparison_metric(original: nn.Module, dataset: Dataset | None, measure: str, *,

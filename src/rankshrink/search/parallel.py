@@ -51,7 +51,8 @@ def build_with_blocks(model: nn.Module, blocks: dict[str, nn.Module]) -> nn.Modu
 def _entry_of(block: nn.Module) -> Any:
     from ..methods import make_config
 
-    return make_config(block.method, block.rank)  # type: ignore[attr-defined]
+    method: Any = block.method  # a Factorized block records its method and rank
+    return make_config(method, block.rank)
 
 
 class LocalPool:
@@ -64,14 +65,22 @@ class LocalPool:
         self.metric = metric
         self.distortion = distortion
 
-    def metric_values(self, tasks: Sequence[dict[str, nn.Module]]) -> list[tuple[float, float]]:
-        """(value, seconds) of the metric on the model with each task's blocks in place."""
+    def metric_values(self, tasks: Sequence[dict[str, nn.Module]]) -> list[tuple[float, float, Any]]:
+        """(value, seconds, per-sample predictions or None) of the metric with each task's blocks in place."""
         from ..memory import release_memory
 
         out = []
         for blocks in tasks:
             start = time.perf_counter()
-            out.append((self.metric(build_with_blocks(self.model, blocks)), time.perf_counter() - start))
+            model = build_with_blocks(self.model, blocks)
+            predictions = None
+            if getattr(self.metric, "per_sample", False):  # kept for the bootstrap intervals (search/bootstrap.py)
+                predictions = self.metric.predict(model)
+                value = self.metric.from_predictions(predictions)
+            else:
+                value = self.metric(model)
+            out.append((float(value), time.perf_counter() - start, predictions))
+            del model
             release_memory()
         return out
 
@@ -106,7 +115,7 @@ class _Worker:
             self._limits = None
         self.pool = LocalPool(*payload)
 
-    def metric_value(self, blocks: dict[str, nn.Module]) -> tuple[float, float]:
+    def metric_value(self, blocks: dict[str, nn.Module]) -> tuple[float, float, Any]:
         return self.pool.metric_values([blocks])[0]
 
     def distortion(self, blocks: dict[str, nn.Module]) -> float:
@@ -157,7 +166,7 @@ class RayPool:
             cause = exc.as_instanceof_cause()
             raise cause from None
 
-    def metric_values(self, tasks: Sequence[dict[str, nn.Module]]) -> list[tuple[float, float]]:
+    def metric_values(self, tasks: Sequence[dict[str, nn.Module]]) -> list[tuple[float, float, Any]]:
         return self._run("metric_value", tasks)
 
     def distortions(self, tasks: Sequence[dict[str, nn.Module]]) -> list[float]:
@@ -180,7 +189,7 @@ def _register_user_modules(model: nn.Module) -> None:
     try:
         import cloudpickle
     except ImportError:  # ray vendors its own copy
-        from ray import cloudpickle  # type: ignore[no-redef]
+        from ray import cloudpickle
     import sys
 
     for module in {type(m).__module__ for m in model.modules()}:

@@ -258,8 +258,8 @@ class Session:
             self._pool = make_pool(self.config, self.model, self.metric, self.probe_distortion)
         return self._pool
 
-    def metric_values(self, tasks: list[dict[str, nn.Module]]) -> list[tuple[float, float]]:
-        """(value, seconds) of the metric with each task's blocks in place, on the pool."""
+    def metric_values(self, tasks: list[dict[str, nn.Module]]) -> list[tuple[float, float, Any]]:
+        """(value, seconds, predictions) of the metric with each task's blocks in place, on the pool."""
         return self.pool.metric_values(tasks)
 
     def probe_distortions(self, tasks: list[tuple[str, nn.Module]], *, progress: bool = False) -> list[float]:
@@ -276,10 +276,12 @@ class Session:
             self._pool.close()
             self._pool = None
 
-    def start(self, total: int | None = None, desc: str = "searching") -> Evaluator:
+    def start(self, total: int | None = None, desc: str = "searching", *,
+              costs: Callable[[Plan], dict[str, int]] | None = None) -> Evaluator:
+        """A fresh evaluator; ``costs(plan)`` puts each evaluated plan's exact costs in its record."""
         self.evaluator = Evaluator(self.metric, self.factorizer, self.cache, model_fp=self.model_fp,
                                    options_fp=self.options_fp, progress=self.progress, total=total, desc=desc,
-                                   pool=self)
+                                   costs=costs, confidence=self.config.confidence, seed=self.seed, pool=self)
         return self.evaluator
 
     def chance(self) -> float | None:

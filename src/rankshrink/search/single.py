@@ -36,7 +36,8 @@ from .config import SearchConfig, check_tolerance
 from .evaluate import EvaluationRecord, thread_policy
 from .session import Session
 
-__all__ = ["Bisection", "smallest_passing", "bisection_steps", "run_in_lockstep", "passes_within", "LayerSearchResult", "smallest_rank",
+__all__ = ["Bisection", "smallest_passing", "bisection_steps", "run_in_lockstep", "passes_within", "LayerSearchResult",
+           "smallest_rank",
            "brute_force_rank"]
 # Accuracy differences are sums of 1/n steps; do not let float rounding flip a decision.
 _EPS = 1e-9
@@ -251,14 +252,18 @@ def _smallest_rank(model: nn.Module, layer: str, data: Any = None, *, tolerance:
 
         def evaluate(index: int) -> float:
             rank = index + 1
-            return evaluator(Plan.from_mapping({layer: config(method, rank)}), f"rank {rank}")
+            # With a confidence, the tolerance applies to the upper end of the drop's interval.
+            return evaluator.decision(Plan.from_mapping({layer: config(method, rank)}), f"rank {rank}")
 
         found = smallest_passing(r_max, evaluate, passes_within(baseline, tolerance),
                                  guess=None if estimate is None else int(estimate) - 1)
     finally:
         evaluator.close()
     rank = None if found.index is None else found.index + 1
-    values = {i + 1: v for i, v in found.values.items()}
+    values = {}
+    for i, v in found.values.items():
+        measured = evaluator.value_of(Plan.from_mapping({layer: config(method, i + 1)}))
+        values[i + 1] = v if measured is None else measured
     return LayerSearchResult(layer, method, rank, r_max, baseline, None if rank is None else values[rank],
                              tolerance, evaluator.evaluations, evaluator.cached, found.monotone, estimate,
                              list(evaluator.records), values, time.perf_counter() - start,

@@ -35,7 +35,7 @@ from .evaluate import SINGLE_THREAD_MAX_WEIGHTS, single_threaded, weight_distort
 from .session import Session
 
 __all__ = ["Candidate", "LayerSpace", "CostModel", "build_spaces", "make_candidate", "neighbour_rank", "rank_grid",
-           "COST_KINDS"]
+           "COST_KINDS", "plan_costs"]
 
 
 @dataclass(frozen=True)
@@ -427,3 +427,20 @@ def _closed_form_curves(session: Session, spaces: list[tuple[LayerSpace, list[st
         curve.probes[rank] = float(value)
         space.fresh = True
         session.factorizer.release(space.name, block)
+
+
+def plan_costs(plan: Plan, spaces: list[LayerSpace], cost_model: CostModel) -> dict[str, int]:
+    """Exact params, bytes and MACs of the whole model compressed by ``plan`` (by formula, nothing built).
+
+    Every layer of the plan must be one of ``spaces``; its cost is counted as a candidate's
+    is (:func:`make_candidate`).
+    """
+    by_name = {s.name: s for s in spaces}
+    result = dict(cost_model.original)
+    for name, entry in plan.items():
+        space = by_name[name]
+        cost = factorized_cost(space.geometry, entry.method, entry.rank, space.input_size)
+        result["params"] += cost.params - space.dense.params
+        result["macs"] += cost.macs * space.calls - space.dense.macs
+        result["bytes"] += cost.params * space.element_size - space.dense.bytes
+    return result
