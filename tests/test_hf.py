@@ -20,7 +20,6 @@ from rankshrink.data.text import load_text, tokenize_lines  # noqa: E402
 from rankshrink.models.hf import load_hf_model, load_hf_tokenizer  # noqa: E402
 
 
-
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     import contextlib
     import io
@@ -47,7 +46,8 @@ def encoder_dir(tmp_path_factory):
     transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(str(model_dir))
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                     initializer_range=0.2)  # weights large enough that ranks matter
     transformers.BertModel(config).eval().save_pretrained(str(model_dir))
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 14))) for _ in range(120)]
@@ -254,3 +254,32 @@ def test_hf_compress_load_export_end_to_end(encoder_dir, tmp_path):
     example = tokenize_lines(["the cat sits on the mat", "a dog"], load_hf_tokenizer(model_dir), 24)
     path = rs.export(loaded, example, tmp_path / "encoder.onnx")  # checked against PyTorch on ONNX Runtime
     assert path.is_file() and path.stat().st_size > 0
+
+
+def _factorized_encoder(model_dir, splits, rank=4):
+    original = load_hf_model(model_dir)
+    plan = {name: {"method": "svd", "rank": rank, "fit": "weights"} for name, module in original.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith("encoder.")}
+    return original, rs.apply(original, plan)
+
+
+@pytest.mark.slow
+def test_encoder_distillation_on_unlabelled_text_uses_cosine_and_a_small_default_lr(encoder_dir):
+    from rankshrink.finetuning import ENCODER_LR
+    from rankshrink.search.metrics import as_metric
+
+    model_dir, text = encoder_dir
+    splits = load_text(text, model_dir, max_length=16)
+    original, small = _factorized_encoder(model_dir, splits)
+    result = rs.finetune(small, splits, 2, teacher=original, batch_size=16, progress=False)
+    assert result.distilled and result.train.history[0]["lr"] == pytest.approx(ENCODER_LR)
+    # validation is the mean cosine with the teacher's outputs; keep-best never returns worse
+    cosine = as_metric("cosine", original, splits.val)
+    assert result.val_before == pytest.approx(cosine(small), abs=1e-9)
+    assert result.val_after == pytest.approx(cosine(result.model), abs=1e-9)
+    assert result.val_after >= result.val_before and result.val_before < 0.999
+    # a learning rate that wrecks the model: keep-best returns the start and says so
+    _, close = _factorized_encoder(model_dir, splits, rank=24)
+    with pytest.warns(UserWarning, match="keep-best returned the starting weights"):
+        wrecked = rs.finetune(close, splits, 1, teacher=original, batch_size=16, lr=50.0, progress=False)
+    assert wrecked.train.best_epoch == 0 and wrecked.val_after == pytest.approx(cosine(close), abs=1e-9)
