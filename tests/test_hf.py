@@ -283,3 +283,57 @@ def test_encoder_distillation_on_unlabelled_text_uses_cosine_and_a_small_default
     with pytest.warns(UserWarning, match="keep-best returned the starting weights"):
         wrecked = rs.finetune(close, splits, 1, teacher=original, batch_size=16, lr=50.0, progress=False)
     assert wrecked.train.best_epoch == 0 and wrecked.val_after == pytest.approx(cosine(close), abs=1e-9)
+
+
+def test_workers_without_ray_say_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from rankshrink.errors import ConfigError
+    from rankshrink.search.config import SearchConfig
+    from rankshrink.search.parallel import make_pool
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if it were not installed
+    with pytest.raises(ConfigError, match=r"needs Ray: pip install 'rankshrink\[ray\]'"):
+        make_pool(SearchConfig(workers=2), nn.Linear(2, 2), None)
+    code, _, err = run_cli(["compress", "--model", "builtin:digits-cnn", "--max-params", "50%", "--workers", "2",
+                            "--out", str(tmp_path / "out")])
+    assert code == 1 and "pip install 'rankshrink[ray]'" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_two_ray_workers_find_the_same_plan_as_in_process(encoder_dir):
+    pytest.importorskip("ray")
+    model_dir, text = encoder_dir
+    splits = load_text(text, model_dir, max_length=16)
+    results = {}
+    for workers in (None, 2):
+        results[workers] = rs.compress(load_hf_model(model_dir), splits, budget={"params": 0.5, "of": "factorizable"},
+                                       metric="cosine", cache=False, progress=False, workers=workers,
+                                       distortion="closed-form")  # its probes run on the pool too
+    local, ray = results[None], results[2]
+    assert ray.plan.key() == local.plan.key() and ray.value == local.value
+    assert [r.value for r in ray.records] == [r.value for r in local.records]
+
+
+def test_closed_form_error_curve_equals_the_measured_layer_error_at_every_rank():
+    """The data-aware error of the optimal rank-r factors follows from the whitened spectrum, no forward pass."""
+    from rankshrink.methods import get_method
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 12, bias=False)
+    mixing = torch.randn(16, 16) * torch.linspace(0.1, 2.0, 16)  # correlated, unequal input directions
+    x = torch.randn(400, 16) @ mixing
+    model = nn.Sequential(layer)
+    cal = rs.calibrate(model, torch.utils.data.TensorDataset(x), samples=400)
+    svd = get_method("svd")
+    config = svd.config_class(rank=1, fit="activations", damping=0.0)
+    errors, total = svd.error_curve(layer.weight, config, cal["0"])
+    with torch.no_grad():
+        reference = layer(x).double()
+    assert total == pytest.approx(float(reference.pow(2).sum()), rel=1e-6)
+    for rank in (1, 4, 8, 12):
+        small = rs.apply(model, {"0": {"method": "svd", "rank": rank, "fit": "activations",
+                                       "options": {"damping": 0.0}}}, calibration=cal)
+        with torch.no_grad():
+            measured = float((small(x).double() - reference).pow(2).sum())
+        assert float(errors[rank]) == pytest.approx(measured, rel=1e-4, abs=1e-6 * total), rank

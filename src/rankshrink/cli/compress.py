@@ -232,12 +232,12 @@ def check_parallel_options(args: argparse.Namespace) -> None:
 
     check_optional_int(args.workers, "--workers", minimum=1)
     if (args.workers or 1) > 1 or args.ray_address is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
             from ..search.parallel import RAY_HINT
 
-            raise ConfigError(f"--workers/--ray-address evaluate on Ray, which is not installed: {RAY_HINT}.")
+            raise ConfigError(f"--workers/--ray-address evaluate on Ray, which is not installed: {RAY_HINT}.") from None
 
 
 def check_recovery_options(args: argparse.Namespace) -> None:

@@ -121,6 +121,10 @@ def recover_from_args(args: argparse.Namespace, original, compressed, splits, *,
         if getattr(args, "distill", False):
             raise ConfigError("--distill only applies with --finetune EPOCHS (EPOCHS > 0).")
         return None
+    if getattr(args, "device", None) is not None:  # where compress ran: the teacher and the student together
+        from ..devices import on_device
+
+        original, compressed = on_device(original, args.device), on_device(compressed, args.device)
     return finetune(compressed, splits, epochs, teacher=original if args.distill else None,
                     train=args.finetune_train, lr=args.finetune_lr, batch_size=args.finetune_batch_size,
                     schedule=args.finetune_schedule, patience=args.finetune_patience,

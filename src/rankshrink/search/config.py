@@ -64,7 +64,8 @@ class SearchConfig:
     ``distortion``: how candidates' distortions are found -- 'closed-form' (from each layer's
     whitened singular values, scaled by one sensitivity probe per layer on ``probe_samples``
     training inputs; :mod:`~rankshrink.search.closed_form`), 'forward' (one forward pass of the
-    ``proxy_samples`` batch per candidate) or 'auto' (closed form where the method has one).
+    ``proxy_samples`` batch per candidate) or 'auto' (closed form, where the method has one, for models of
+    at least 1 M parameters, whose searches per-candidate passes would dominate; forward below).
     ``workers`` / ``ray_address``: evaluate independent probes and plans on that many Ray workers
     (a local cluster; or the cluster at that address) -- the plan is the same as in-process
     (:mod:`~rankshrink.search.parallel`). ``device``: 'cpu', 'cuda' or 'auto' (CUDA when available)

@@ -118,6 +118,10 @@ def _inputs_of(dataset: Dataset, n: int, seed: int, skip: int = 0) -> Any:
     return first_batch(subset, _dataset_len(subset))[0]
 
 
+# distortion='auto' uses the closed form from this many model parameters on (search/closed_form.py).
+CLOSED_FORM_MIN_PARAMS = 1_000_000
+
+
 class Session:
     """Everything a search shares: metric, evaluator (with cache), factorizer, proxy, costs' example input."""
 
@@ -198,7 +202,10 @@ class Session:
 
         # Label-free proxy on training inputs (never the validation set), made on first use: the
         # closed-form distortions (search/closed_form.py) need only the small probe batch.
-        self.closed_form = config.distortion in ("auto", "closed-form")
+        # 'auto': closed form for models big enough that a forward pass per candidate dominates the search;
+        # below that the forward proxy is cheap and measures every candidate (it won on the digits CNN).
+        self.closed_form = config.distortion == "closed-form" or (
+            config.distortion == "auto" and sum(p.numel() for p in model.parameters()) >= CLOSED_FORM_MIN_PARAMS)
         self._distortions: dict[tuple[int, int], Distortion] = {}
         self._distortion_kind = _proxy_kind(self.metric)
         self._pool: Any = None
