@@ -49,6 +49,10 @@ def peak_rss_bytes() -> int:
 
 
 def make_encoder(args):
+    if args.hf:
+        from rankshrink.models.hf import load_hf_model
+
+        return load_hf_model(args.hf)
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -59,7 +63,12 @@ def make_encoder(args):
 
 
 def make_data(args):
-    """Random sentences: token ids (Zipf-like, as text is) with random lengths, padded, with the mask."""
+    """Random sentences: token ids (Zipf-like, as text is) with random lengths, padded, with the mask; or, with
+    ``--text``, the lines of a text file tokenized by the ``--hf`` model's tokenizer (60/20/20 split)."""
+    if args.text:
+        from rankshrink.data.text import load_text
+
+        return load_text(args.text, args.hf, max_length=args.seq, fractions=(0.6, 0.2, 0.2), seed=0)
     gen = torch.Generator().manual_seed(1)
     n = args.sentences * 3  # train (calibration, probes, distillation), validation, test: a third each
     ranks = torch.arange(1, args.vocab + 1, dtype=torch.float64)
@@ -102,6 +111,9 @@ def main() -> int:
     parser.add_argument("--distill-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ray", action="store_true", help="also time 1 vs 2 Ray workers")
+    parser.add_argument("--hf", help="a real encoder instead: a local Hugging Face model directory")
+    parser.add_argument("--text", help="with --hf: a text file, one sentence per line")
+    parser.add_argument("--name", default="scale", help="output file stem (default scale)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     if args.threads:
@@ -154,6 +166,7 @@ def main() -> int:
 
     data = {
         "provenance": provenance(),
+        "model": args.hf or "random BertModel", "text": args.text,
         "shape": {"layers": args.layers, "hidden": args.hidden, "vocab": args.vocab, "seq": args.seq,
                   "sentences": args.sentences, "probe_samples": args.probe_samples},
         "params": params, "model_float32_bytes": model_bytes,
@@ -167,15 +180,18 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "scale.json", data)
+    atomic_write_json(out / f"{args.name}.json", data)
+    what = (f"The pretrained encoder in `{args.hf}` ({params / 1e6:.1f} M parameters, {model_bytes / 2**20:.0f} MiB "
+            f"in float32) on the sentences of `{args.text}` (at most {args.seq} tokens)" if args.hf else
+            f"Random-initialized `BertModel`: {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab} "
+            f"({params / 1e6:.1f} M parameters, {model_bytes / 2**20:.0f} MiB in float32); random Zipf-distributed "
+            f"sentences of at most {args.seq} tokens")
     lines = [
-        "# Scaling: compress of a BERT-base-shaped encoder",
+        "# Scaling: compress of " + ("a pretrained encoder" if args.hf else "a BERT-base-shaped encoder"),
         "",
         provenance_line(data["provenance"]),
         "",
-        f"Random-initialized `BertModel`: {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab} "
-        f"({params / 1e6:.1f} M parameters, {model_bytes / 2**20:.0f} MiB in float32); random Zipf-distributed "
-        f"sentences of at most {args.seq} tokens; {args.sentences} calibration sentences, {args.probe_samples} "
+        f"{what}; {args.sentences} calibration sentences, {args.probe_samples} "
         f"probe sentences, {len(splits.val)} validation and {len(splits.test)} test sentences. Command: "
         f"`python benchmarks/scale.py {' '.join(sys.argv[1:])}`.",
         "",
@@ -199,10 +215,11 @@ def main() -> int:
     if ray:
         lines.append(f"| compress wall time, 2 Ray workers / in-process | {ray['ratio_2_over_1']:.2f} "
                      f"({ray['seconds_2']:.1f} s / {ray['seconds_1']:.1f} s) |")
-    lines += ["", "Random weights: the cosines show the path runs at this size, not the quality on a pretrained "
-              "encoder (none was available offline here).", ""]
-    atomic_write_text(out / "scale.md", "\n".join(lines))
-    print(f"wrote {out / 'scale.json'} and {out / 'scale.md'}")
+    if not args.hf:
+        lines += ["", "Random weights: the cosines show the path runs at this size, not the quality on a pretrained "
+                  "encoder (see `scale_minilm.md` for one).", ""]
+    atomic_write_text(out / f"{args.name}.md", "\n".join(lines))
+    print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.md')}")
     return 0
 
 

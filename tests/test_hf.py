@@ -337,3 +337,30 @@ def test_closed_form_error_curve_equals_the_measured_layer_error_at_every_rank()
         with torch.no_grad():
             measured = float((small(x).double() - reference).pow(2).sum())
         assert float(errors[rank]) == pytest.approx(measured, rel=1e-4, abs=1e-6 * total), rank
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--max-params", "50%-of-factorizable"], {"params": 0.5, "of": "factorizable"}),
+    (["--max-params", "40%", "--budget-of", "factorizable"], {"params": 0.4, "of": "factorizable"}),
+    (["--max-macs", "0.3 of model"], {"macs": 0.3}),
+    (["--max-bytes", "25%-of-factorizable"], {"bytes": 0.25, "of": "factorizable"}),
+])
+def test_budget_of_factorizable_is_parsed(argv, expected):
+    import argparse
+
+    from rankshrink.cli.compress import _target
+
+    args = argparse.Namespace(tolerance=None, max_macs=None, max_params=None, max_bytes=None, budget_of=None)
+    for flag, value in zip(argv[::2], argv[1::2]):
+        setattr(args, flag.lstrip("-").replace("-", "_"), value)
+    assert _target(args) == {"budget": expected}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-params", "120k-of-factorizable"], "is a count"),
+    (["--max-params", "50%-of-factorizable", "--budget-of", "model"], "disagree"),
+    (["--tolerance", "1%", "--budget-of", "factorizable"], "applies to a budget"),
+])
+def test_budget_of_mistakes_are_one_clear_line(argv, message, tmp_path):
+    code, _, err = run_cli(["compress", "--model", "builtin:digits-cnn", *argv, "--out", str(tmp_path / "out")])
+    assert code == 1 and message in err and "Traceback" not in err

@@ -310,10 +310,17 @@ def run(args: argparse.Namespace) -> int:
         # epoch, so the tolerance met by the search still holds.
         compressed = recovery.model
         summary["finetune"] = recovery.to_dict()
-        summary["compressed"].update(accuracy=recovery.val_after, test_accuracy=recovery.test_after)
-        print(f"fine-tuned {recovery.epochs_run} epoch(s){' with distillation' if recovery.distilled else ''}: "
-              f"validation accuracy {_pct(recovery.val_before)} -> {_pct(recovery.val_after)}, "
-              f"test accuracy {_pct(recovery.test_before)} -> {_pct(recovery.test_after)}")
+        if splits.labelled:
+            summary["compressed"].update(accuracy=recovery.val_after, test_accuracy=recovery.test_after)
+        else:
+            summary["compressed"].update(finetuned_metric=recovery.val_after)
+        if splits.labelled:
+            print(f"fine-tuned {recovery.epochs_run} epoch(s){' with distillation' if recovery.distilled else ''}: "
+                  f"validation accuracy {_pct(recovery.val_before)} -> {_pct(recovery.val_after)}, "
+                  f"test accuracy {_pct(recovery.test_before)} -> {_pct(recovery.test_after)}")
+        else:  # unlabelled: the validation metric is agreement (logits) or cosine (encoders) with the original
+            print(f"fine-tuned {recovery.epochs_run} epoch(s){' with distillation' if recovery.distilled else ''}: "
+                  f"validation metric (vs the original) {recovery.val_before:.4f} -> {recovery.val_after:.4f}")
     from ..report_data import enrich_summary
 
     summary.setdefault("probes", result.probes)
@@ -353,8 +360,9 @@ def print_report(result, file=None) -> None:
               else f"{result.budget['kind']} <= {result.budget['target']:,}")
     print(f"\n{target}: {result.metric} {result.baseline:.4f} -> {result.value:.4f} (drop {result.drop:+.4f})",
           file=file)
-    print(f"validation accuracy {_pct(o['accuracy'])} -> {_pct(c['accuracy'])}; "
-          f"test accuracy {_pct(o['test_accuracy'])} -> {_pct(c['test_accuracy'])}", file=file)
+    if any(v is not None for v in (o["accuracy"], c["accuracy"], o["test_accuracy"], c["test_accuracy"])):
+        print(f"validation accuracy {_pct(o['accuracy'])} -> {_pct(c['accuracy'])}; "
+              f"test accuracy {_pct(o['test_accuracy'])} -> {_pct(c['test_accuracy'])}", file=file)
     ci = s.get("drop_ci") or {}
     if ci.get("validation") or ci.get("test"):
         level = result.confidence or 0.95
