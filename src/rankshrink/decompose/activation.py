@@ -73,6 +73,7 @@ from .stats import MIN_INVERSE_DAMPING, Whitening, check_damping, check_moment, 
 from .svd import _check_matrix_and_rank, choose_svd_method, truncated_svd
 
 __all__ = [
+    "gram_activation_svd", "gram_singular_values", "GRAM_MIN_DIM",
     "ActivationSVD", "whitened_singular_values", "diagonal_activation_svd", "tail_errors",
     "activation_svd", "activation_low_rank_factors", "activation_weight_svd", "activation_spatial_svd",
     "activation_tucker2", "activation_cp", "activation_error", "relative_activation_error",
@@ -199,6 +200,65 @@ def tail_errors(singular: torch.Tensor, full_rank: int) -> torch.Tensor:
     if kept.numel() < full_rank + 1:  # ranks beyond the singular values given keep everything
         kept = torch.cat([kept, kept[-1:].expand(full_rank + 1 - kept.numel())])
     return (squares.sum() - kept[:full_rank + 1]).clamp(min=0)
+
+
+# From this many rows or columns on, :func:`gram_activation_svd` replaces the whitening of the larger side.
+GRAM_MIN_DIM = 1024
+
+
+def _gram_spectrum(matrix: torch.Tensor, moment: torch.Tensor, damping: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(singular values of ``W·L`` descending, their left vectors (or None), ``W·L`` when it was formed).
+
+    ``(W L)(W L)ᵀ = W (C + λI) Wᵀ``: when W has fewer rows than columns its (out × out) eigendecomposition
+    gives the whitened spectrum and left vectors without factoring the (in × in) moment -- the costly
+    eigendecomposition for a BERT feed-forward output layer (3072 inputs). Otherwise ``L`` of the smaller
+    (in × in) moment is formed and ``(W L)ᵀ(W L)``'s eigendecomposition gives the right vectors.
+    """
+    W = matrix.detach().to(torch.float64)
+    C = check_moment(moment, W.shape[1]).to(torch.float64)
+    C = 0.5 * (C + C.T)
+    d = C.shape[0]
+    lam = check_damping(damping) * float(torch.diagonal(C).sum()) / d if d else 0.0
+    if W.shape[0] <= W.shape[1]:
+        gram = W @ C @ W.T
+        if lam:
+            gram = gram + lam * (W @ W.T)
+        values, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
+        return values.flip(0).clamp(min=0).sqrt(), vectors.flip(1), None
+    M = W @ whitening(C, damping).L
+    values = torch.linalg.eigvalsh(M.T @ M)
+    return values.flip(0).clamp(min=0).sqrt(), None, M
+
+
+def gram_activation_svd(matrix: torch.Tensor, moment: torch.Tensor, rank: int, *,
+                        damping: float = 0.0) -> ActivationSVD:
+    """:func:`activation_svd` through the Gram matrix of the smaller side (see :func:`_gram_spectrum`).
+
+    The same factors in exact arithmetic; squaring the matrix costs precision only in directions whose
+    singular values are below ~1e-8 of the largest, which a truncation drops anyway. For large layers
+    (``GRAM_MIN_DIM``), where it is several times faster than the whitening eigendecomposition plus an SVD.
+    """
+    _check_matrix_and_rank(matrix, rank)
+    dtype = matrix.dtype
+    W = matrix.detach().to(torch.float64)
+    singular, left_vectors, M = _gram_spectrum(W, moment, damping)
+    if left_vectors is not None:
+        U_r = left_vectors[:, :rank]
+    else:
+        assert M is not None
+        values, V = torch.linalg.eigh(M.T @ M)
+        V_r = V.flip(1)[:, :rank]
+        s_r = values.flip(0)[:rank].clamp(min=0).sqrt()
+        keep = s_r > s_r.max().clamp(min=1e-300) * 1e-12
+        U_r = torch.where(keep, M @ V_r / torch.where(keep, s_r, torch.ones_like(s_r)), torch.zeros_like(M[:, :rank]))
+    left, right = _balance(U_r, U_r.T @ W)  # W′ = U_r U_rᵀ W, as activation_svd
+    return ActivationSVD(left.to(dtype), right.to(dtype), singular, float((singular ** 2).sum()))
+
+
+def gram_singular_values(matrix: torch.Tensor, moment: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """Singular values of ``W·L`` through the smaller Gram matrix (:func:`gram_activation_svd`)."""
+    return _gram_spectrum(matrix, moment, damping)[0]
 
 
 def activation_low_rank_factors(matrix: torch.Tensor, moment, rank: int, *, damping: float = 0.0,

@@ -473,7 +473,12 @@ def matrix_error_curve(matrix: torch.Tensor, damping: float, stats=None, *,
     """Closed-form error curve of a truncated SVD of ``matrix`` (out × in), data-aware with full ``stats``."""
     from ..decompose import tail_errors
 
+    from ..decompose.activation import GRAM_MIN_DIM, gram_singular_values
+
     work = matrix.detach().to(device="cpu", dtype=torch.float64)
+    if stats is not None and max(work.shape) >= GRAM_MIN_DIM and stats.kind == "full":
+        singular = gram_singular_values(work, stats.moment(centered).cpu(), damping)  # as gram_activation_svd
+        return tail_errors(singular, min(matrix.shape)), float((singular ** 2).sum())
     if stats is not None:
         # The stats' cached whitening: a fit of the same layer reuses it (the search clears it per layer).
         work = work @ stats.whitening(centered, damping).L

@@ -74,6 +74,11 @@ class SVD(Method):
     def fit_activations(self, weight: torch.Tensor, rank: Any, config: MethodConfig, stats, *,
                         centered: bool, layer: str) -> list[torch.Tensor]:
         assert isinstance(config, SVDConfig)
+        from ..decompose.activation import GRAM_MIN_DIM, gram_activation_svd
+
+        if max(weight.shape) >= GRAM_MIN_DIM:  # large layers: no whitening of the larger side, no full SVD
+            found = gram_activation_svd(weight, stats.moment(centered), rank, damping=config.damping)
+            return [found.right, found.left]
         whitened = stats.whitening(centered, config.damping)
         left, right = decompose.activation_low_rank_factors(weight, whitened, rank, **config.svd_options())
         return [right, left]
