@@ -472,7 +472,6 @@ def matrix_error_curve(matrix: torch.Tensor, damping: float, stats=None, *,
                        centered: bool = False) -> tuple[torch.Tensor, float]:
     """Closed-form error curve of a truncated SVD of ``matrix`` (out × in), data-aware with full ``stats``."""
     from ..decompose import tail_errors
-
     from ..decompose.activation import GRAM_MIN_DIM, gram_singular_values
 
     work = matrix.detach().to(device="cpu", dtype=torch.float64)
