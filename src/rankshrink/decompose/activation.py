@@ -207,7 +207,7 @@ GRAM_MIN_DIM = 1024
 
 
 def _gram_spectrum(matrix: torch.Tensor, moment: torch.Tensor, damping: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(singular values of ``W·L`` descending, their left vectors (or None), ``W·L`` when it was formed).
 
     ``(W L)(W L)ᵀ = W (C + λI) Wᵀ``: when W has fewer rows than columns its (out × out) eigendecomposition
