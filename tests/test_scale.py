@@ -29,3 +29,17 @@ def test_gram_activation_svd_equals_the_whitened_svd(shape, damping):
     assert torch.allclose(gram.left @ gram.right, exact.left @ exact.right, atol=1e-7 * float(W.abs().max()))
     assert torch.allclose(gram_singular_values(W, C, damping)[:rank], exact.singular[:rank], rtol=1e-7,
                           atol=1e-9 * scale)
+
+
+def test_the_gram_spectrum_cache_never_serves_another_weight():
+    torch.manual_seed(0)
+    C = (lambda x: x.T @ x)(torch.randn(500, 300, dtype=torch.float64))
+    first = torch.randn(100, 300, dtype=torch.float64)
+    a = gram_activation_svd(first, C, 5)
+    second = first.clone()
+    second[0, 0] += 1.0  # another weight of the same shape with the same statistics
+    b = gram_activation_svd(second, C, 5)
+    first.mul_(2.0)  # the same tensor changed in place
+    c = gram_activation_svd(first, C, 5)
+    assert not torch.allclose(a.left @ a.right, b.left @ b.right)
+    assert torch.allclose(c.left @ c.right, 2 * (a.left @ a.right))

@@ -206,29 +206,45 @@ def tail_errors(singular: torch.Tensor, full_rank: int) -> torch.Tensor:
 GRAM_MIN_DIM = 1024
 
 
-def _gram_spectrum(matrix: torch.Tensor, moment: torch.Tensor, damping: float
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(singular values of ``W·L`` descending, their left vectors (or None), ``W·L`` when it was formed).
+# The last layer's Gram spectrum: the search asks for one layer's error curve and then its probe
+# factorizations at two ranks, one after another (keyed by the weight's storage and version and the moment's
+# trace and sum and the weight's content sums, so another weight or other statistics never match).
+_LAST_SPECTRUM: list[tuple[tuple, tuple]] = []
+
+
+def _gram_spectrum(matrix: torch.Tensor, moment: torch.Tensor, damping: float) -> tuple:
+    """(singular values of ``W·L`` descending, their left vectors or None, ``W·L`` or None, right vectors or None).
 
     ``(W L)(W L)ᵀ = W (C + λI) Wᵀ``: when W has fewer rows than columns its (out × out) eigendecomposition
     gives the whitened spectrum and left vectors without factoring the (in × in) moment -- the costly
     eigendecomposition for a BERT feed-forward output layer (3072 inputs). Otherwise ``L`` of the smaller
     (in × in) moment is formed and ``(W L)ᵀ(W L)``'s eigendecomposition gives the right vectors.
     """
+    C = check_moment(moment, matrix.shape[1]).to(torch.float64)
+    # The content sums guard against a freed copy's memory reused by another weight of the same shape.
+    flat = matrix.detach().reshape(-1).to(torch.float64)
+    key = (matrix.data_ptr(), matrix._version, tuple(matrix.shape), matrix.dtype, float(flat.sum()),
+           float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()),
+           float(torch.diagonal(C).sum()), float(C.sum()), float(damping))
+    if _LAST_SPECTRUM and _LAST_SPECTRUM[0][0] == key:
+        return _LAST_SPECTRUM[0][1]
     W = matrix.detach().to(torch.float64)
-    C = check_moment(moment, W.shape[1]).to(torch.float64)
     C = 0.5 * (C + C.T)
     d = C.shape[0]
     lam = check_damping(damping) * float(torch.diagonal(C).sum()) / d if d else 0.0
+    found: tuple
     if W.shape[0] <= W.shape[1]:
         gram = W @ C @ W.T
         if lam:
             gram = gram + lam * (W @ W.T)
         values, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
-        return values.flip(0).clamp(min=0).sqrt(), vectors.flip(1), None
-    M = W @ whitening(C, damping).L
-    values = torch.linalg.eigvalsh(M.T @ M)
-    return values.flip(0).clamp(min=0).sqrt(), None, M
+        found = (values.flip(0).clamp(min=0).sqrt(), vectors.flip(1), None, None)
+    else:
+        M = W @ whitening(C, damping).L
+        values, V = torch.linalg.eigh(M.T @ M)
+        found = (values.flip(0).clamp(min=0).sqrt(), None, M, V.flip(1))
+    _LAST_SPECTRUM[:] = [(key, found)]
+    return found
 
 
 def gram_activation_svd(matrix: torch.Tensor, moment: torch.Tensor, rank: int, *,
@@ -242,16 +258,14 @@ def gram_activation_svd(matrix: torch.Tensor, moment: torch.Tensor, rank: int, *
     _check_matrix_and_rank(matrix, rank)
     dtype = matrix.dtype
     W = matrix.detach().to(torch.float64)
-    singular, left_vectors, M = _gram_spectrum(W, moment, damping)
+    singular, left_vectors, M, right_vectors = _gram_spectrum(matrix, moment, damping)
     if left_vectors is not None:
         U_r = left_vectors[:, :rank]
     else:
-        assert M is not None
-        values, V = torch.linalg.eigh(M.T @ M)
-        V_r = V.flip(1)[:, :rank]
-        s_r = values.flip(0)[:rank].clamp(min=0).sqrt()
+        s_r = singular[:rank]
         keep = s_r > s_r.max().clamp(min=1e-300) * 1e-12
-        U_r = torch.where(keep, M @ V_r / torch.where(keep, s_r, torch.ones_like(s_r)), torch.zeros_like(M[:, :rank]))
+        U_r = torch.where(keep, M @ right_vectors[:, :rank] / torch.where(keep, s_r, torch.ones_like(s_r)),
+                          torch.zeros_like(M[:, :rank]))
     left, right = _balance(U_r, U_r.T @ W)  # W′ = U_r U_rᵀ W, as activation_svd
     return ActivationSVD(left.to(dtype), right.to(dtype), singular, float((singular ** 2).sum()))
 
