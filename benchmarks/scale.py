@@ -218,6 +218,8 @@ def main() -> int:
     if not args.hf:
         lines += ["", "Random weights: the cosines show the path runs at this size, not the quality on a pretrained "
                   "encoder (see `scale_minilm.md` for one).", ""]
+    else:
+        lines.append("")
     atomic_write_text(out / f"{args.name}.md", "\n".join(lines))
     print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.md')}")
     return 0
