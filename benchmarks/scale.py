@@ -14,8 +14,9 @@ fed random token sequences of random lengths with their attention mask:
    budget without fine-tuning, and after ``--distill-epochs`` of distillation (cosine loss, the default
    encoder learning rate). Random weights say nothing about a pretrained encoder's quality; these two
    numbers only show the path runs at this size.
-4. With ``--ray``: the same compress with 1 and with 2 local Ray workers, interleaved, and the ratio of
-   their wall times (each includes starting the workers).
+4. With ``--ray``: the same compress again in-process and with 2 local Ray workers, one after the other
+   (one run each, not repeated), and the ratio of their wall times (the Ray one includes starting the
+   workers); the plans must be equal.
 
 Writes ``benchmarks/results/scale.json`` and ``scale.md``. On the shared 2-core development machine the
 full shape with 128-token sentences takes too long; ``--seq`` and ``--sentences`` shrink the data (the
