@@ -153,7 +153,9 @@ def test_attention_rows_and_measured_ops():
     length, dim = 9, 16
     # q, k, v and output projections plus QK^T and softmax·V
     assert by_name["attn"].macs == 4 * length * dim * dim + 2 * length * length * dim
-    assert by_name["embed"].macs == 0 and by_name["embed"].params == 17 * 16 and by_name["embed"].bytes == 17 * 16 * 4
+    embed = cost.layer("embed")  # an Embedding is a factorizable row now: a lookup of 9 indices per sample
+    assert embed.macs == 0 and embed.params == 17 * 16 and embed.bytes == 17 * 16 * 4
+    assert embed.type == "Embedding" and embed.input_size == (length,)
     (measured,) = cost.not_counted  # the functional attention and matmuls of forward() itself
     assert measured.name == "" and measured.macs == 4 * length * length * dim
     assert set(measured.ops) == {"bmm"}
@@ -171,7 +173,8 @@ def test_analyze_lists_others_not_counted_and_tied_layers(tmp_path):
     assert middle.macs == 2 * 64 * 64  # called twice
     attention = rs.analyze(Attention().eval(), torch.randint(0, 17, (1, 9))).to_dict()
     assert attention["macs"] == pytest.approx(oracle_macs(Attention().eval(), torch.randint(0, 17, (1, 9))), rel=0.01)
-    assert [row["name"] for row in attention["others"]] == ["embed", "attn"]
+    assert [row["name"] for row in attention["others"]] == ["attn"]
+    assert "embed" in [row["name"] for row in attention["layers"]]
     assert attention["not_counted"][0]["macs"] > 0 and "measured" in attention["not_counted"][0]["note"]
 
 

@@ -368,7 +368,7 @@ def test_evaluation_cache_entries_are_bound_to_what_they_were_computed_for(tmp_p
 
 def test_compress_stores_the_model_and_data_fingerprints_in_its_entries(tmp_path):
     from rankshrink.data import load_data
-    from rankshrink.fingerprint import dataset_fingerprint, module_fingerprint
+    from rankshrink.fingerprint import code_fingerprint, dataset_fingerprint, module_fingerprint, object_fingerprint
     from rankshrink.models import BUILTIN_MODELS
     from rankshrink.search import compress
 
@@ -377,7 +377,9 @@ def test_compress_stores_the_model_and_data_fingerprints_in_its_entries(tmp_path
     compress(model, splits, budget={"params": 0.5}, methods=["svd"], fit="weights", cache=tmp_path, progress=False,
              min_baseline=0.0)  # untrained weights: past the sanity check
     entries = [json.loads(p.read_text()) for p in (tmp_path / "evaluations").glob("*/*.json")]
-    assert entries and all(e["bound"]["model"] == module_fingerprint(model) for e in entries)
+    # The model is its weights and the code that runs them (another wrapper of the same weights is another model).
+    expected = object_fingerprint({"weights": module_fingerprint(model), "code": code_fingerprint(model)})
+    assert entries and all(e["bound"]["model"] == expected for e in entries)
     assert all(e["bound"]["data"] == dataset_fingerprint(splits.val) for e in entries)
 
 

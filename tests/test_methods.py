@@ -62,11 +62,12 @@ def test_each_method_name_lives_in_its_own_module(name):
 
 
 def test_registry_order_layers_and_defaults():
-    assert method_names() == ("svd", "spatial", "weight", "tucker2", "cp")
+    assert method_names() == ("svd", "embedding", "spatial", "weight", "tucker2", "cp")
+    assert methods_for(nn.Embedding(10, 4)) == ("embedding",)
     assert methods_for(nn.Linear(3, 4)) == ("svd",)
     assert methods_for(nn.Conv2d(3, 4, 3)) == ("spatial", "weight", "tucker2", "cp")
     assert methods_for(nn.Conv1d(3, 4, 3)) == ("weight", "tucker2", "cp")
-    with pytest.raises(LayerError, match="unknown method 'qr'; known methods are svd, spatial"):
+    with pytest.raises(LayerError, match="unknown method 'qr'; known methods are svd, embedding, spatial"):
         get_method("qr")
 
 

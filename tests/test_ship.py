@@ -430,3 +430,36 @@ def test_a_budget_below_the_minimum_says_which_candidates_latency_dropped():
     assert text.endswith("Measured on ONNX Runtime, 3 candidate(s) of 2 layer(s) ran slower than their dense layer "
                          "and are not used (fc1, fc2). Raise the budget, or pass --ignore-latency (latency=False) to "
                          "budget by formula alone.")
+
+
+class TokenClassifier(nn.Module):
+    """An embedding table holding a third of the parameters in front of the Linear layers doing the work."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(4000, 64)
+        self.fc1 = nn.Linear(16 * 64, 512)
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, tokens):
+        return self.fc2(torch.relu(self.fc1(self.emb(tokens).flatten(1))))
+
+
+@pytest.mark.slow
+def test_an_embedding_is_measured_and_factorized_under_a_latency_aware_budget():
+    # A lookup has no MACs and cannot get faster, so the per-layer speed filter must not drop it (and the
+    # standalone timing graph must feed it integer indices): the whole-model measurement judges the plan.
+    from rankshrink.data import splits_from
+    from rankshrink.search import compress
+
+    torch.manual_seed(0)
+    model = TokenClassifier().eval()
+    tokens = torch.randint(0, 4000, (600, 16))
+    labels = model(tokens).argmax(1)
+    parts = [torch.utils.data.TensorDataset(tokens[a:b], labels[a:b]) for a, b in ((0, 400), (400, 500), (500, 600))]
+    splits = splits_from(*parts, num_classes=10)
+    result = compress(model, splits, budget={"params": 0.2}, latency=True, progress=False, min_baseline=0.0)
+    assert result.plan["emb"].method == "embedding"
+    assert result.compressed["params"] <= 0.2 * result.original["params"]
+    assert "emb" not in result.latency["dropped_slower"]
+    assert all(p["measured_ratio"] < 1 for p in result.latency["prediction"].values())

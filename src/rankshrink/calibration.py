@@ -47,9 +47,9 @@ from torch.utils.data import Dataset
 
 from . import inputs as model_inputs
 from .data import Splits, _dataset_len, calibration_subset, iterate_batches
-from .decompose.stats import InputStats
+from .decompose.stats import DIAGONAL, DiagonalStats, InputStats
 from .errors import ConfigError, DataError, FileFormatError, LayerError, RankshrinkError
-from .factorized import layer_type, unsupported_reason
+from .factorized import layer_type, linear_features, unsupported_reason
 from .files import load_tensors, save_tensors
 from .layers import aliases, factorizable_layers, get_layer
 from .methods import get_method, method_names
@@ -86,7 +86,7 @@ class Calibration:
     ``samples`` is the number of calibration samples run through the model.
     """
 
-    stats: dict[str, InputStats]
+    stats: dict[str, Any]  # InputStats, or DiagonalStats for an embedding's lookup counts
     samples: int
     alias_of: dict[str, str] = field(default_factory=dict)
 
@@ -131,11 +131,8 @@ class Calibration:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"samples": self.samples, "alias_of": self.alias_of, "layers": {}}
         for name, s in self.stats.items():
-            mean, scatter = s._moments()
-            tensors[f"{name}::mean"] = mean.cpu()
-            tensors[f"{name}::scatter"] = scatter.cpu()
-            if s.patch_mean is not None:
-                tensors[f"{name}::patch_mean"] = s.patch_mean.cpu()
+            for key, tensor in s.tensors().items():
+                tensors[f"{name}::{key}"] = tensor.cpu()
             meta["layers"][name] = {"kind": s.kind, "dim": s.dim, "count": s.count, "samples": s.samples,
                                     "kernel_size": list(s.kernel_size) if s.kernel_size else None,
                                     "patch_count": s.patch_count}
@@ -157,8 +154,12 @@ class Calibration:
                 raise FileFormatError(f"calibration file '{path}' has version {metadata.get('version')}; "
                                       f"this rankshrink reads version {_VERSION}.")
             meta = json.loads(metadata["calibration"])
-            stats = {}
+            stats: dict[str, Any] = {}
             for name, info in meta["layers"].items():
+                if info["kind"] == DIAGONAL:
+                    stats[name] = DiagonalStats(int(info["dim"]), count=int(info["count"]),
+                                                samples=int(info["samples"]), counts=tensors[f"{name}::counts"])
+                    continue
                 stats[name] = InputStats(info["kind"], int(info["dim"]), count=int(info["count"]),
                                          samples=int(info["samples"]), mean=tensors[f"{name}::mean"],
                                          scatter=tensors[f"{name}::scatter"],
@@ -213,8 +214,8 @@ def _resolve_targets(model: nn.Module, layers) -> tuple[dict[str, tuple[nn.Modul
         reason = unsupported_reason(module)
         if reason is not None:
             raise LayerError(f"layer '{name}' ({layer_type(module)}) cannot be calibrated for factorization: {reason}.")
-        kind = ("full" if method is None or get_method(method).statistics == "full" or isinstance(module, nn.Linear)
-                else "channel")
+        kind = ("full" if method is None or get_method(method).statistics == "full"
+                or linear_features(module) is not None or isinstance(module, nn.Embedding) else "channel")
         if id(module) in by_module:  # a shared module: one set of statistics, the richer kind wins
             first = by_module[id(module)]
             if kind == "full":
@@ -225,9 +226,12 @@ def _resolve_targets(model: nn.Module, layers) -> tuple[dict[str, tuple[nn.Modul
     return chosen, True
 
 
-def _empty_stats(module: nn.Module, kind: str) -> InputStats:
-    if isinstance(module, nn.Linear):
-        return InputStats("full", module.in_features)
+def _empty_stats(module: nn.Module, kind: str) -> InputStats | DiagonalStats:
+    features = linear_features(module)
+    if features is not None:
+        return InputStats("full", features[0])
+    if isinstance(module, nn.Embedding):
+        return DiagonalStats(module.num_embeddings)
     assert isinstance(module, (nn.Conv1d, nn.Conv2d))  # _resolve_targets keeps only factorizable layers
     k = tuple(module.kernel_size)
     S = module.in_channels
@@ -255,15 +259,26 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _layer_rows(module: nn.Module, name: str, x: torch.Tensor) -> tuple[int, Iterable[torch.Tensor]]:
-    """(samples in this call, iterator of float64 row chunks) for one hooked input."""
-    if isinstance(module, nn.Linear):
-        if x.dim() == 0 or x.shape[-1] != module.in_features:
+def _layer_rows(module: nn.Module, name: str, x: torch.Tensor,
+               token_mask: torch.Tensor | None = None) -> tuple[int, Iterable[torch.Tensor]]:
+    """(samples in this call, iterator of float64 row chunks) for one hooked input.
+
+    ``token_mask`` (batch, positions), from the inputs' ``attention_mask``: a Linear input of shape
+    (batch, positions, features) contributes only the rows of real tokens (padding never enters the
+    statistics).
+    """
+    features = linear_features(module)
+    if features is not None:
+        in_features = features[0]
+        if x.dim() == 0 or x.shape[-1] != in_features:
             raise DataError(f"the calibration data does not fit the model: layer '{name}' (Linear, expects inputs of "
-                            f"shape (..., {module.in_features})) got {tuple(x.shape)}.")
-        rows = x.reshape(-1, module.in_features)
+                            f"shape (..., {in_features})) got {tuple(x.shape)}.")
         batch = x.shape[0] if x.dim() > 1 else 1
-        step = max(1, _CHUNK_ELEMENTS // max(1, module.in_features))
+        if token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
+            rows = x[token_mask.to(x.device)]
+        else:
+            rows = x.reshape(-1, in_features)
+        step = max(1, _CHUNK_ELEMENTS // max(1, in_features))
         return batch, (rows[i:i + step] for i in range(0, rows.shape[0], step))
     assert isinstance(module, (nn.Conv1d, nn.Conv2d))  # calibrated layers are Linear, Conv1d or Conv2d
     spatial_dims = 1 if isinstance(module, nn.Conv1d) else 2
@@ -320,15 +335,22 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
     targets, explicit = _resolve_targets(model, layers)
     stats = {name: _empty_stats(module, kind) for name, (module, kind) in targets.items()}
     hit: dict[str, bool] = {}
-    batch_index = [0]
-    handles = [module.register_forward_pre_hook(_statistics_hook(name, stats[name], hit, batch_index, batch_size))
-               for name, (module, _) in targets.items()]
+    state = _BatchState()
+    handles = []
+    for name, (module, _) in targets.items():
+        target = stats[name]
+        hook = (_embedding_hook(name, target, hit, state) if isinstance(target, DiagonalStats)
+                else _statistics_hook(name, target, hit, state, batch_size))
+        handles.append(module.register_forward_pre_hook(hook))
     try:
-        _run_batches(model, data, batch_size, n_samples, stats, hit, batch_index, progress)
+        _run_batches(model, data, batch_size, n_samples, stats, hit, state, progress)
     finally:
         for handle in handles:
             handle.remove()
     _finish(stats, explicit, n_samples)
+    from .memory import release_memory
+
+    release_memory()  # the batches' activations and float64 copies are gone: give their pages back
     alias_of: dict[str, str] = {}
     names = aliases(model)
     for name, (module, _) in targets.items():
@@ -339,21 +361,70 @@ def calibrate(model: nn.Module, dataset, layers=None, samples: int | None = DEFA
     return Calibration(stats, n_samples, alias_of)
 
 
-def _statistics_hook(name: str, target: InputStats, hit: dict[str, bool], batch_index: list[int], batch_size: int):
+class _BatchState:
+    """What the hooks of one calibration batch share: its index, the token mask, the last input's moments."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.token_mask: torch.Tensor | None = None
+        # Layers fed the very same tensor (query/key/value projections) share one summary of it. The tensor
+        # is held, so no other tensor can take its memory and be mistaken for it.
+        self.last_input: torch.Tensor | None = None
+        self.last_moments: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def start(self, index: int, inputs: Any) -> None:
+        self.index = index
+        self.last_input, self.last_moments = None, None
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        self.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+    def same_as_last(self, x: torch.Tensor) -> bool:
+        last = self.last_input
+        return (last is not None and self.last_moments is not None and last.data_ptr() == x.data_ptr()
+                and last.shape == x.shape and last.stride() == x.stride() and last.dtype == x.dtype
+                and last.device == x.device and last._version == x._version)
+
+
+def _embedding_hook(name: str, target: DiagonalStats, hit: dict[str, bool], state: _BatchState):
+    """A forward pre-hook counting an Embedding's lookups (real tokens only, given an attention mask)."""
+    def hook(mod, args):
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].is_floating_point():
+            raise _HookError(DataError(f"layer '{name}' (Embedding) was called without integer indices; it cannot "
+                                       "be calibrated."))
+        indices = args[0].detach()
+        mask = state.token_mask
+        if mask is not None and tuple(indices.shape) == tuple(mask.shape):
+            indices = indices[mask.to(indices.device)]
+        try:
+            target.update_indices(indices)
+        except ConfigError as exc:
+            raise _HookError(DataError(f"layer '{name}': {exc}")) from None
+        hit[name] = True
+    return hook
+
+
+def _statistics_hook(name: str, target: InputStats, hit: dict[str, bool], state: _BatchState, batch_size: int):
     """A forward pre-hook streaming one layer's inputs into ``target``."""
     def hook(mod, args):
         if not args or not isinstance(args[0], torch.Tensor):
             raise _HookError(DataError(f"layer '{name}' was called without a tensor input; it cannot be "
                                        "calibrated."))
         x = args[0].detach()
+        if target.kind == "full" and state.same_as_last(x):
+            assert state.last_moments is not None
+            target.merge(*state.last_moments)  # the same tensor the previous layer summarised
+            hit[name] = True
+            return
         if not torch.isfinite(x).all():
-            first = batch_index[0] * batch_size
+            first = state.index * batch_size
             raise _HookError(DataError(
-                f"layer '{name}' received NaN or Inf inputs in calibration batch {batch_index[0] + 1} "
+                f"layer '{name}' received NaN or Inf inputs in calibration batch {state.index + 1} "
                 f"(samples {first}..{first + x.shape[0] - 1} of the calibration set); check the data and the "
                 "layers before it."))
         try:
-            _, chunks = _layer_rows(mod, name, x)
+            _, chunks = _layer_rows(mod, name, x, state.token_mask)
+            batch = InputStats("full", target.dim) if target.kind == "full" else None
             for rows in chunks:
                 rows = rows.to(torch.float64)
                 if target.kind == "channel":
@@ -361,15 +432,20 @@ def _statistics_hook(name: str, target: InputStats, hit: dict[str, bool], batch_
                     target.update(rows.reshape(-1, S, k).transpose(1, 2).reshape(-1, S))
                     target.update_patch_mean(rows)
                 else:
-                    target.update(rows)
+                    assert batch is not None
+                    batch.update(rows)
+            if batch is not None:
+                moments = (batch.count, *batch._moments())
+                target.merge(*moments)
+                state.last_input, state.last_moments = x, moments
         except DataError as exc:
             raise _HookError(exc) from None
         hit[name] = True
     return hook
 
 
-def _run_batches(model: nn.Module, data: Dataset, batch_size: int, n_samples: int, stats: dict[str, InputStats],
-                 hit: dict[str, bool], batch_index: list[int], progress: bool) -> None:
+def _run_batches(model: nn.Module, data: Dataset, batch_size: int, n_samples: int, stats: dict[str, Any],
+                 hit: dict[str, bool], state: _BatchState, progress: bool) -> None:
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -377,9 +453,9 @@ def _run_batches(model: nn.Module, data: Dataset, batch_size: int, n_samples: in
     try:
         with torch.no_grad(), eval_mode(model), model_inputs.hookable():
             for index, (inputs, _) in enumerate(iterate_batches(data, batch_size)):
-                batch_index[0] = index
                 hit.clear()
                 inputs = to_model(inputs, model)
+                state.start(index, inputs)
                 rows = model_inputs.batch_size(inputs)
                 try:
                     model_inputs.call_model(model, inputs)
@@ -399,7 +475,7 @@ def _run_batches(model: nn.Module, data: Dataset, batch_size: int, n_samples: in
             bar.close()
 
 
-def _finish(stats: dict[str, InputStats], explicit: bool, n_samples: int) -> None:
+def _finish(stats: dict[str, Any], explicit: bool, n_samples: int) -> None:
     """Refuse or drop layers the data never reached; warn about rank-deficient statistics."""
     unreached = [name for name, s in stats.items() if s.count == 0]
     if unreached and explicit:
@@ -412,6 +488,9 @@ def _finish(stats: dict[str, InputStats], explicit: bool, n_samples: int) -> Non
                       CalibrationWarning, stacklevel=3)
         del stats[name]
     for name, s in stats.items():
+        if isinstance(s, DiagonalStats):  # lookup counts: fewer lookups than rows is expected, not a warning
+            s.counts = s._counts().cpu()
+            continue
         mean, scatter = s._moments()
         s.mean, s.scatter = mean.cpu(), scatter.cpu()
         if s.patch_mean is not None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError
-from .factorized import Factorized, layer_geometry, unsupported_reason
+from .factorized import Factorized, layer_bias, layer_geometry, linear_features, unsupported_reason
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,12 @@ def module_cost(module: nn.Module, input_size: tuple[int, ...]) -> tuple[Cost, t
     ``input_size`` is the number of positions ``(P,)`` for a Linear and the spatial
     size for a conv.
     """
-    if isinstance(module, nn.Linear):
-        return linear_cost(module.in_features, module.out_features, module.bias is not None,
+    features = linear_features(module)
+    if features is not None:  # nn.Linear, or a transposed-weight Linear (transformers' Conv1D)
+        return linear_cost(features[0], features[1], layer_bias(module) is not None,
                            math.prod(input_size)), tuple(input_size)
+    if isinstance(module, nn.Embedding):  # a table lookup: parameters, no multiplies
+        return Cost(module.num_embeddings * module.embedding_dim, 0, 0), tuple(input_size)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         out = conv_output_size(input_size, module.kernel_size, module.stride, module.padding, module.dilation)
         return conv_cost(module.in_channels, module.out_channels, module.kernel_size, module.groups,
@@ -105,6 +108,8 @@ def module_cost(module: nn.Module, input_size: tuple[int, ...]) -> tuple[Cost, t
 def _dense_from_geometry(geometry: dict[str, Any]) -> nn.Module:
     if geometry["type"] == "Linear":
         return nn.Linear(geometry["in_features"], geometry["out_features"], bias=geometry["bias"], device="meta")
+    if geometry["type"] == "Embedding":
+        return nn.Embedding(geometry["num_embeddings"], geometry["embedding_dim"], device="meta")
     cls = nn.Conv2d if geometry["type"] == "Conv2d" else nn.Conv1d
     padding = geometry["padding"] if isinstance(geometry["padding"], str) else tuple(geometry["padding"])
     return cls(geometry["in_channels"], geometry["out_channels"], tuple(geometry["kernel_size"]),
@@ -136,8 +141,8 @@ def break_even_rank(geometry: dict[str, Any], method: str, input_size=None, *, b
     if input_size is None:
         if by == "macs":
             raise ConfigError("break-even rank for MACs needs the layer's input size.")
-        input_size = (1,) * (1 if geometry["type"] in ("Linear", "Conv1d") else 2)
-        if geometry["type"] != "Linear":
+        input_size = (1,) * (1 if geometry["type"] in ("Linear", "Conv1d", "Embedding") else 2)
+        if geometry["type"] not in ("Linear", "Embedding"):
             input_size = tuple(max(1, (k - 1) * d + 1) for k, d in zip(geometry["kernel_size"], geometry["dilation"]))
 
     def value(cost: Cost) -> int:
@@ -276,8 +281,13 @@ def _input_size(module: nn.Module, inp: torch.Tensor) -> tuple[int, ...]:
     # A factorized block is sized like the layer it replaced (Linear: positions; conv: spatial).
     if isinstance(module, Factorized):
         kind = module.geometry["type"]
+    elif isinstance(module, nn.Embedding):
+        kind = "Embedding"
     else:
-        kind = "Linear" if isinstance(module, nn.Linear) else "Conv2d" if isinstance(module, nn.Conv2d) else "Conv1d"
+        kind = "Linear" if linear_features(module) is not None else "Conv2d" if isinstance(module, nn.Conv2d) \
+            else "Conv1d"
+    if kind == "Embedding":  # indices per sample
+        return (max(1, inp[0].numel() if inp.dim() > 1 else 1),)
     if kind == "Linear":
         return (max(1, inp[0].numel() // inp.shape[-1]),)
     spatial = 2 if kind == "Conv2d" else 1

@@ -11,11 +11,16 @@ user writes: changing one weight, one sample or one option changes the key.
   directly, any other data set item by item (inputs and labels, nested tuples/lists/dicts
   of tensors); very large data sets by their size plus a deterministic sample of rows.
 * :func:`object_fingerprint` -- canonical JSON of plain data (options, configs).
+* :func:`code_fingerprint` -- the code a module runs: every class in its tree by qualified name and
+  a hash of its source (plus an instance's own ``forward``, when one was assigned), so the same
+  weights behind another wrapper or a changed ``forward()`` get other keys.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 from typing import Any, Iterable, Mapping
@@ -23,7 +28,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 __all__ = ["update_with_tensor", "state_fingerprint", "module_fingerprint", "dataset_fingerprint",
-           "object_fingerprint", "jsonable"]
+           "object_fingerprint", "jsonable", "code_fingerprint", "source_hash"]
 
 
 def update_with_tensor(digest: Any, tensor: torch.Tensor) -> None:
@@ -51,6 +56,37 @@ def state_fingerprint(state: Mapping[str, torch.Tensor], *, sort: bool = False, 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """sha256 of ``module.state_dict()`` (names, shapes, dtypes, bytes, in order)."""
     return state_fingerprint(module.state_dict(), salt=b"rankshrink-module-v2")
+
+
+@functools.lru_cache(maxsize=4096)
+def _class_source_hash(cls: type) -> str:
+    return source_hash(cls)
+
+
+def source_hash(obj: Any) -> str:
+    """sha256 of ``obj``'s source code (a class, function or method); of its qualified name when the
+    source cannot be read (a built-in, a class defined in a REPL)."""
+    try:
+        text = inspect.getsource(obj)
+    except (OSError, TypeError):
+        text = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def code_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of the code ``module`` runs: each class in its tree (qualified name and source hash, in tree
+    order), and the source of any ``forward`` assigned to an instance. Weights are not included."""
+    digest = hashlib.sha256(b"rankshrink-code-v1")
+    seen: set[type] = set()
+    for name, sub in module.named_modules():
+        cls = type(sub)
+        if cls not in seen:
+            seen.add(cls)
+            digest.update(f"{cls.__module__}.{cls.__qualname__}:{_class_source_hash(cls)}|".encode())  # type: ignore[arg-type]
+        own = sub.__dict__.get("forward")
+        if own is not None:
+            digest.update(f"{name}.forward:{source_hash(own)}|".encode())
+    return digest.hexdigest()
 
 
 def _update_with_item(digest: Any, item: Any) -> None:

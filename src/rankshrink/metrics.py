@@ -1,4 +1,5 @@
-"""Classification metrics on a data set: predictions, accuracy, per-class accuracy, agreement.
+"""Metrics on a data set: predictions, accuracy, per-class accuracy, agreement; and the label-free
+comparisons of a model's outputs with a reference model's (:func:`output_agreement`: cosine, mse, kl).
 
 All run under ``torch.no_grad()`` with the model in eval mode and put every submodule
 back in the train/eval mode it had before. They check what they are given: an empty
@@ -21,7 +22,11 @@ from .data import _dataset_len, iterate_batches
 from .errors import ConfigError, DataError
 from .inputs import call_checked, device_of, float_dtype_of, output_tensor, to_model
 
-__all__ = ["eval_mode", "predictions", "accuracy", "per_class_accuracy", "agreement", "to_model", "model_logits"]
+__all__ = ["eval_mode", "predictions", "accuracy", "per_class_accuracy", "agreement", "to_model", "model_logits",
+           "representations", "output_agreement", "COMPARISONS"]
+
+# Label-free comparisons of outputs (see output_agreement); each is 1.0 (cosine, mse) or 0.0 (kl) for equal outputs.
+COMPARISONS = ("cosine", "mse", "kl")
 
 NonFinite = Literal["raise", "wrong"]
 
@@ -151,3 +156,71 @@ def agreement(model: nn.Module, dataset: Dataset, reference_predictions: torch.T
                         "compute them on the same data set.")
     return float((predictions(model, dataset, batch_size, nonfinite=nonfinite) == reference)
                  .float().mean())
+
+
+# --------------------------------------------------------------------------- label-free comparisons
+
+def _batch_representations(model: nn.Module, dataset: Dataset, batch_size: int) -> Iterator[torch.Tensor]:
+    from .outputs import per_sample, representation
+
+    if _dataset_len(dataset) == 0:
+        raise DataError("cannot evaluate on an empty data set.")
+    with torch.no_grad(), eval_mode(model):
+        for inputs, _ in iterate_batches(dataset, batch_size):
+            moved = to_model(inputs, model)
+            yield per_sample(representation(call_checked(model, moved), moved)).cpu()
+
+
+def representations(model: nn.Module, dataset: Dataset, batch_size: int = 128) -> torch.Tensor:
+    """Every sample's output representation (:func:`rankshrink.outputs.representation`), flattened, float64."""
+    return torch.cat(list(_batch_representations(model, dataset, batch_size)))
+
+
+def output_agreement(model: nn.Module, dataset: Dataset, reference: torch.Tensor, measure: str = "cosine",
+                     batch_size: int = 128) -> float:
+    """How close ``model``'s outputs are to ``reference`` (:func:`representations` of the original), no labels.
+
+    * ``cosine``: mean over samples of the cosine similarity of the two (flattened) outputs; 1 when equal.
+    * ``mse``: ``1 − Σ(y − y₀)² / Σ(y₀ − ȳ₀)²``, one minus the squared error normalised by the reference's
+      variance over the data (per feature, summed); 1 when equal, 0 for predicting the mean.
+    * ``kl``: ``−mean KL(softmax(y₀) ‖ softmax(y))`` over samples (classifier logits: the softmax runs over
+      each sample's outputs); 0 when equal.
+
+    Higher is better for all three. A sample whose output is not finite counts as the worst case:
+    cosine −1, an all-zero output for mse, a uniform distribution for kl.
+    """
+    import torch.nn.functional as F
+
+    if measure not in COMPARISONS:
+        raise ConfigError(f"measure must be one of {', '.join(COMPARISONS)}, got {measure!r}.")
+    reference = reference.to(torch.float64)
+    n = _dataset_len(dataset)
+    if reference.shape[0] != n:
+        raise DataError(f"{reference.shape[0]} reference outputs for a data set of {n} samples; compute them on "
+                        "the same data set.")
+    total, seen = 0.0, 0
+    for out in _batch_representations(model, dataset, batch_size):
+        ref = reference[seen:seen + out.shape[0]]
+        if out.shape != ref.shape:
+            raise DataError(f"the model's outputs have {out.shape[1]} values per sample but the original's have "
+                            f"{ref.shape[1]}; compare models with the same outputs.")
+        finite = torch.isfinite(out).all(dim=1)
+        if measure == "cosine":
+            values = F.cosine_similarity(torch.where(finite[:, None], out, 0.0), ref, dim=1, eps=1e-12)
+            total += float(torch.where(finite, values, -1.0).sum())
+        elif measure == "mse":
+            total += float((torch.where(finite[:, None], out, 0.0) - ref).pow(2).sum())
+        else:
+            ref_logp = F.log_softmax(ref, dim=1)
+            logp = F.log_softmax(torch.where(finite[:, None], out, 0.0), dim=1)
+            total += float((ref_logp.exp() * (ref_logp - logp)).sum())
+        seen += out.shape[0]
+    if measure == "cosine":
+        return total / n
+    if measure == "mse":
+        spread = float((reference - reference.mean(dim=0)).pow(2).sum())
+        if spread == 0:
+            raise DataError("the original model's outputs are the same for every validation sample, so the mse "
+                            "metric (normalised by their variance) is undefined; use --metric cosine.")
+        return 1.0 - total / spread
+    return -total / n

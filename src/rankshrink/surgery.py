@@ -153,19 +153,27 @@ def folding_preserves_outputs(model: nn.Module, folded: nn.Module, inputs: Any, 
 
 
 def build(model: nn.Module, plan: Plan, make_block: BlockMaker, *, inplace: bool = False,
-          progress: bool = False) -> nn.Module:
+          progress: bool = False, share_weights: bool = False) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with ``make_block``'s block at every layer of ``plan``.
 
     The plan's BatchNorm folds come first (:func:`fold_batchnorm`), then the whole plan is
     validated; a shared module is replaced everywhere it is used. ``make_block`` receives the
     layer of the *original* model (folded, when the plan folds it), never modified.
+    ``share_weights``: the copy's module tree is new but its parameters and buffers are the
+    original's tensors (nothing is copied: for evaluating plans of a large model; do not train it).
     """
     if plan.fold_batchnorm and any(not isinstance(get_layer(model, bn), nn.Identity)
                                    for _, bn in plan.fold_batchnorm):
         model = fold_batchnorm(model, plan.fold_batchnorm, inplace=inplace)
         inplace = True  # ``model`` is now the copy (or the caller's own model, folded in place)
     ranks = validate_plan(model, plan)
-    target = model if inplace else copy.deepcopy(model)
+    if inplace:
+        target = model
+    elif share_weights:
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        target = copy.deepcopy(model, shared)
+    else:
+        target = copy.deepcopy(model)
     where = aliases(target)
     items: Any = list(plan.items())
     if progress:

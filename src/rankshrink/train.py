@@ -54,13 +54,15 @@ from .inputs import call_checked, output_tensor, to_model
 from .metrics import _device_of, accuracy, check_logits, eval_mode
 from .validation import check_bool, check_choice, check_int, check_number, check_optional_int
 
-__all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "CHECKPOINT_NAME"]
+__all__ = ["TrainConfig", "TrainResult", "train", "distillation_loss", "representation_loss", "distill_kind",
+           "CHECKPOINT_NAME", "DISTILL_LOSSES"]
 
 CHECKPOINT_NAME = "train_checkpoint.pt"
 _CHECKPOINT_FORMAT = "rankshrink-train-checkpoint"
 _CHECKPOINT_VERSION = 2
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SCHEDULES = ("cosine", "constant")
+DISTILL_LOSSES = ("auto", "kl", "cosine", "mse")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -72,6 +74,11 @@ class TrainConfig:
     ``optimizer``: 'adam', 'adamw' or 'sgd' (momentum 0.9). ``patience``: stop after that
     many epochs without a validation improvement. With a teacher the loss is
     ``(1 − distill_weight)·CE + distill_weight·T²·KL`` at ``T = distill_temperature``.
+    ``distill_loss``: 'kl' (that loss, on logits), 'cosine' (``1 − cos`` of the student's and the
+    teacher's output representations -- an encoder's mask-mean-pooled last hidden state, see
+    :mod:`rankshrink.outputs`), 'mse' (their squared error over the teacher's energy) or 'auto'
+    (cosine for an encoder's hidden states, kl for logits). The representation losses need no labels
+    and replace the cross-entropy.
     ``keep_best``: return the best-validating weights (the starting ones count as epoch 0).
     """
 
@@ -84,6 +91,7 @@ class TrainConfig:
     patience: int | None = None
     distill_temperature: float = 2.0
     distill_weight: float = 0.5
+    distill_loss: str = "auto"
     seed: int = 0
     keep_best: bool = True
 
@@ -97,6 +105,7 @@ class TrainConfig:
         check_optional_int(self.patience, "patience", minimum=1)
         check_number(self.distill_temperature, "distill_temperature", minimum=0, low_open=True)
         check_number(self.distill_weight, "distill_weight", minimum=0, maximum=1)
+        check_choice(self.distill_loss, "distill_loss", DISTILL_LOSSES)
         check_int(self.seed, "seed", minimum=0)
         check_bool(self.keep_best, "keep_best")
 
@@ -160,6 +169,31 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if labels is None:
         return (temperature ** 2) * kl
     return (1.0 - weight) * ce + weight * (temperature ** 2) * kl
+
+
+def representation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Distillation without labels: ``mean(1 − cos(student, teacher))`` per sample ('cosine'), or
+    ``Σ(student − teacher)² / Σ teacher²`` ('mse'); the tensors are (batch, ...) and flattened per sample."""
+    s = student.reshape(student.shape[0], -1).float()
+    t = teacher.reshape(teacher.shape[0], -1).float()
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
+    if kind == "mse":
+        return (s - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-12)
+    raise ConfigError(f"representation loss must be cosine or mse, got {kind!r}.")
+
+
+def distill_kind(config_kind: str, output: Any) -> str:
+    """The distillation loss for a model output: ``config_kind``, or for 'auto' cosine on an encoder's hidden
+    states (no logits to soften) and kl otherwise."""
+    if config_kind != "auto":
+        return config_kind
+    from .outputs import output_kind
+
+    try:
+        return "cosine" if output_kind(output) == "hidden" else "kl"
+    except DataError:
+        return "kl"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -394,7 +428,8 @@ def train(model: nn.Module, train_data: Dataset, *, val_data: Dataset | None = N
 
 
 def _default_metric(val_data: Dataset, teacher: nn.Module | None) -> Callable[[nn.Module], float]:
-    """Validation accuracy, or, for unlabelled data, agreement with the teacher's predictions."""
+    """Validation accuracy, or, for unlabelled data, agreement with the teacher's predictions (classifiers) or
+    the mean cosine of the outputs' representations (encoders, see :mod:`rankshrink.outputs`)."""
     from .metrics import agreement, predictions
 
     if has_labels(val_data):
@@ -402,6 +437,10 @@ def _default_metric(val_data: Dataset, teacher: nn.Module | None) -> Callable[[n
     if teacher is None:
         raise ConfigError("the validation data has no labels: pass a teacher (agreement with it is then the metric) "
                           "or a metric=.")
+    from .search.metrics import _auto_metric, as_metric
+
+    if _auto_metric(teacher, val_data) == "cosine":
+        return as_metric("cosine", teacher, val_data)
     reference: list[torch.Tensor] = []
 
     def agree(m: nn.Module) -> float:
@@ -425,6 +464,7 @@ def _run_identity(config: TrainConfig, model: nn.Module, trained: list[tuple[str
         "initial_model": module_fingerprint(model),
         "teacher": module_fingerprint(teacher) if teacher is not None else None,
         "distillation": ([float(config.distill_temperature), float(config.distill_weight)]
+                         + ([config.distill_loss] if config.distill_loss != "auto" else [])
                          if teacher is not None else None),
         "train_data": dataset_fingerprint(train_data),
         "val_data": dataset_fingerprint(val_data) if val_data is not None else None,
@@ -475,10 +515,22 @@ class _Epoch:
             labels = None if labels is None else labels.to(self.device)
             for group in opt.param_groups:
                 group["lr"] = self.lr_at(state.step)
-            logits = output_tensor(call_checked(model, inputs, what="the training data"))
-            if labels is not None:
-                check_logits(logits, labels)
-            if self.teacher is not None:
+            output = call_checked(model, inputs, what="the training data")
+            kind = distill_kind(config.distill_loss, output) if self.teacher is not None else "kl"
+            if kind in ("cosine", "mse"):
+                from .outputs import representation
+
+                assert self.teacher is not None
+                logits = representation(output, inputs)
+                with torch.no_grad():
+                    teacher_inputs = to_model(inputs, self.teacher)
+                    target = representation(call_checked(self.teacher, teacher_inputs,
+                                                         what="the training data (teacher)"), teacher_inputs)
+                loss = representation_loss(logits, target, kind)
+            elif self.teacher is not None:
+                logits = output_tensor(output)
+                if labels is not None:
+                    check_logits(logits, labels)
                 with torch.no_grad():
                     teacher_logits = output_tensor(call_checked(self.teacher, to_model(inputs, self.teacher),
                                                                 what="the training data (teacher)"))
@@ -486,6 +538,8 @@ class _Epoch:
                                          weight=config.distill_weight)
             else:
                 assert labels is not None  # train() refuses unlabelled data without a teacher
+                logits = output_tensor(output)
+                check_logits(logits, labels)
                 loss = F.cross_entropy(logits, labels)
             value = float(loss.detach())
             if not math.isfinite(value):

@@ -41,7 +41,8 @@ def parse_bytes(text: str, what: str = "size") -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, model_default: str | None = None) -> None:
     parser.add_argument("--model", default=model_default, required=model_default is None,
-                        help="builtin:digits-cnn | builtin:cifar-cnn | builtin:mnist-mlp | path/to/file.py:factory")
+                        help="builtin:digits-cnn | builtin:cifar-cnn | builtin:mnist-mlp | path/to/file.py:factory | "
+                             "model.onnx | hf:DIR (a local Hugging Face model directory, loaded offline)")
     parser.add_argument("--weights", help="state dict as .safetensors or .pt (loaded with weights_only=True)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow .pt files that need full pickle (runs code from the file: only for files you "
@@ -221,6 +222,8 @@ def check_training_options(args: argparse.Namespace, *, prefix: str = "", epochs
              "distill_weight": "--distill-weight", "seed": "--seed"}
     values = {field: getattr(args, f"{dest}{field}") for field in ("lr", "batch_size", "patience", "schedule")}
     values.update(distill_temperature=args.distill_temperature, distill_weight=args.distill_weight)
+    if values["lr"] is None:  # the default: finetune() picks it (see rankshrink.finetuning)
+        del values["lr"]
     if isinstance(getattr(args, "seed", None), int):
         values["seed"] = args.seed
     if epochs is not None:

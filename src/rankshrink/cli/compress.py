@@ -29,6 +29,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from .common import (
@@ -52,7 +53,7 @@ from .common import (
 )
 
 _COUNT_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
-METRICS = ("auto", "accuracy", "agreement", "per-class", "worst-class")
+METRICS = ("auto", "accuracy", "agreement", "per-class", "worst-class", "cosine", "mse", "kl")
 
 
 def parse_tolerance(text: str) -> float:
@@ -194,15 +195,18 @@ def register(subparsers) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--tolerance", help="largest allowed validation-metric drop: 0.01 or 1%%")
     target.add_argument("--max-macs", help="MAC budget: ratio (0.5, 50%%) or count (1.2M)")
-    target.add_argument("--max-params", help="parameter budget: ratio (0.5, 50%%) or count (120000, 120k)")
+    target.add_argument("--max-params", help="parameter budget: ratio (0.5, 50%%) or count (120000, 120k); "
+                        "50%%-of-factorizable is a ratio of what can be factorized (see --budget-of)")
     target.add_argument("--max-bytes", help="size budget: 256KB, 1.5MB, 2MiB, a byte count, or a ratio (50%%); "
                         "counts the shipped file (model.onnx, with --int8 model.int8.onnx; with --no-export the "
                         "parameter bytes)")
     target.add_argument("--max-latency", help="latency budget on ONNX Runtime: a ratio of the original's measured "
                         "latency at every --batch size (0.6, 60%%) or a time at the first one (2ms, 500us)")
     parser.add_argument("--metric", default="auto", choices=METRICS,
-                        help="what the tolerance is measured in: auto (accuracy with labels, agreement without), "
-                             "agreement (with the original's predictions) ...")
+                        help="what the tolerance is measured in: auto (accuracy with labels; without: agreement for "
+                             "logits, cosine for other outputs), agreement (with the original's predictions), "
+                             "cosine / mse / kl (label-free comparisons with the original's outputs; an encoder's "
+                             "mask-mean-pooled last hidden state); the tolerance is the drop from the original")
     parser.add_argument("--minimize", default="macs", choices=("macs", "params", "bytes", "latency"),
                         help="what --tolerance mode makes smallest (default: macs; latency: measured on ONNX "
                              "Runtime)")
@@ -225,6 +229,15 @@ def register(subparsers) -> None:
     parser.add_argument("--confidence", default=None,
                         help="apply --tolerance to the upper end of the drop's paired bootstrap interval at this "
                              "level (e.g. 0.95) instead of the measured drop")
+    parser.add_argument("--budget-of", choices=("model", "factorizable"), default=None,
+                        help="what a ratio budget is a ratio of: the whole model (default) or the layers the search "
+                             "can factorize (everything else stays as it is)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="evaluate independent probes and plans on N local Ray workers (needs ray)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="join the Ray cluster at ADDR instead of starting a local one")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                        help="where calibration, evaluation and fine-tuning run (default: where the model is)")
     deploy = parser.add_argument_group("latency and deployment (ONNX Runtime, CPU execution provider)")
     deploy.add_argument("--batch", default="1,32", metavar="SIZES",
                         help="batch sizes latency is measured and judged at (default 1,32)")
@@ -263,16 +276,53 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+_OF_SUFFIX = re.compile(r"^(.*?)\s*-?\s*of[-\s]*(model|factorizable)\s*$", re.IGNORECASE)
+
+
 def _target(args: argparse.Namespace) -> dict:
     if args.tolerance is not None:
+        if getattr(args, "budget_of", None):
+            raise ConfigError("--budget-of applies to a budget (--max-macs, --max-params, --max-bytes), not to "
+                              "--tolerance.")
         return {"tolerance": parse_tolerance(args.tolerance)}
-    if args.max_macs is not None:
-        return {"budget": {"macs": parse_amount(args.max_macs, "--max-macs")}}
-    if args.max_params is not None:
-        return {"budget": {"params": parse_amount(args.max_params, "--max-params")}}
     if args.max_latency is not None:
+        if getattr(args, "budget_of", None):
+            raise ConfigError("--budget-of applies to --max-macs, --max-params and --max-bytes; --max-latency is a "
+                              "ratio of the whole model's measured latency.")
         return {"budget": parse_latency(args.max_latency)}
-    return {"budget": {"bytes": parse_byte_budget(args.max_bytes)}}
+    for kind, option in (("macs", "max_macs"), ("params", "max_params"), ("bytes", "max_bytes")):
+        text = getattr(args, option)
+        if text is None:
+            continue
+        what = "--" + option.replace("_", "-")
+        of = getattr(args, "budget_of", None)
+        match = _OF_SUFFIX.match(text.strip())
+        if match:  # 50%-of-factorizable
+            if of is not None and of != match.group(2).lower():
+                raise ConfigError(f"{what} {text} and --budget-of {of} disagree; give one of them.")
+            text, of = match.group(1), match.group(2).lower()
+        value = parse_byte_budget(text) if kind == "bytes" else parse_amount(text, what)
+        budget: dict = {kind: value}
+        if of is not None and of != "model":
+            if value > 1:
+                raise ConfigError(f"{what} {text} is a count; 'of {of}' applies to a ratio (50%-of-{of}).")
+            budget["of"] = of
+        return {"budget": budget}
+    raise ConfigError("give --tolerance or one of --max-macs, --max-params, --max-bytes, --max-latency.")
+
+
+def check_parallel_options(args: argparse.Namespace) -> None:
+    """``--workers N`` / ``--ray-address``: a positive count, and Ray installed (else how to install it)."""
+    from ..validation import check_optional_int
+
+    check_optional_int(args.workers, "--workers", minimum=1)
+    if (args.workers or 1) > 1 or args.ray_address is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            from ..search.parallel import RAY_HINT
+
+            raise ConfigError(f"--workers/--ray-address evaluate on Ray, which is not installed: {RAY_HINT}.") from None
 
 
 def check_recovery_options(args: argparse.Namespace) -> None:
@@ -337,6 +387,25 @@ def _deploy_options(args: argparse.Namespace):
                         batches=batches, threads=args.threads), batches, axes
 
 
+def _sequence_export_defaults(export, args: argparse.Namespace, spec: str, example: Any):
+    """What token sequences need to export right: ``text:FILE`` batches are padded to their longest line, so
+    every input's axis 1 is dynamic (unless --dynamic-axis names it); a Hugging Face model's masking code
+    branches on sequence lengths (a shape, not a value), which the tracer reports like a data-dependent
+    branch, so ``hf:`` models export with those warnings allowed -- the graph is still verified on real
+    inputs at several batch sizes and lengths."""
+    import dataclasses
+
+    changes: dict[str, Any] = {}
+    if spec.startswith("text:") and isinstance(example, dict):
+        axes = dict(export.dynamic_axes or {})
+        for name in example:
+            axes.setdefault(name, (1,))
+        changes["dynamic_axes"] = axes
+    if args.model.startswith("hf:") and not export.allow_traced_branches:
+        changes["allow_traced_branches"] = True
+    return dataclasses.replace(export, **changes) if changes else export
+
+
 def _held_out(splits, n: int = 64):
     """Real inputs the export is verified on: up to ``n`` rows of the test split (else validation)."""
     from ..data import _dataset_len, first_batch
@@ -359,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods) if args.methods is not None else None
     include, exclude = layer_patterns(args)
     check_int(args.calibration_samples, "--calibration-samples", minimum=1)
+    check_parallel_options(args)
     if args.min_baseline is not None:
         check_number(args.min_baseline, "--min-baseline", minimum=0, maximum=1)
     check_recovery_options(args)
@@ -383,6 +453,7 @@ def run(args: argparse.Namespace) -> int:
         from ..inputs import to_model
 
         example = to_model(first_batch(splits.val, 2)[0], model)
+        export = _sequence_export_defaults(export, args, spec, example)
         verify_inputs, verify_data = _held_out(splits)
         original_onnx = export_verified(model, example, to_model(verify_inputs, model), export)
         if args.max_bytes is not None:
@@ -394,8 +465,8 @@ def run(args: argparse.Namespace) -> int:
                       calibration_samples=args.calibration_samples, layers=include, exclude=exclude,
                       fold_bn=args.fold_bn, min_baseline=args.min_baseline, confidence=confidence,
                       latency=latency, batches=batches, latency_threads=args.threads,
-                      rank_multiple=args.rank_multiple,
-                      allow_slower=args.allow_slower, file_bytes=file_bytes, **target)
+                      rank_multiple=args.rank_multiple, allow_slower=args.allow_slower, file_bytes=file_bytes,
+                      workers=args.workers, ray_address=args.ray_address, device=args.device, **target)
     compressed = result.model
     summary = result.summary()
     summary.update({"model": args.model, "weights": args.weights, "data": spec})
@@ -407,10 +478,17 @@ def run(args: argparse.Namespace) -> int:
         # epoch, so the tolerance met by the search still holds.
         compressed = recovery.model
         summary["finetune"] = recovery.to_dict()
-        summary["compressed"].update(accuracy=recovery.val_after, test_accuracy=recovery.test_after)
-        print(f"fine-tuned {recovery.epochs_run} epoch(s){' with distillation' if recovery.distilled else ''}: "
-              f"validation accuracy {_pct(recovery.val_before)} -> {_pct(recovery.val_after)}, "
-              f"test accuracy {_pct(recovery.test_before)} -> {_pct(recovery.test_after)}")
+        if splits.labelled:
+            summary["compressed"].update(accuracy=recovery.val_after, test_accuracy=recovery.test_after)
+        else:
+            summary["compressed"].update(finetuned_metric=recovery.val_after)
+        if splits.labelled:
+            print(f"fine-tuned {recovery.epochs_run} epoch(s){' with distillation' if recovery.distilled else ''}: "
+                  f"validation accuracy {_pct(recovery.val_before)} -> {_pct(recovery.val_after)}, "
+                  f"test accuracy {_pct(recovery.test_before)} -> {_pct(recovery.test_after)}")
+        else:  # unlabelled: the validation metric is agreement (logits) or cosine (encoders) with the original
+            print(f"fine-tuned {recovery.epochs_run} epoch(s){' with distillation' if recovery.distilled else ''}: "
+                  f"validation metric (vs the original) {recovery.val_before:.4f} -> {recovery.val_after:.4f}")
     from ..report_data import enrich_summary
 
     summary.setdefault("probes", result.probes)
@@ -481,8 +559,9 @@ def print_report(result, file=None) -> None:
               else f"{result.budget['kind']} <= {result.budget['target']:,}")
     print(f"\n{target}: {result.metric} {result.baseline:.4f} -> {result.value:.4f} (drop {result.drop:+.4f})",
           file=file)
-    print(f"validation accuracy {_pct(o['accuracy'])} -> {_pct(c['accuracy'])}; "
-          f"test accuracy {_pct(o['test_accuracy'])} -> {_pct(c['test_accuracy'])}", file=file)
+    if any(v is not None for v in (o["accuracy"], c["accuracy"], o["test_accuracy"], c["test_accuracy"])):
+        print(f"validation accuracy {_pct(o['accuracy'])} -> {_pct(c['accuracy'])}; "
+              f"test accuracy {_pct(o['test_accuracy'])} -> {_pct(c['test_accuracy'])}", file=file)
     ci = s.get("drop_ci") or {}
     if ci.get("validation") or ci.get("test"):
         level = result.confidence or 0.95

@@ -78,13 +78,15 @@ def register(subparsers) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, prefix: str) -> None:
-    from ..finetuning import DEFAULT_LR, TRAIN_CHOICES
+    from ..finetuning import DEFAULT_LR, ENCODER_LR, TRAIN_CHOICES
 
     dest = prefix.replace("-", "_")
     parser.add_argument("--distill", action="store_true",
-                        help="distil from the original model (KL on temperature-softened logits)")
-    parser.add_argument(f"--{prefix}lr", dest=f"{dest}lr", type=float, default=DEFAULT_LR,
-                        help=f"learning rate (default {DEFAULT_LR:g})")
+                        help="distil from the original model (KL on temperature-softened logits; for an encoder's "
+                             "hidden states on unlabelled data: 1 - cosine of the mean-pooled outputs)")
+    parser.add_argument(f"--{prefix}lr", dest=f"{dest}lr", type=float, default=None,
+                        help=f"learning rate (default {DEFAULT_LR:g}; {ENCODER_LR:g} when distilling an encoder's "
+                             "hidden states)")
     parser.add_argument(f"--{prefix}batch-size", dest=f"{dest}batch_size", type=int, default=64,
                         help="batch size (default 64)")
     parser.add_argument(f"--{prefix}train", dest=f"{dest}train", choices=TRAIN_CHOICES, default="factors",
@@ -119,6 +121,10 @@ def recover_from_args(args: argparse.Namespace, original, compressed, splits, *,
         if getattr(args, "distill", False):
             raise ConfigError("--distill only applies with --finetune EPOCHS (EPOCHS > 0).")
         return None
+    if getattr(args, "device", None) is not None:  # where compress ran: the teacher and the student together
+        from ..devices import on_device
+
+        original, compressed = on_device(original, args.device), on_device(compressed, args.device)
     return finetune(compressed, splits, epochs, teacher=original if args.distill else None,
                     train=args.finetune_train, lr=args.finetune_lr, batch_size=args.finetune_batch_size,
                     schedule=args.finetune_schedule, patience=args.finetune_patience,

@@ -21,7 +21,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, data_help: str | None
     """``--data SPEC``, ``--split`` and ``--input-shape``, the same for every command."""
     parser.add_argument("--data", help=data_help or "data SPEC: builtin:digits, mnist:DIR, cifar10:DIR, "
                         "synthetic:cifar, PATH.npz / .safetensors / .pt (x, y, optional train/val/test indices), "
-                        "file.py:function, imagefolder:DIR; default: a built-in model's own data")
+                        "file.py:function, imagefolder:DIR, text:FILE (one sample per line, tokenized by the "
+                        "hf:DIR model's tokenizer); default: a built-in model's own data")
+    parser.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                        help="text:FILE data: the most tokens per line (default 128)")
     parser.add_argument("--split", default=None, metavar="TRAIN,VAL,TEST",
                         help="fractions for data without a split of its own (.npz/.safetensors/.pt without "
                              "train/val/test indices, image folders): default 0.8,0.1,0.1, stratified, seeded")
@@ -42,7 +45,15 @@ def load_data_from_args(args: argparse.Namespace, spec: str | None = None):
         if not isinstance(parsed, tuple) or not all(isinstance(d, int) for d in parsed):
             raise ConfigError(f"--input-shape for an image folder is C,H,W, got {shape!r}.")
         image_shape = parsed
-    return load_data(spec, split=getattr(args, "split", None), input_shape=image_shape)
+    tokenizer = None
+    if spec and spec.strip().lower().startswith("text:"):
+        model_spec = getattr(args, "model", None) or ""
+        if not model_spec.startswith("hf:"):
+            raise ConfigError(f"--data {spec} is text, which needs a tokenizer: use it with an hf:DIR model "
+                              "(--model hf:DIR), whose tokenizer is used.")
+        tokenizer = model_spec[len("hf:"):]
+    return load_data(spec, split=getattr(args, "split", None), input_shape=image_shape, tokenizer=tokenizer,
+                     max_length=getattr(args, "max_length", None))
 
 
 def load_model(args: argparse.Namespace, splits=None):

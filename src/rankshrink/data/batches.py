@@ -2,7 +2,8 @@
 
 Batches are ``(inputs, labels)``: ``inputs`` is a tensor, a tuple (positional arguments) or a
 dict (keyword arguments) of tensors with one row per sample, and ``labels`` an int64
-tensor or None. TensorDatasets (one tensor = inputs alone; two = inputs and labels),
+tensor or None. TensorDatasets (one tensor = inputs alone; two = inputs and labels when the second holds one integer
+per sample, else two positional inputs such as token ids and an attention mask),
 :class:`~rankshrink.data.dataset.InputDataset` and Subsets of them are sliced directly, which
 is much faster than per-sample collation; other data sets are read item by item, each item
 being ``(inputs, label)`` (a pair whose second element is a scalar), a dict with a ``label``
@@ -108,10 +109,19 @@ def _tensors(value: Any) -> Any:
     return value
 
 
+def _labels_tensor(tensor: torch.Tensor) -> bool:
+    """Whether the second tensor of a TensorDataset holds labels: one integer (or bool) per sample."""
+    return tensor.dim() == 1 and not tensor.is_floating_point() and not tensor.is_complex()
+
+
 def _tensor_rows(tensors: tuple[torch.Tensor, ...], rows: torch.Tensor) -> Batch:
     if len(tensors) == 1:
         return tensors[0][rows], None
     if len(tensors) == 2:
+        if not _labels_tensor(tensors[1]):
+            # (ids, mask)-like pairs: a second tensor that is not one class index per sample is an input, never
+            # labels; both go to the model as positional arguments.
+            return (tensors[0][rows], tensors[1][rows]), None
         return tensors[0][rows], tensors[1][rows]
     raise DataError(f"a TensorDataset for rankshrink holds (inputs,) or (inputs, labels); this one holds "
                     f"{len(tensors)} tensors. For several inputs use rankshrink.data.InputDataset((x1, x2), labels) "
@@ -154,21 +164,30 @@ def first_batch(dataset: Dataset, n: int = 1) -> Batch:
     return next(iter(iterate_batches(dataset, n)))
 
 
-def calibration_subset(dataset: Dataset, n: int = 512, seed: int = 0) -> Dataset:
-    """A deterministic random subset of ``n`` samples (all of them if fewer), in dataset order, in memory."""
+def calibration_subset(dataset: Dataset, n: int = 512, seed: int = 0, *, skip: int = 0) -> Dataset:
+    """A deterministic random subset of ``n`` samples (all of them if fewer), in dataset order, in memory.
+
+    ``skip``: leave out the ``skip`` samples the same seed's subset of that size holds (so a subset can be
+    disjoint from a calibration subset), when the data set has ``skip + n`` samples; else ignored.
+    """
     if n < 1:
         raise ConfigError(f"calibration subset size must be at least 1, got {n}.")
     total = _dataset_len(dataset)
     if total == 0:
         raise DataError("cannot take a calibration subset of an empty data set.")
-    if n >= total:
+    if skip and skip + n <= total:
+        gen = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(total, generator=gen)[skip:skip + n].sort().values
+    elif n >= total:
         chosen = torch.arange(total)
     else:
         gen = torch.Generator().manual_seed(seed)
         chosen = torch.randperm(total, generator=gen)[:n].sort().values
     inputs, labels = next(iter(iterate_batches(dataset, max(1, len(chosen)), order=chosen)))
     inputs = model_inputs.map_tensors(lambda t: t.clone(), inputs)
-    return make_dataset(inputs, None if labels is None else labels.clone())
+    base = base_of(dataset)[0]
+    return make_dataset(inputs, None if labels is None else labels.clone(),
+                        trim_key=base.trim_key if isinstance(base, InputDataset) else None)
 
 
 def has_labels(dataset: Dataset) -> bool:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from .. import inputs as model_inputs
 from ..errors import DataError
 
-__all__ = ["InputDataset", "make_dataset", "as_dataset", "check_labels", "LABEL_KEYS"]
+__all__ = ["InputDataset", "make_dataset", "as_dataset", "check_labels", "trim_padding", "LABEL_KEYS"]
 
 # Keys of a dict-valued data set item that hold its label (the rest are keyword inputs).
 LABEL_KEYS = ("label", "labels")
@@ -69,19 +69,40 @@ def check_labels(labels: Any, n: int, what: str) -> torch.Tensor:
     return y.contiguous()
 
 
+def trim_padding(inputs: Any, mask_key: str) -> Any:
+    """Dict ``inputs`` cut after the last position any row's ``inputs[mask_key]`` marks as real.
+
+    Every (batch, positions) tensor shaped like the mask is cut the same way; a model that honours its
+    attention mask computes the same outputs for the real tokens, faster.
+    """
+    mask = inputs.get(mask_key) if isinstance(inputs, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == 0:
+        return inputs
+    used = torch.nonzero(mask.any(dim=0))
+    length = int(used.max()) + 1 if used.numel() else 1
+    if length == mask.shape[1]:
+        return inputs
+    return {key: (value[:, :length] if isinstance(value, torch.Tensor) and value.dim() >= 2
+                  and tuple(value.shape[:2]) == tuple(mask.shape) else value)
+            for key, value in inputs.items()}
+
+
 class InputDataset(Dataset):
     """Inputs of any form (every tensor with one row per sample) and optional int64 labels.
 
     ``dataset[i]`` is ``(inputs_i, label_i)`` with labels, else ``inputs_i``; :meth:`rows`
-    slices many samples at once (what batching uses).
+    slices many samples at once (what batching uses). ``trim_key`` (dict inputs, e.g.
+    ``'attention_mask'``): :meth:`rows` cuts each batch's padding after its longest sample
+    (:func:`trim_padding`), which text data uses.
     """
 
-    def __init__(self, inputs: Any, labels: Any = None, *, what: str = "data"):
+    def __init__(self, inputs: Any, labels: Any = None, *, what: str = "data", trim_key: str | None = None):
         self.inputs = _structure(inputs, f"{what} inputs")
         if not model_inputs.leaves(self.inputs):
             raise DataError(f"{what}: the inputs hold no tensor.")
         self._n = model_inputs.batch_size(self.inputs)
         self.labels = None if labels is None else check_labels(labels, self._n, f"{what} labels")
+        self.trim_key = trim_key
 
     def __len__(self) -> int:
         return self._n
@@ -90,8 +111,11 @@ class InputDataset(Dataset):
         item = model_inputs.take(self.inputs, index)
         return item if self.labels is None else (item, self.labels[index])
 
-    def rows(self, index: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
-        return model_inputs.take(self.inputs, index), (None if self.labels is None else self.labels[index])
+    def rows(self, index: torch.Tensor, *, trim: bool = True) -> tuple[Any, torch.Tensor | None]:
+        inputs = model_inputs.take(self.inputs, index)
+        if trim and self.trim_key is not None:
+            inputs = trim_padding(inputs, self.trim_key)
+        return inputs, (None if self.labels is None else self.labels[index])
 
     def content(self) -> list[tuple[str, torch.Tensor]]:
         """Every tensor, named, in a fixed order (what its fingerprint hashes)."""
@@ -104,11 +128,11 @@ class InputDataset(Dataset):
         return f"InputDataset({self._n} samples, {labels}, inputs {shapes})"
 
 
-def make_dataset(inputs: Any, labels: torch.Tensor | None) -> Dataset:
+def make_dataset(inputs: Any, labels: torch.Tensor | None, *, trim_key: str | None = None) -> Dataset:
     """A TensorDataset ``(x, y)`` for one tensor with labels (the common case), else an InputDataset."""
     if isinstance(inputs, torch.Tensor) and labels is not None:
         return TensorDataset(inputs, labels)
-    return InputDataset(inputs, labels)
+    return InputDataset(inputs, labels, trim_key=trim_key)
 
 
 def _from_loader(loader: DataLoader, what: str) -> Dataset:

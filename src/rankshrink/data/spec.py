@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..errors import DataError
 from .arrays import ARRAY_SUFFIXES, load_array_file
@@ -29,11 +29,13 @@ DATA_SPEC_FORMS = (
     "PATH.pt",
     "path/to/file.py:function",
     "imagefolder:/path/to/dir",
+    "text:FILE",
 )
 
 
 def load_data(spec: str | None = None, *, split: Sequence[float] | str | None = None, seed: int = 0,
-              input_shape: Sequence[int] | None = None) -> Splits:
+              input_shape: Sequence[int] | None = None, tokenizer: Any = None,
+              max_length: int | None = None) -> Splits:
     """Load the data set a SPEC string names; ``None`` means ``builtin:digits``.
 
     Forms: ``builtin:digits``, ``mnist:/path/dir``, ``cifar10:/path/dir``,
@@ -46,7 +48,9 @@ def load_data(spec: str | None = None, *, split: Sequence[float] | str | None = 
     :mod:`rankshrink.data.pyfile`); ``imagefolder:DIR`` (class folders of images, see
     :mod:`rankshrink.data.imagefolder`). ``split`` (train, val, test fractions, default
     0.8, 0.1, 0.1) and ``seed`` split the files and folders that do not say how;
-    ``input_shape`` (C, H, W) is what an image folder is resized to.
+    ``input_shape`` (C, H, W) is what an image folder is resized to. ``text:FILE`` is one sample per line,
+    tokenized by ``tokenizer`` (a Hugging Face model directory or tokenizer) to at most ``max_length``
+    tokens (default 128), see :mod:`rankshrink.data.text`.
     """
     from .splits import parse_fractions
 
@@ -66,6 +70,11 @@ def load_data(spec: str | None = None, *, split: Sequence[float] | str | None = 
         return load_mnist(rest.strip()) if kind == "mnist" else load_cifar10(rest.strip())
     if sep and kind == "synthetic" and rest.strip().lower() in _SYNTHETIC_SHAPES:
         return load_synthetic(rest.strip().lower())
+    if sep and kind == "text" and rest.strip():
+        from .text import DEFAULT_MAX_LENGTH, load_text
+
+        return load_text(rest.strip(), tokenizer, max_length=max_length or DEFAULT_MAX_LENGTH, fractions=fractions,
+                         seed=seed)
     if sep and kind == "imagefolder" and rest.strip():
         return load_image_folder(rest.strip(), input_shape=input_shape, fractions=fractions, seed=seed)
     if Path(text).suffix.lower() in ARRAY_SUFFIXES:

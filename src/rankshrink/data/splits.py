@@ -107,7 +107,7 @@ def splits_from(train: Any, val: Any, test: Any = None, *, num_classes: int | No
         lack = [s for s, p in present.items() if not p]
         raise DataError(f"the {', '.join(have)} part(s) have labels but {', '.join(lack)} do not; give labels to "
                         "every part or to none.")
-    shapes = {split: model_inputs.sample_shapes(first_batch(d)[0]) for split, d in parts.items() if _dataset_len(d)}
+    shapes = {split: _sample_shapes(d, first_batch) for split, d in parts.items() if _dataset_len(d)}
     if len({repr(s) for s in shapes.values()}) > 1:
         shown = "; ".join(f"{split} {shape}" for split, shape in shapes.items())
         raise DataError(f"the parts hold inputs of different shapes ({shown}); every sample needs the same inputs.")
@@ -121,6 +121,16 @@ def splits_from(train: Any, val: Any, test: Any = None, *, num_classes: int | No
     elif num_classes is not None:
         raise DataError("num_classes was given but the data has no labels.")
     return Splits(parts["train"], parts["val"], parts["test"], num_classes, shapes["train"], name)
+
+
+def _sample_shapes(dataset: Dataset, first_batch) -> Any:
+    """Per-sample input shapes (as stored: a data set that trims its batches' padding reports the full width)."""
+    from .dataset import InputDataset, base_of
+
+    base = base_of(dataset)[0]
+    if isinstance(base, InputDataset):
+        return model_inputs.sample_shapes(model_inputs.take(base.inputs, slice(0, 1)))
+    return model_inputs.sample_shapes(first_batch(dataset)[0])
 
 
 def parse_fractions(value: Any, what: str = "split") -> tuple[float, float, float]:
@@ -179,14 +189,15 @@ def stratified_indices(labels: torch.Tensor | np.ndarray | int, fractions: Seque
 
 
 def split_data(inputs: Any, labels: Any = None, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
-               num_classes: int | None = None, name: str = "data") -> Splits:
+               num_classes: int | None = None, name: str = "data", trim_key: str | None = None) -> Splits:
     """Splits of one pool of samples: ``inputs`` (a tensor/array, a tuple or a dict of them, one row per
-    sample) and optional ``labels``, split by :func:`stratified_indices` (``fractions`` of train, val, test)."""
+    sample) and optional ``labels``, split by :func:`stratified_indices` (``fractions`` of train, val, test).
+    ``trim_key``: batches of the parts cut their padding (see :class:`~rankshrink.data.InputDataset`)."""
     from .dataset import InputDataset, make_dataset
 
     pool = InputDataset(inputs, labels)
     parts = stratified_indices(pool.labels if pool.labels is not None else len(pool), fractions, seed)
-    datasets = [make_dataset(*pool.rows(index)) for index in parts]
+    datasets = [make_dataset(*pool.rows(index), trim_key=trim_key) for index in parts]
     return splits_from(*datasets, num_classes=num_classes, name=name)
 
 

@@ -16,8 +16,10 @@ from .activation import (
                          activation_tucker2,
                          activation_weight_svd,
                          bias_shift,
+                         diagonal_activation_svd,
                          optimal_activation_error,
                          relative_activation_error,
+                         tail_errors,
                          whitened_singular_values,
 )
 from .conv import (
@@ -38,7 +40,7 @@ from .conv import (
                          weight_full_rank,
                          weight_svd,
 )
-from .stats import InputStats, Whitening, statistics_of_kind, whitening
+from .stats import DiagonalStats, InputStats, Whitening, statistics_of_kind, whitening
 from .svd import (
                          SVDResult,
                          choose_svd_method,
@@ -55,7 +57,8 @@ __all__ = [
     "weight_svd", "weight_full_rank", "truncated_svd", "low_rank_factors", "singular_values",
     "tail_energy", "energy_kept", "choose_svd_method",
     "reconstruct_cp", "reconstruct_spatial", "reconstruct_tucker2", "reconstruct_weight",
-    "ActivationSVD", "InputStats", "Whitening", "activation_cp", "activation_error",
+    "ActivationSVD", "DiagonalStats", "InputStats", "Whitening", "diagonal_activation_svd", "tail_errors",
+    "activation_cp", "activation_error",
     "activation_low_rank_factors", "activation_spatial_svd", "activation_svd", "activation_tucker2",
     "activation_weight_svd", "bias_shift", "optimal_activation_error", "relative_activation_error",
     "statistics_of_kind", "whitened_singular_values", "whitening",

@@ -73,7 +73,8 @@ from .stats import MIN_INVERSE_DAMPING, Whitening, check_damping, check_moment, 
 from .svd import _check_matrix_and_rank, choose_svd_method, truncated_svd
 
 __all__ = [
-    "ActivationSVD", "whitened_singular_values",
+    "gram_activation_svd", "gram_singular_values", "GRAM_MIN_DIM",
+    "ActivationSVD", "whitened_singular_values", "diagonal_activation_svd", "tail_errors",
     "activation_svd", "activation_low_rank_factors", "activation_weight_svd", "activation_spatial_svd",
     "activation_tucker2", "activation_cp", "activation_error", "relative_activation_error",
     "optimal_activation_error", "bias_shift", "vertical_moment",
@@ -150,6 +151,128 @@ def activation_svd(matrix: torch.Tensor, moment: torch.Tensor | Whitening, rank:
         raise ConfigError(f"unknown SVD method {method!r}; use 'auto', 'exact' or 'randomized'.")
     left, right = _balance(U_r, U_r.T @ W)  # W′ = U_r U_rᵀ W: projection, no inverse of L
     return ActivationSVD(left.to(dtype), right.to(dtype), S, total)
+
+
+def diagonal_activation_svd(matrix: torch.Tensor, diagonal: torch.Tensor, rank: int) -> ActivationSVD:
+    """:func:`activation_svd` for inputs whose second moment is diagonal, ``C = diag(diagonal)``.
+
+    The case of an Embedding: its inputs are one-hot vectors, ``C = diag(lookup counts)``, so
+    ``L = diag(√counts)`` and the whitened matrix is ``matrix`` with column ``v`` scaled by
+    ``√counts[v]``. Columns with a zero weight drop out of the fit (the projection ``U_r U_rᵀ``
+    still maps them). The left singular vectors come from the (m × m) Gram matrix of the
+    weighted columns when m is the smaller side -- O(m²·n), never an n × n matrix (an
+    embedding has n = vocabulary size).
+    """
+    _check_matrix_and_rank(matrix, rank)
+    weights = diagonal.detach().to(torch.float64).reshape(-1)
+    if weights.numel() != matrix.shape[1]:
+        raise ConfigError(f"the diagonal statistics have {weights.numel()} entries but the matrix has "
+                          f"{matrix.shape[1]} columns.")
+    if not torch.isfinite(weights).all() or bool((weights < 0).any()):
+        raise ConfigError("the diagonal statistics must be finite and non-negative.")
+    dtype = matrix.dtype
+    W = matrix.detach().to(torch.float64)
+    keep = weights > 0
+    M = W[:, keep] * weights[keep].sqrt()
+    if M.shape[1] == 0:
+        raise ConfigError("the diagonal statistics are all zero (no input was ever seen).")
+    if M.shape[0] <= M.shape[1]:
+        eigenvalues, U = torch.linalg.eigh(M @ M.T)
+        order = torch.argsort(eigenvalues, descending=True)
+        U, S = U[:, order], eigenvalues[order].clamp(min=0).sqrt()
+    else:
+        U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    U_r = U[:, :rank]
+    if U_r.shape[1] < rank:  # fewer weighted columns than the rank: complete the basis from the matrix itself
+        U_r = torch.linalg.qr(torch.cat([U_r, W], dim=1)).Q[:, :rank]
+    left, right = _balance(U_r, U_r.T @ W)
+    return ActivationSVD(left.to(dtype), right.to(dtype), S, float((S ** 2).sum()))
+
+
+def tail_errors(singular: torch.Tensor, full_rank: int) -> torch.Tensor:
+    """``Σ_{i>r} σ_i²`` for every rank ``r = 0..full_rank`` (float64): the best rank-r (activation) error.
+
+    With the singular values of the whitened weight ``W·L`` these are the data-aware output errors
+    ``‖(W − W′_r)X‖²_F`` of the optimal rank-r factorization, for every rank at once.
+    """
+    squares = singular.detach().to(torch.float64).reshape(-1) ** 2
+    kept = torch.cat([squares.new_zeros(1), torch.cumsum(squares, 0)])
+    if kept.numel() < full_rank + 1:  # ranks beyond the singular values given keep everything
+        kept = torch.cat([kept, kept[-1:].expand(full_rank + 1 - kept.numel())])
+    return (squares.sum() - kept[:full_rank + 1]).clamp(min=0)
+
+
+# From this many rows or columns on, :func:`gram_activation_svd` replaces the whitening of the larger side.
+GRAM_MIN_DIM = 1024
+
+
+# The last layer's Gram spectrum: the search asks for one layer's error curve and then its probe
+# factorizations at two ranks, one after another (keyed by the weight's storage and version and the moment's
+# trace and sum and the weight's content sums, so another weight or other statistics never match).
+_LAST_SPECTRUM: list[tuple[tuple, tuple]] = []
+
+
+def _gram_spectrum(matrix: torch.Tensor, moment: torch.Tensor, damping: float) -> tuple:
+    """(singular values of ``W·L`` descending, their left vectors or None, ``W·L`` or None, right vectors or None).
+
+    ``(W L)(W L)ᵀ = W (C + λI) Wᵀ``: when W has fewer rows than columns its (out × out) eigendecomposition
+    gives the whitened spectrum and left vectors without factoring the (in × in) moment -- the costly
+    eigendecomposition for a BERT feed-forward output layer (3072 inputs). Otherwise ``L`` of the smaller
+    (in × in) moment is formed and ``(W L)ᵀ(W L)``'s eigendecomposition gives the right vectors.
+    """
+    C = check_moment(moment, matrix.shape[1]).to(torch.float64)
+    # The content sums guard against a freed copy's memory reused by another weight of the same shape.
+    flat = matrix.detach().reshape(-1).to(torch.float64)
+    key = (matrix.data_ptr(), matrix._version, tuple(matrix.shape), matrix.dtype, float(flat.sum()),
+           float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()),
+           float(torch.diagonal(C).sum()), float(C.sum()), float(damping))
+    if _LAST_SPECTRUM and _LAST_SPECTRUM[0][0] == key:
+        return _LAST_SPECTRUM[0][1]
+    W = matrix.detach().to(torch.float64)
+    C = 0.5 * (C + C.T)
+    d = C.shape[0]
+    lam = check_damping(damping) * float(torch.diagonal(C).sum()) / d if d else 0.0
+    found: tuple
+    if W.shape[0] <= W.shape[1]:
+        gram = W @ C @ W.T
+        if lam:
+            gram = gram + lam * (W @ W.T)
+        values, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
+        found = (values.flip(0).clamp(min=0).sqrt(), vectors.flip(1), None, None)
+    else:
+        M = W @ whitening(C, damping).L
+        values, V = torch.linalg.eigh(M.T @ M)
+        found = (values.flip(0).clamp(min=0).sqrt(), None, M, V.flip(1))
+    _LAST_SPECTRUM[:] = [(key, found)]
+    return found
+
+
+def gram_activation_svd(matrix: torch.Tensor, moment: torch.Tensor, rank: int, *,
+                        damping: float = 0.0) -> ActivationSVD:
+    """:func:`activation_svd` through the Gram matrix of the smaller side (see :func:`_gram_spectrum`).
+
+    The same factors in exact arithmetic; squaring the matrix costs precision only in directions whose
+    singular values are below ~1e-8 of the largest, which a truncation drops anyway. For large layers
+    (``GRAM_MIN_DIM``), where it is several times faster than the whitening eigendecomposition plus an SVD.
+    """
+    _check_matrix_and_rank(matrix, rank)
+    dtype = matrix.dtype
+    W = matrix.detach().to(torch.float64)
+    singular, left_vectors, M, right_vectors = _gram_spectrum(matrix, moment, damping)
+    if left_vectors is not None:
+        U_r = left_vectors[:, :rank]
+    else:
+        s_r = singular[:rank]
+        keep = s_r > s_r.max().clamp(min=1e-300) * 1e-12
+        U_r = torch.where(keep, M @ right_vectors[:, :rank] / torch.where(keep, s_r, torch.ones_like(s_r)),
+                          torch.zeros_like(M[:, :rank]))
+    left, right = _balance(U_r, U_r.T @ W)  # W′ = U_r U_rᵀ W, as activation_svd
+    return ActivationSVD(left.to(dtype), right.to(dtype), singular, float((singular ** 2).sum()))
+
+
+def gram_singular_values(matrix: torch.Tensor, moment: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """Singular values of ``W·L`` through the smaller Gram matrix (:func:`gram_activation_svd`)."""
+    return _gram_spectrum(matrix, moment, damping)[0]
 
 
 def activation_low_rank_factors(matrix: torch.Tensor, moment, rank: int, *, damping: float = 0.0,

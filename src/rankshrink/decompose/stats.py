@@ -18,7 +18,8 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["InputStats", "Whitening", "whitening", "statistics_of_kind", "patch_moment_to_channel", "KINDS",
+__all__ = ["InputStats", "DiagonalStats", "Whitening", "whitening", "statistics_of_kind", "patch_moment_to_channel",
+           "KINDS",
            "MIN_INVERSE_DAMPING", "DEFAULT_DAMPING", "check_damping", "check_moment"]
 
 
@@ -32,6 +33,8 @@ MIN_INVERSE_DAMPING = 1e-4
 DEFAULT_DAMPING = 0.0
 
 KINDS = ("full", "channel")
+# Statistics of one-hot inputs (an Embedding's lookups): the second moment is diagonal, the token counts.
+DIAGONAL = "diagonal"
 
 
 # --------------------------------------------------------------------------- statistics
@@ -82,18 +85,27 @@ class InputStats:
         return self.patch_mean
 
     # -- accumulation
+    @staticmethod
+    def batch_moments(rows: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(n, mean, centred scatter) of ``rows`` (n, dim) in float64: what :meth:`merge` adds."""
+        rows = rows.detach().to(torch.float64)
+        batch_mean = rows.mean(dim=0)
+        centred = rows - batch_mean
+        return rows.shape[0], batch_mean, centred.T @ centred
+
     def update(self, rows: torch.Tensor) -> None:
         """Add ``rows`` (n, dim) to the statistics (Chan et al.'s pairwise merge)."""
-        rows = rows.detach().to(torch.float64)
-        n = rows.shape[0]
+        if rows.shape[0] == 0:
+            return
+        self.merge(*self.batch_moments(rows))
+
+    def merge(self, n: int, batch_mean: torch.Tensor, batch_scatter: torch.Tensor) -> None:
+        """Add a batch summarised by :meth:`batch_moments` (layers fed the same tensor share one summary)."""
         if n == 0:
             return
         mean, scatter = self._moments()
-        if mean.device != rows.device:
-            mean, scatter = mean.to(rows.device), scatter.to(rows.device)
-        batch_mean = rows.mean(dim=0)
-        centred = rows - batch_mean
-        batch_scatter = centred.T @ centred
+        if mean.device != batch_mean.device:
+            mean, scatter = mean.to(batch_mean.device), scatter.to(batch_mean.device)
         total = self.count + n
         delta = batch_mean - mean
         self.mean = mean + delta * (n / total)
@@ -154,9 +166,85 @@ class InputStats:
             self._cache[key] = whitening(self.moment(centered), damping)
         return self._cache[key]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the statistics hold, by name (what files and fingerprints store)."""
+        mean, scatter = self._moments()
+        found = {"mean": mean, "scatter": scatter}
+        if self.patch_mean is not None:
+            found["patch_mean"] = self.patch_mean
+        return found
+
     def nbytes(self) -> int:
         mean, scatter = self._moments()
         return scatter.numel() * 8 + mean.numel() * 8
+
+
+@dataclass
+class DiagonalStats:
+    """Statistics of one-hot input vectors (an ``nn.Embedding``'s lookups), streamed in float64.
+
+    An Embedding computes ``Wᵀ·e_v`` for the one-hot vector ``e_v`` of each index ``v``, so the
+    second moment of its inputs is diagonal: ``counts[v]``, how often index ``v`` was looked up.
+    Only that diagonal is kept (O(V), never a V×V matrix). ``count`` lookups were summarised;
+    ``samples`` counts calibration samples whose forward pass reached the layer.
+    """
+
+    dim: int
+    count: int = 0
+    samples: int = 0
+    counts: torch.Tensor | None = None
+    kind: str = DIAGONAL
+    kernel_size: tuple[int, ...] | None = None
+    patch_count: int = 0
+    patch_mean: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.counts is None:
+            self.counts = torch.zeros(self.dim, dtype=torch.float64)
+
+    def _counts(self) -> torch.Tensor:
+        assert self.counts is not None  # set in __post_init__
+        return self.counts
+
+    def update_indices(self, indices: torch.Tensor) -> None:
+        """Count the looked-up ``indices`` (any shape, integers in ``0..dim-1``)."""
+        flat = indices.detach().reshape(-1).long()
+        if flat.numel() == 0:
+            return
+        if int(flat.min()) < 0 or int(flat.max()) >= self.dim:
+            raise ConfigError(f"embedding indices must lie in 0..{self.dim - 1}, got {int(flat.min())}.."
+                              f"{int(flat.max())}.")
+        counts = self._counts()
+        if counts.device != flat.device:
+            counts = counts.to(flat.device)
+        self.counts = counts + torch.bincount(flat, minlength=self.dim).to(torch.float64)
+        self.count += int(flat.numel())
+        self._cache.clear()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean one-hot vector: the lookup frequencies."""
+        return self._counts() / max(self.count, 1)
+
+    @property
+    def scatter(self) -> None:
+        return None  # there is no full matrix; see diagonal()
+
+    def diagonal(self, damping: float = 0.0) -> torch.Tensor:
+        """``diag(C) + λ`` with ``λ = damping · tr(C)/V`` (the counts, ridge-damped)."""
+        counts = self._counts().to(torch.float64)
+        damping = check_damping(damping)
+        return counts + damping * float(counts.sum()) / max(self.dim, 1) if damping else counts
+
+    def input_mean(self) -> torch.Tensor:
+        return self.mean
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"counts": self._counts()}
+
+    def nbytes(self) -> int:
+        return self._counts().numel() * 8
 
 
 class Whitening(NamedTuple):
@@ -224,6 +312,14 @@ def statistics_of_kind(stats: InputStats, kind: str, weight_shape, *, layer: str
     Channel statistics are derived from full ones (never the other way round).
     """
     weight_shape = tuple(weight_shape)
+    if kind == DIAGONAL or isinstance(stats, DiagonalStats):
+        if kind != DIAGONAL or not isinstance(stats, DiagonalStats):
+            raise ConfigError(f"{layer}: method '{method}' needs {kind} statistics but the layer has "
+                              f"{stats.kind} ones; recalibrate on this model.")
+        if stats.dim != weight_shape[0]:
+            raise ConfigError(f"{layer}: the lookup counts cover {stats.dim} indices but the embedding has "
+                              f"{weight_shape[0]} rows; recalibrate on this model.")
+        return stats
     kernel = tuple(weight_shape[2:])
     if kernel and stats.kernel_size is not None and tuple(stats.kernel_size) != kernel:
         raise ConfigError(f"{layer}: the statistics were collected for kernel size {tuple(stats.kernel_size)} "

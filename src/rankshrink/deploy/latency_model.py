@@ -184,11 +184,13 @@ def _seeded(seed: int) -> torch.Generator:
 
 
 def dense_layer(geometry: Mapping[str, Any], *, seed: int = 0) -> nn.Module:
-    """The dense Linear/Conv1d/Conv2d a geometry describes, with seeded random weights."""
+    """The dense Linear/Conv1d/Conv2d/Embedding a geometry describes, with seeded random weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if geometry["type"] == "Linear":
             return nn.Linear(geometry["in_features"], geometry["out_features"], bias=geometry["bias"]).eval()
+        if geometry["type"] == "Embedding":
+            return nn.Embedding(geometry["num_embeddings"], geometry["embedding_dim"]).eval()
         return conv_class(dict(geometry))(geometry["in_channels"], geometry["out_channels"],
                                           bias=geometry["bias"], **conv_arguments(dict(geometry))).eval()
 
@@ -211,8 +213,12 @@ def factor_block(geometry: Mapping[str, Any], method: str, rank: Any, *, seed: i
 
 def layer_input(geometry: Mapping[str, Any], input_size: Sequence[int], batch: int, *, seed: int = 0) -> torch.Tensor:
     """A random input batch for the layer: (batch, in) or (batch, positions, in) for a Linear,
-    (batch, channels, *spatial) for a conv (``input_size`` as :func:`rankshrink.cost.count` reports it)."""
+    (batch, channels, *spatial) for a conv, (batch, positions) int64 indices for an Embedding
+    (``input_size`` as :func:`rankshrink.cost.count` reports it)."""
     generator = _seeded(seed)
+    if geometry["type"] == "Embedding":
+        positions = int(math.prod(input_size))
+        return torch.randint(0, geometry["num_embeddings"], (batch, positions), generator=generator)
     if geometry["type"] == "Linear":
         positions = int(math.prod(input_size))
         shape: tuple[int, ...] = ((batch, geometry["in_features"]) if positions == 1

@@ -4,6 +4,7 @@
 module     replaces             factors
 =========  ===================  ==================================================
 ``svd``     Linear               Linear(n→r) → Linear(r→m)
+``embedding`` Embedding          Embedding(V→r) → Linear(r→d), as ALBERT's factorized embedding
 ``spatial`` Conv2d               (kh×1) conv → (1×kw) conv
 ``weight``  Conv1d, Conv2d       full-size conv S→R → 1×1 conv R→T
 ``tucker2`` Conv1d, Conv2d       1×1 → k-sized core → 1×1 (TensorLy underneath)
@@ -40,6 +41,7 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from .cp import CPConfig  # noqa: E402  (the built-in methods' configs, re-exported for convenience)
+from .embedding import EmbeddingConfig  # noqa: E402
 from .spatial import SpatialConfig  # noqa: E402
 from .svd import SVDConfig  # noqa: E402
 from .tucker2 import Tucker2Config  # noqa: E402
@@ -60,5 +62,6 @@ def normalize_rank(geometry: dict, method: str, rank, *, layer: str = "layer"):
 
 __all__ = ["full_rank", "normalize_rank", "FITS", "Method", "MethodConfig", "config_from_json", "default_method",
            "factorize", "get_method", "make_config", "method_names", "methods_for", "register", "select_options",
-           "SVDConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig", "FactorizationWarning",
+           "SVDConfig", "EmbeddingConfig", "SpatialConfig", "WeightConfig", "Tucker2Config", "CPConfig",
+           "FactorizationWarning",
            "bigger_than_dense"]

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import ConfigError, LayerError
 from ..factorized import (
     Factorized,
+    geometry_type,
     layer_bias,
     layer_geometry,
     layer_type,
@@ -189,6 +190,18 @@ class Method(ABC):
                         centered: bool, layer: str) -> list[torch.Tensor]:
         """Factor weights closest in the layer's outputs, from its input statistics ``stats``."""
 
+    # -- closed form (optional)
+    def error_curve(self, weight: torch.Tensor, config: MethodConfig, stats=None, *,
+                    centered: bool = False) -> tuple[torch.Tensor, float] | None:
+        """``(errors, total)``: the squared output error of this method's factorization at every rank
+        ``0..full_rank`` (``errors[r]``) and the layer's output energy, in closed form from singular values,
+        or None when the method has no closed form (then the search measures each candidate).
+
+        With ``stats`` (the layer's input statistics) the errors are data-aware, ``‖(W − W′_r)X‖²``
+        summed over the calibration inputs; without, weight errors ``‖W − W′_r‖²``.
+        """
+        return None
+
     # -- cost
     def cost(self, geometry: dict[str, Any], rank: Any, input_size):
         """Params, multiplies and additions of the factorization (by formula, no weights computed)."""
@@ -253,7 +266,7 @@ def get_method(name: str) -> Method:
 
 def methods_for(module_or_geometry: nn.Module | dict[str, Any]) -> tuple[str, ...]:
     """The methods that can replace a layer (a module or its geometry)."""
-    kind = module_or_geometry["type"] if isinstance(module_or_geometry, dict) else layer_type(module_or_geometry)
+    kind = module_or_geometry["type"] if isinstance(module_or_geometry, dict) else geometry_type(module_or_geometry)
     return tuple(name for name, method in _REGISTRY.items() if kind in method.layer_types)
 
 
@@ -325,13 +338,13 @@ def bigger_than_dense(geometry: dict[str, Any], method: str, rank: Any, input_si
     from ..cost import dense_cost, factorized_cost
 
     size = input_size if input_size is not None else (
-        (1,) if geometry["type"] == "Linear" else
+        (1,) if geometry["type"] in ("Linear", "Embedding") else
         tuple(max(1, (k - 1) * d + 1) for k, d in zip(geometry["kernel_size"], geometry["dilation"])))
     dense, fact = dense_cost(geometry, size), factorized_cost(geometry, method, rank, size)
     problems = []
     if fact.params > dense.params:
         problems.append(f"{fact.params:,} parameters vs {dense.params:,}")
-    if input_size is not None and fact.macs > dense.macs:
+    if input_size is not None and fact.macs > dense.macs and dense.macs > 0:  # a lookup has no MACs to lose
         problems.append(f"{fact.macs * calls:,} MACs vs {dense.macs * calls:,} ({fact.macs / max(dense.macs, 1):.2f}×)")
     return " and ".join(problems) if problems else None
 
@@ -388,12 +401,13 @@ def factorize(module: nn.Module, method: str | MethodConfig, rank: Any = None, *
         warnings.warn(f"{label}: {config.label()} costs more than the dense {geometry['type']} ({bigger}); it makes "
                       "the model bigger. Lower the rank or keep the layer dense.", FactorizationWarning, stacklevel=3)
     block = impl.build(geometry, rank, dtype=weight.dtype, device=weight.device)
-    work = weight.to(_compute_dtype(weight.dtype))
+    # The decompositions run on the CPU (the statistics live there); the factors go to the layer's device.
+    work = weight.to(device="cpu", dtype=_compute_dtype(weight.dtype))
     centered = False
     if input_stats is not None:
         from ..decompose.stats import statistics_of_kind
 
-        centered = bool(config.bias_correction) and module.bias is not None
+        centered = bool(config.bias_correction) and layer_bias(module) is not None
         try:
             chosen = statistics_of_kind(input_stats, impl.statistics, weight.shape, layer=label, method=impl.name)
             if chosen.count == 0:
@@ -422,8 +436,9 @@ def factorize(module: nn.Module, method: str | MethodConfig, rank: Any = None, *
         if centered:
             from ..decompose.activation import bias_shift
 
-            shift = bias_shift(weight, block.dense_weight(), input_stats.input_mean())
-            block_bias.add_(shift.to(block_bias.dtype))
+            shift = bias_shift(work, block.dense_weight().to(device="cpu", dtype=work.dtype),
+                               input_stats.input_mean())
+            block_bias.add_(shift.to(device=block_bias.device, dtype=block_bias.dtype))
     block.train(module.training)
     return block
 
@@ -451,6 +466,23 @@ class SVDAlgorithm:
     def svd_options(self) -> dict[str, Any]:
         return {"method": self.algorithm, "oversample": self.oversample, "power_iters": self.power_iters,
                 "seed": getattr(self, "seed", 0)}
+
+
+def matrix_error_curve(matrix: torch.Tensor, damping: float, stats=None, *,
+                       centered: bool = False) -> tuple[torch.Tensor, float]:
+    """Closed-form error curve of a truncated SVD of ``matrix`` (out × in), data-aware with full ``stats``."""
+    from ..decompose import tail_errors
+    from ..decompose.activation import GRAM_MIN_DIM, gram_singular_values
+
+    work = matrix.detach().to(device="cpu", dtype=torch.float64)
+    if stats is not None and max(work.shape) >= GRAM_MIN_DIM and stats.kind == "full":
+        singular = gram_singular_values(work, stats.moment(centered).cpu(), damping)  # as gram_activation_svd
+        return tail_errors(singular, min(matrix.shape)), float((singular ** 2).sum())
+    if stats is not None:
+        # The stats' cached whitening: a fit of the same layer reuses it (the search clears it per layer).
+        work = work @ stats.whitening(centered, damping).L
+    singular = torch.linalg.svdvals(work)
+    return tail_errors(singular, min(matrix.shape)), float((singular ** 2).sum())
 
 
 def matrix_rank_estimates(matrix: torch.Tensor, keep: float) -> tuple[int, int]:

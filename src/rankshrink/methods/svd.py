@@ -16,7 +16,16 @@ from torch import nn
 
 from .. import decompose
 from ..factorized import Factorized
-from .base import Method, MethodConfig, SVDAlgorithm, matrix_rank_estimates, narrow_rank, register, widen_rank
+from .base import (
+    Method,
+    MethodConfig,
+    SVDAlgorithm,
+    matrix_error_curve,
+    matrix_rank_estimates,
+    narrow_rank,
+    register,
+    widen_rank,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,9 +74,18 @@ class SVD(Method):
     def fit_activations(self, weight: torch.Tensor, rank: Any, config: MethodConfig, stats, *,
                         centered: bool, layer: str) -> list[torch.Tensor]:
         assert isinstance(config, SVDConfig)
+        from ..decompose.activation import GRAM_MIN_DIM, gram_activation_svd
+
+        if max(weight.shape) >= GRAM_MIN_DIM:  # large layers: no whitening of the larger side, no full SVD
+            found = gram_activation_svd(weight, stats.moment(centered), rank, damping=config.damping)
+            return [found.right, found.left]
         whitened = stats.whitening(centered, config.damping)
         left, right = decompose.activation_low_rank_factors(weight, whitened, rank, **config.svd_options())
         return [right, left]
+
+    def error_curve(self, weight: torch.Tensor, config: MethodConfig, stats=None, *,
+                    centered: bool = False) -> tuple[torch.Tensor, float] | None:
+        return matrix_error_curve(weight, config.damping, stats, centered=centered)
 
     def merge_adapter(self, block: Factorized, A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple[int, int]:
         return widen_rank(block, A, B, scaling)

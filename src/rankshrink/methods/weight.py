@@ -15,7 +15,16 @@ import torch
 
 from .. import decompose
 from ..factorized import Factorized, conv_arguments, conv_class, pointwise, weight_shape
-from .base import Method, MethodConfig, SVDAlgorithm, matrix_rank_estimates, narrow_rank, register, widen_rank
+from .base import (
+    Method,
+    MethodConfig,
+    SVDAlgorithm,
+    matrix_error_curve,
+    matrix_rank_estimates,
+    narrow_rank,
+    register,
+    widen_rank,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +75,11 @@ class Weight(Method):
         assert isinstance(config, WeightConfig)
         whitened = stats.whitening(centered, config.damping)
         return list(decompose.activation_weight_svd(weight, whitened, rank, **config.svd_options()))
+
+    def error_curve(self, weight: torch.Tensor, config: MethodConfig, stats=None, *,
+                    centered: bool = False) -> tuple[torch.Tensor, float] | None:
+        # The weight SVD truncates the (T, S·Πk) kernel matrix, which acts on the full patches.
+        return matrix_error_curve(weight.reshape(weight.shape[0], -1), config.damping, stats, centered=centered)
 
     def merge_adapter(self, block: Factorized, A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple[int, int]:
         return widen_rank(block, A, B, scaling)

@@ -6,6 +6,8 @@
 * :mod:`.builtin` -- :data:`BUILTIN_MODELS`, :func:`load_builtin` (train on first use, then the cache).
 * :mod:`.spec` -- :func:`load_model_spec` for ``builtin:NAME``, ``file.py:factory`` and ``model.onnx``.
 * :mod:`.onnx_in` -- :func:`load_onnx_model`: ONNX → torch through onnx2torch (optional).
+* :mod:`.hf` -- :func:`load_hf_model` / :func:`load_hf_tokenizer`: ``hf:DIR``, a local Hugging Face directory
+  (optional: transformers), never downloading.
 * :mod:`.weights` -- strict weight loading and the non-finite-weights check.
 """
 

@@ -1,8 +1,10 @@
-"""The one way to load a model SPEC: ``builtin:NAME``, ``path/to/file.py:factory`` or ``path/to/model.onnx``.
+"""The one way to load a model SPEC: ``builtin:NAME``, ``path/to/file.py:factory``, ``path/to/model.onnx``
+or ``hf:DIR``.
 
 ``path/to/file.py:factory`` imports the file by path and calls ``factory()`` (a function
 that takes no arguments and returns an ``nn.Module``). ``path/to/model.onnx`` is converted
-to torch (:mod:`.onnx_in`, needs onnx2torch); the file carries its own weights.
+to torch (:mod:`.onnx_in`, needs onnx2torch); the file carries its own weights. ``hf:DIR`` is a local
+Hugging Face model directory loaded with ``AutoModel``, offline (:mod:`.hf`, needs transformers).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
     of ``data`` (default: its default data's), so ``builtin:mnist-mlp`` has 784 inputs on MNIST
     and 64 on the digits. ``FILE.py:FACTORY`` imports the file by path and calls ``FACTORY()``.
     ``FILE.onnx`` is converted to torch with onnx2torch (weights in ``Constant`` nodes included).
+    ``hf:DIR`` loads a local Hugging Face model directory with ``AutoModel`` (offline, never downloading).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("a model spec must be a non-empty string such as builtin:digits-cnn or "
@@ -117,6 +120,10 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
             return load_builtin(name, data=data, progress=progress)[0]
         model = entry.create(data.input_shape if data is not None else None,
                              data.num_classes if data is not None else None)
+    elif spec.startswith("hf:"):
+        from .hf import load_hf_model
+
+        model = load_hf_model(spec)
     elif spec.lower().endswith(".onnx"):
         if weights is not None:
             raise ConfigError(f"model '{spec}' is an ONNX file, which carries its own weights; drop --weights.")
@@ -128,7 +135,8 @@ def load_model_spec(spec: str, weights: str | Path | None = None, *,
         if not sep or not file_part.endswith(".py") or not attr.isidentifier():
             raise ConfigError(
                 f"model spec {spec!r} is not understood; use builtin:NAME (one of "
-                f"{', '.join(sorted(BUILTIN_MODELS))}), path/to/file.py:factory or path/to/model.onnx."
+                f"{', '.join(sorted(BUILTIN_MODELS))}), path/to/file.py:factory, path/to/model.onnx or hf:DIR (a "
+                "local Hugging Face model directory)."
             )
         model = _import_factory(file_part, attr)
     if weights is not None:

@@ -47,7 +47,7 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from ..plan import Plan
 from .config import MAX_GLOBAL_EVALUATIONS
-from .single import passes_within, smallest_passing
+from .single import bisection_steps, passes_within, run_in_lockstep, smallest_passing
 from .space import Candidate, CostModel, LayerSpace, make_candidate, neighbour_rank
 
 __all__ = ["Allocation", "lower_hull", "build_path", "plan_of", "tolerance_allocation", "budget_allocation",
@@ -164,18 +164,26 @@ def _probe_layers(measured: "_Measured", spaces: list[LayerSpace], fronts: list[
     answer of the tolerance search.
     """
     weights = [1.0] * len(spaces)
+    # Every layer's bisection advances one step per round; a round's evaluations are independent and run
+    # together on the worker pool (search/parallel.py). Each bisection sees the values it would alone.
+    subsampled = [_subsample(front[:-1], space.r_max) for space, front in zip(spaces, fronts)]
+    active = [li for li, probe in enumerate(subsampled) if probe]
+    searches = [bisection_steps(len(subsampled[li]), ok, guess=_estimate_guess(spaces[li], subsampled[li], kind))
+                for li in active]
+
+    def evaluate_round(requests: list[tuple[int, int]]) -> list[float]:
+        choices = [(spaces[active[s]].name, {spaces[active[s]].name: subsampled[active[s]][i]}) for s, i in requests]
+        measured.ev.prefetch([plan_of(measured.full(c)) for _, c in choices])
+        return [measured.evaluate(c, f"probe {name}") for name, c in choices]
+
+    results = dict(zip(active, run_in_lockstep(searches, evaluate_round)))
     for li, space in enumerate(spaces):
         front = fronts[li]
-        probe = _subsample(front[:-1], space.r_max)
+        probe = subsampled[li]
         if not probe:
             probes[space.name] = {"evaluated": {}, "threshold": None}
             continue
-        guess = _estimate_guess(space, probe, kind)
-
-        def evaluate(i: int, name=space.name, probe=probe) -> float:
-            return measured.evaluate({name: probe[i]}, f"probe {name}")
-
-        found = smallest_passing(len(probe), evaluate, ok, guess=guess)
+        found = results[li]
         probes[space.name] = {"evaluated": {probe[i].label(): v for i, v in sorted(found.values.items())},
                               "threshold": None if found.index is None else probe[found.index].label()}
         if found.index is None:
@@ -702,9 +710,12 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
             break
         scored.sort(key=lambda t: (t[0], t[1]))
         improved = False
-        for _, _, key, trial in scored:
+        for position, (_, _, key, trial) in enumerate(scored):
             if used >= max_evaluations:
                 break
+            if ev.parallelism > 1 and position % ev.parallelism == 0:  # the next few, on the worker pool
+                ahead = scored[position:position + min(ev.parallelism, max_evaluations - used)]
+                ev.prefetch([plan_of(t) for *_, t in ahead])
             tried.add(key)
             v = evaluate(trial, "polish" if phase == "final" else f"{phase} polish")
             used += 1

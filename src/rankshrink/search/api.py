@@ -186,6 +186,10 @@ def compress(model: nn.Module, data: Any = None, *, tolerance: float | None = No
     repeats no finished evaluation (the cache); Ctrl-C raises :class:`SearchInterrupted`.
     """
     config = (config or SearchConfig()).replace(**options)
+    if config.device is not None:
+        from ..devices import on_device
+
+        model = on_device(model, config.device)  # a copy on the device; the caller's model stays where it is
     with thread_policy(model, config.threads):
         return _compress(model, data, tolerance=tolerance, budget=budget, config=config, apply_fn=apply_fn,
                          calibration=calibration, example_input=example_input)
@@ -194,22 +198,15 @@ def compress(model: nn.Module, data: Any = None, *, tolerance: float | None = No
 def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: Any, config: SearchConfig,
               apply_fn, calibration, example_input) -> CompressResult:
     start = time.perf_counter()
-    if (tolerance is None) == (budget is None):
-        raise ConfigError("give exactly one of tolerance= (largest allowed metric drop) or budget= "
-                          "({'macs'|'params'|'bytes': value}).")
-    if tolerance is not None:
-        tolerance = check_tolerance(tolerance)
-        mode = "tolerance"
-        kind = config.minimize
-    else:
-        budget = Budget.parse(budget)
-        mode = "budget"
-        kind = budget.kind
+    mode, kind, tolerance, budget = _search_mode(tolerance, budget, config)
     sensitivity = config.sensitivity
     if sensitivity == "auto" and mode == "budget":
         sensitivity = "proxy"
     use_latency = config.latency or kind == "latency"
     file_budget = mode == "budget" and kind == "bytes" and config.file_bytes is not None
+    if file_budget and budget.of != "model":
+        raise ConfigError("a bytes budget relative to the factorizable layers counts parameter bytes, not the "
+                          "shipped file's: drop --budget-of / -of-factorizable, or pass --no-export.")
     methods = list(config.methods) if config.methods is not None else None
     progress = config.progress
     seed = config.seed
@@ -223,12 +220,15 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
     # Ratios and relative budgets are of the user's model (before any BatchNorm fold).
     original = dict(cost_model.original) if not folds else dict(CostModel(user_model, session.example_input).original)
     layers = _selected_layers(cost_model, config)
+    from ..reachability import unreached_layers
+
+    session.unreached = unreached_layers(model, session.example_input,
+                                         [row.name for row in cost_model.model_cost.layers if row.method is None])
     target: int | None = None  # set in budget mode only
+    breakdown: dict[str, Any] = {}
     if mode == "budget" and kind != "latency" and not file_budget:  # fail fast, before any factorization
-        target = budget.absolute(original)
-        breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
-        if target < breakdown["total"]:
-            raise ConfigError(_below_minimum(kind, target, breakdown, original))
+        target, breakdown = _budget_target(budget, cost_model, original, layers=layers, methods=methods, model=model,
+                                           unreached=session.unreached)
     try:
         spaces: list = []  # the candidates, built once the baseline passed the sanity check
         file_target: int | None = None  # a bytes budget counted in shipped-file bytes (config.file_bytes)
@@ -246,7 +246,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
             if target is not None and spaces and kind != "latency":  # budget mode
                 lowest = minimum_cost(spaces, cost_model, kind)
                 if target < lowest:
-                    breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model)
+                    breakdown = minimum_breakdown(cost_model, kind=kind, layers=layers, methods=methods, model=model,
+                                                  unreached=session.unreached)
                     breakdown["total"] = lowest
                     raise ConfigError(_below_minimum(kind, target, breakdown, original,
                                                      dropped=session.latency.dropped if session.latency else None))
@@ -276,6 +277,7 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                                                                user_model=user_model, config=config)
         finally:
             evaluator.close()
+            session.close()
     except KeyboardInterrupt:
         raise SearchInterrupted("search interrupted; finished evaluations are cached and a rerun resumes from "
                                 "them.") from None
@@ -311,6 +313,8 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         final_plan.metadata["budget"] = {"kind": budget.kind, "value": budget.value, "target": target,
                                          **({"unit": budget.unit} if budget.unit else {}),
                                          **({"file_bytes": file_target} if file_target is not None else {})}
+        if budget.of != "model":
+            final_plan.metadata["budget"].update(of=budget.of, factorizable=breakdown.get("factorizable_dense"))
     test = None
     report: dict[str, dict[str, float | None]] = {}
     level = config.confidence or 0.95
@@ -343,7 +347,7 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
         plan=final_plan, mode=mode, metric=session.metric.name, baseline=baseline, value=value,
         tolerance=tolerance,
         budget=None if budget is None else _budget_record(budget, target, compressed[kind], file_target, session,
-                                                          choices),
+                                                          choices, breakdown.get("factorizable_dense")),
         minimize=kind, original=original, compressed=compressed, layers=layers_out,
         evaluations=evaluator.evaluations, evaluations_cached=evaluator.cached, records=list(evaluator.records),
         monotone=allocation.monotone, notes=notes, seconds=time.perf_counter() - start,
@@ -403,10 +407,33 @@ def _start_latency(model: nn.Module, session: Session, config: SearchConfig, bud
     return target
 
 
+def _search_mode(tolerance: Any, budget: Any, config: SearchConfig) -> tuple[str, str, Any, Any]:
+    """(mode, the cost kind it minimizes or budgets, the checked tolerance, the parsed Budget)."""
+    if (tolerance is None) == (budget is None):
+        raise ConfigError("give exactly one of tolerance= (largest allowed metric drop) or budget= "
+                          "({'macs'|'params'|'bytes'|'latency': value}).")
+    if tolerance is not None:
+        return "tolerance", config.minimize, check_tolerance(tolerance), None
+    budget = Budget.parse(budget)
+    return "budget", budget.kind, None, budget
+
+
+def _budget_target(budget: Budget, cost_model: CostModel, original: dict[str, int], *, layers, methods, model,
+                   unreached) -> tuple[int, dict[str, Any]]:
+    """A MAC/param/byte budget in its kind's units, refused at once when below what the layers can reach."""
+    breakdown = minimum_breakdown(cost_model, kind=budget.kind, layers=layers, methods=methods, model=model,
+                                  unreached=unreached)
+    target = budget.absolute(original, breakdown["factorizable_dense"])
+    if target < breakdown["total"]:
+        raise ConfigError(_below_minimum(budget.kind, target, breakdown, original))
+    return target, breakdown
+
+
 def _budget_record(budget: Budget, target: int | None, cost: int, file_target: int | None, session: Session,
-                   choices: dict) -> dict[str, Any]:
+                   choices: dict, factorizable: int | None) -> dict[str, Any]:
     record: dict[str, Any] = {"kind": budget.kind, "value": budget.value, "target": target,
-                              "used": cost / target if target else None}
+                              "used": cost / target if target else None, "of": budget.of,
+                              "factorizable": factorizable}
     if budget.unit:
         record["unit"] = budget.unit
     latency = session.latency

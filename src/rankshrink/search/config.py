@@ -15,10 +15,13 @@ from ..errors import ConfigError
 from ..validation import check_bool, check_choice, check_int, check_number, check_optional_int
 
 __all__ = ["SearchConfig", "Budget", "COST_KINDS", "SENSITIVITIES", "FIT_CHOICES", "MAX_GLOBAL_EVALUATIONS",
-           "check_tolerance"]
+           "DISTORTIONS", "DEVICES", "BUDGET_OF", "check_tolerance"]
 
 COST_KINDS = ("macs", "params", "bytes", "latency")
 SENSITIVITIES = ("auto", "probe", "proxy")
+DISTORTIONS = ("auto", "closed-form", "forward")
+DEVICES = ("cpu", "cuda", "auto")
+BUDGET_OF = ("model", "factorizable")
 FIT_CHOICES = ("auto", "activations", "weights")
 # Whole-model evaluations a search may spend beyond its per-layer probes.
 MAX_GLOBAL_EVALUATIONS = 10
@@ -70,6 +73,15 @@ class SearchConfig:
     ``file_bytes``: a callable ``model -> int`` (the size of the file that will be shipped,
     e.g. :func:`rankshrink.deploy.shipped_bytes`); a bytes budget then counts it instead of
     the parameter bytes.
+    ``distortion``: how candidates' distortions are found -- 'closed-form' (from each layer's
+    whitened singular values, scaled by one sensitivity probe per layer on ``probe_samples``
+    training inputs; :mod:`~rankshrink.search.closed_form`), 'forward' (one forward pass of the
+    ``proxy_samples`` batch per candidate) or 'auto' (closed form, where the method has one, for models of
+    at least 1 M parameters, whose searches per-candidate passes would dominate; forward below).
+    ``workers`` / ``ray_address``: evaluate independent probes and plans on that many Ray workers
+    (a local cluster; or the cluster at that address) -- the plan is the same as in-process
+    (:mod:`~rankshrink.search.parallel`). ``device``: 'cpu', 'cuda' or 'auto' (CUDA when available)
+    for calibration and evaluation; None keeps the model where it is.
     """
 
     metric: Any = "auto"
@@ -90,6 +102,11 @@ class SearchConfig:
     progress: bool = True
     threads: int | None = None
     report_test: bool = True
+    distortion: str = "auto"
+    probe_samples: int = 64
+    workers: int | None = None
+    ray_address: str | None = None
+    device: str | None = None
     confidence: float | None = None
     latency: bool = False
     batches: tuple[int, ...] = (1, 32)
@@ -125,6 +142,14 @@ class SearchConfig:
         if self.min_baseline is not None:
             check_number(self.min_baseline, "min_baseline", minimum=0, maximum=1)
         check_optional_int(self.threads, "threads", minimum=1)
+        check_choice(self.distortion, "distortion", DISTORTIONS)
+        check_int(self.probe_samples, "probe_samples", minimum=1)
+        check_optional_int(self.workers, "workers", minimum=1)
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            raise ConfigError(f"ray_address must be a Ray cluster address such as 'ray://host:10001' or 'auto', got "
+                              f"{self.ray_address!r}.")
+        if self.device is not None:
+            check_choice(self.device, "device", DEVICES)
         if self.confidence is not None:
             check_number(self.confidence, "confidence", minimum=0, maximum=1, low_open=True, high_open=True)
         for name in ("methods", "layers", "exclude"):
@@ -162,16 +187,25 @@ class Budget:
     A value in (0, 1] is a ratio of the original model's cost; a value above 1 is an
     absolute count (MACs, parameters or bytes). A latency budget is a ratio of the
     original's measured latency (at every batch size measured), or, with ``unit='ms'``,
-    milliseconds at the first batch size (``{"latency_ms": 2.0}``).
+    milliseconds at the first batch size (``{"latency_ms": 2.0}``). ``of='factorizable'`` makes
+    a ratio one of what the search can factorize: the searched layers get ``value`` of their
+    dense cost between them and everything else stays as it is (``{"params": 0.5, "of":
+    "factorizable"}``; CLI ``--max-params 50%-of-factorizable``).
     """
 
     kind: str
     value: float
     unit: str | None = None
+    of: str = "model"
 
     def __post_init__(self) -> None:
         if self.kind not in COST_KINDS:
             raise ConfigError(f"budget kind must be one of {', '.join(COST_KINDS)}, got {self.kind!r}.")
+        if self.of not in BUDGET_OF:
+            raise ConfigError(f"a budget is relative to one of {', '.join(BUDGET_OF)}, got of={self.of!r}.")
+        if self.kind == "latency" and self.of != "model":
+            raise ConfigError("a latency budget is a ratio of the whole model's measured latency; drop "
+                              "of='factorizable' (--budget-of).")
         v = self.value
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"a {self.kind} budget must be a positive number (a ratio in (0, 1] or an absolute "
@@ -186,7 +220,13 @@ class Budget:
     def relative(self) -> bool:
         return self.unit is None and self.value <= 1
 
-    def absolute(self, original: Mapping[str, int]) -> int:
+    def absolute(self, original: Mapping[str, int], factorizable: int | None = None) -> int:
+        """The limit in ``kind`` units; ``factorizable``: the dense cost of the searched layers
+        (``of='factorizable'``)."""
+        if self.relative and self.of == "factorizable":
+            if factorizable is None:
+                raise ConfigError("a budget relative to the factorizable layers needs their cost.")
+            return int(math.floor(original[self.kind] - factorizable + self.value * factorizable))
         if self.relative:
             return int(math.floor(self.value * original[self.kind]))
         return int(math.floor(self.value))
@@ -195,15 +235,17 @@ class Budget:
     def parse(cls, budget: Any) -> "Budget":
         if isinstance(budget, Budget):
             return budget
-        if isinstance(budget, Mapping) and len(budget) == 1:
-            (kind, value), = budget.items()
+        if isinstance(budget, Mapping) and 1 <= len(budget) <= 2 and (len(budget) == 1 or "of" in budget):
+            of = str(budget.get("of", "model"))
+            (kind, value), = ((k, v) for k, v in budget.items() if k != "of")
             if kind == "latency_ms":
-                return cls("latency", value, "ms")
-            return cls(str(kind), value)
+                return cls("latency", value, "ms", of)
+            return cls(str(kind), value, of=of)
         if isinstance(budget, (tuple, list)) and len(budget) == 2:
             return cls(str(budget[0]), budget[1])
-        raise ConfigError(f"budget must be {{'macs'|'params'|'bytes'|'latency': value}}, {{'latency_ms': ms}}, a "
-                          f"(kind, value) pair or a Budget; got {budget!r}.")
+        raise ConfigError(f"budget must be {{'macs'|'params'|'bytes'|'latency': value}} (optionally with 'of': "
+                          f"'model' or 'factorizable'), {{'latency_ms': ms}}, a (kind, value) pair or a Budget; "
+                          f"got {budget!r}.")
 
 
 def check_tolerance(tolerance: Any) -> float:

@@ -13,7 +13,8 @@ keeps a record of every evaluation (plan, value, time, cached or not).
 
 :class:`Distortion` is the search's data-driven but label-free proxy: how far the
 network's outputs on a calibration batch move when one layer is replaced (mean KL
-divergence of the softmax for classifier logits, relative squared error otherwise).
+divergence of the softmax for classifier logits, mean 1 − cosine for an encoder's mean-pooled
+hidden states, relative squared error otherwise; or the kind matching a label-free metric).
 It runs the network forward on a small batch of training inputs, never the metric.
 """
 
@@ -35,6 +36,7 @@ from .. import inputs as model_inputs
 from ..errors import ConfigError, DataError
 from ..factorized import Factorized, layer_weight
 from ..layers import factorizable_layers
+from ..memory import release_memory
 from ..methods import FITS, MethodConfig, factorize, make_config, select_options
 from ..metrics import eval_mode
 from ..plan import Plan
@@ -173,10 +175,19 @@ class Factorizer:
             block = self.block_for(name, entry)
             return block if share else copy.deepcopy(block)
 
-        return build(self.model, plan, memoised)
+        return build(self.model, plan, memoised, share_weights=share)
 
     def forget(self) -> None:
         self._memo.clear()
+
+    def release(self, name: str, block: nn.Module) -> None:
+        """Drop one memoised block (the search keeps only what later plans may reuse)."""
+        for key in [key for key, found in self._memo.items() if key[0] == name and found is block]:
+            del self._memo[key]
+
+    def blocks(self, plan: Plan) -> dict[str, nn.Module]:
+        """The memoised block of every layer of ``plan`` (built when missing)."""
+        return {name: self.block_for(name, entry) for name, entry in plan.items()}
 
 
 @dataclass
@@ -226,12 +237,13 @@ class Evaluator:
     def __init__(self, metric: Metric, factorizer: Factorizer, cache: EvaluationCache, *,
                  model_fp: str, options_fp: str, progress: bool = False, total: int | None = None,
                  desc: str = "searching", costs: Callable[[Plan], dict[str, int]] | None = None,
-                 confidence: float | None = None, seed: int = 0):
+                 confidence: float | None = None, seed: int = 0, pool: Any = None):
         self.metric = metric
         self.factorizer = factorizer
         self.cache = cache
         self.model_fp = model_fp
         self.options_fp = options_fp
+        self.pool = pool  # search/parallel.py: evaluates independent plans at once (None: one at a time)
         self.costs = costs
         self.confidence = confidence
         self.seed = seed
@@ -244,6 +256,7 @@ class Evaluator:
         self.cached = 0
         self.baseline: float | None = None
         self._values: dict[str, float] = {}
+        self._prefetched: dict[str, tuple[float, float, Any]] = {}
         self._predictions: dict[str, Any] = {}
         self._intervals: dict[tuple[str, float], tuple[float, float]] = {}
         self._bar = None
@@ -262,20 +275,66 @@ class Evaluator:
         return cache_key(self.model_fp, plan.key(), self.metric.key or "", self.metric.data_fingerprint or "",
                          self.options_fp)
 
+    def _bound(self, text: str) -> dict[str, Any]:
+        # What the entry is computed for, stored in it and checked on reading (see search/cache.py).
+        return {"model": self.model_fp, "data": self.metric.data_fingerprint, "metric": self.metric.key,
+                "plan": text, "factorize": self.options_fp}
+
+    @property
+    def parallelism(self) -> int:
+        return int(getattr(self.pool, "parallelism", 1)) if self.pool is not None else 1
+
+    def prefetch(self, plans: list[Plan]) -> None:
+        """Evaluate, in parallel on the pool, the plans the search is about to ask for (when it has workers).
+
+        The values go into the cache and wait for the search's own request, which records them as
+        evaluated then; the search's decisions do not depend on what was prefetched.
+        """
+        if self.parallelism < 2:
+            return
+        todo: dict[str, Plan] = {}
+        for plan in plans:
+            text = plan.key()
+            if text in self._values or text in self._prefetched or text in todo:
+                continue
+            key = self.key(plan)
+            entry = self.cache.get(key, bound=self._bound(text)) if key is not None else None
+            if entry is not None and (not self.metric.per_sample or entry.get("predictions") is not None):
+                continue
+            todo[text] = plan
+        if len(todo) < 2:
+            return
+        tasks = [self.factorizer.blocks(plan) for plan in todo.values()]
+        for (text, plan), (value, seconds, predictions) in zip(todo.items(), self.pool.metric_values(tasks)):
+            self._prefetched[text] = (float(value), float(seconds), predictions)
+            self.evaluations += 1
+            key = self.key(plan)
+            if key is not None:
+                self.cache.put(key, value, bound=self._bound(text), seconds=seconds, metric=self.metric.key,
+                               plan={n: e.to_json() for n, e in plan.items()}, predictions=predictions)
+
+    def evaluate_many(self, plans: list[Plan], phase: str = "") -> list[float]:
+        """``[self(plan, phase) for plan in plans]``, the misses evaluated in parallel first."""
+        self.prefetch(plans)
+        return [self(plan, phase) for plan in plans]
+
     def __call__(self, plan: Plan, phase: str = "") -> float:
         text = plan.key()
         if text in self._values:
             return self._values[text]
         key = self.key(plan)
-        # What the entry is computed for, stored in it and checked on reading (see search/cache.py).
-        bound = {"model": self.model_fp, "data": self.metric.data_fingerprint, "metric": self.metric.key,
-                 "plan": text, "factorize": self.options_fp}
-        entry = self.cache.get(key, bound=bound) if key is not None else None
+        bound = self._bound(text)
         per_sample = self.metric.per_sample
-        if entry is not None and per_sample and entry.get("predictions") is None:
-            entry = None  # written without predictions: evaluate again so intervals can be computed
+        entry = None
+        if key is not None and text not in self._prefetched:
+            entry = self.cache.get(key, bound=bound)
+            if entry is not None and per_sample and entry.get("predictions") is None:
+                entry = None  # written without predictions: evaluate again so intervals can be computed
         predictions = None
-        if entry is not None:
+        if text in self._prefetched:  # evaluated (and counted) by prefetch
+            value, seconds, predictions = self._prefetched.pop(text)
+            cached = False
+        elif entry is not None:
             value, seconds, cached = float(entry["value"]), 0.0, True
             predictions = entry.get("predictions")
             self.cached += 1
@@ -288,6 +347,8 @@ class Evaluator:
                 value = self.metric.from_predictions(predictions)
             else:
                 value = self.metric(model)
+            del model
+            release_memory()  # one evaluation's activations, given back before the next
             seconds = time.perf_counter() - start
             cached = False
             self.evaluations += 1
@@ -364,32 +425,45 @@ class Distortion:
     model is not copied or modified.
     """
 
-    def __init__(self, model: nn.Module, inputs: Any, *, batch_size: int = 256):
+    KINDS = ("kl", "mse", "cosine")
+
+    def __init__(self, model: nn.Module, inputs: Any, *, batch_size: int = 256, kind: str | None = None):
         from ..inputs import to_model
 
+        if kind is not None and kind not in self.KINDS:
+            raise ConfigError(f"distortion kind must be one of {', '.join(self.KINDS)}, got {kind!r}.")
         self.model = model
         self.inputs = to_model(inputs, model)
         self.rows = model_inputs.batch_size(self.inputs)
         self.batch_size = batch_size
         self.passes = 0
         self.seconds = 0.0
+        self.output_kind = "logits"
         self.reference = self._forward()
         if not torch.isfinite(self.reference).all():
             raise DataError("the model produces NaN or infinite outputs on the calibration inputs.")
-        self.kind = "kl" if self.reference.dim() == 2 and self.reference.shape[1] > 1 else "mse"
+        if kind is None:  # logits: KL of the softmax; an encoder's hidden states: 1 − cosine; anything else: mse
+            kind = ("cosine" if self.output_kind == "hidden" else
+                    "kl" if self.reference.dim() == 2 and self.reference.shape[1] > 1 else "mse")
+        self.kind = kind
         if self.kind == "kl":
-            self._ref_logp = F.log_softmax(self.reference.double(), dim=1)
+            self._ref_logp = F.log_softmax(self.reference.double().reshape(self.rows, -1), dim=1)
         else:
             self._ref_energy = float(self.reference.double().pow(2).sum()) or 1.0
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
+        from ..outputs import output_kind, representation
+
         start = time.perf_counter()
+        outs = []
         with eval_mode(self.model), model_inputs.hookable():
-            outs = [model_inputs.output_tensor(model_inputs.call_checked(
-                        self.model, model_inputs.take(self.inputs, slice(i, i + self.batch_size)),
-                        what="the training inputs"), what="the model")
-                    for i in range(0, self.rows, self.batch_size)]
+            for i in range(0, self.rows, self.batch_size):
+                batch = model_inputs.take(self.inputs, slice(i, i + self.batch_size))
+                output = model_inputs.call_checked(self.model, batch, what="the training inputs")
+                if i == 0:
+                    self.output_kind = output_kind(output)
+                outs.append(representation(output, batch))
         self.passes += 1
         self.seconds += time.perf_counter() - start
         return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -398,8 +472,12 @@ class Distortion:
         if not torch.isfinite(output).all():
             return math.inf
         if self.kind == "kl":
-            logp = F.log_softmax(output.double(), dim=1)
+            logp = F.log_softmax(output.double().reshape(self.rows, -1), dim=1)
             value = float((self._ref_logp.exp() * (self._ref_logp - logp)).sum(dim=1).mean())
+        elif self.kind == "cosine":
+            value = float((1.0 - F.cosine_similarity(output.double().reshape(self.rows, -1),
+                                                     self.reference.double().reshape(self.rows, -1),
+                                                     dim=1, eps=1e-12)).mean())
         else:
             value = float((output.double() - self.reference.double()).pow(2).sum()) / self._ref_energy
         return max(value, 0.0)

@@ -160,11 +160,15 @@ class SearchLatency:
         impl = get_method(method)
         geometry = dict(space.geometry)
         dense_macs, dense_params = space.dense.macs, space.dense.params
+
+        def not_bigger(cost) -> bool:  # as make_candidate judges: a lookup (no MACs) by its parameters alone
+            return cost.params <= dense_params and (dense_macs == 0 or cost.macs * space.calls <= dense_macs)
+
         wanted: list[Any] = []
         for rank in grid:
             snapped = self._snap(method, geometry, impl.normalize_rank(geometry, rank))
             cost = factorized_cost(geometry, method, snapped, space.input_size)
-            if cost.params <= dense_params and cost.macs * space.calls <= dense_macs and snapped not in wanted:
+            if not_bigger(cost) and snapped not in wanted:
                 wanted.append(snapped)
         parts = {r: (list(r) if isinstance(r, (tuple, list)) else [r]) for r in wanted}
         small = [r for r in wanted if all(p < self.multiple for p in parts[r])]
@@ -182,7 +186,7 @@ class SearchLatency:
                 unit = None
         if unit is not None and unit not in wanted:
             cost = factorized_cost(geometry, method, unit, space.input_size)
-            unit = unit if cost.params <= dense_params and cost.macs * space.calls <= dense_macs else None
+            unit = unit if not_bigger(cost) else None
         measured = self.lm.measure(geometry, space.input_size, method, wanted + ([unit] if unit is not None
                                                                                 and unit not in wanted else []),
                                    self.batches)
@@ -190,7 +194,10 @@ class SearchLatency:
         for rank in wanted:
             per = measured[rank]
             label = f"{method}:{'x'.join(map(str, rank)) if isinstance(rank, tuple) else rank}"
-            if any(t.ratio >= 1.0 for t in per.values()):
+            # A lookup (an Embedding: no MACs) cannot get faster; its factorization trades a small matmul per
+            # token for size, so it is kept with its measured cost and the whole-model check judges the plan.
+            lookup = space.dense.macs == 0
+            if not lookup and any(t.ratio >= 1.0 for t in per.values()):
                 self.dropped.setdefault(space.name, []).append(label)
                 continue
             if rank in small and unit is not None and all(measured[unit][b].ratio < per[b].ratio

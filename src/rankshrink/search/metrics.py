@@ -22,10 +22,31 @@ from ..errors import ConfigError, DataError
 from ..fingerprint import dataset_fingerprint
 from .bootstrap import Statistic, accuracy_statistic, agreement_statistic, per_class_statistic
 
-__all__ = ["Metric", "accuracy_metric", "per_class_metric", "agreement_metric", "as_metric", "dataset_labels",
-           "METRIC_NAMES"]
+__all__ = ["Metric", "accuracy_metric", "per_class_metric", "agreement_metric", "comparison_metric", "as_metric",
+           "dataset_labels", "register_metric", "metric_names", "METRIC_NAMES", "LABEL_FREE"]
 
-METRIC_NAMES = ("auto", "accuracy", "agreement", "per-class", "worst-class")
+# name -> (builder(original, dataset, fingerprint=, num_classes=) -> Metric, needs labels, aliases)
+_REGISTRY: dict[str, tuple[Callable[..., "Metric"], bool]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_metric(name: str, *, labels: bool, aliases: tuple[str, ...] = ()):
+    """Decorator: register ``builder(original, dataset, *, fingerprint, num_classes) -> Metric`` under ``name``.
+
+    ``labels``: whether the metric needs labelled validation data (label-free ones compare with the
+    original model). ``aliases`` are other names accepted for it.
+    """
+    def decorate(builder):
+        _REGISTRY[name] = (builder, labels)
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return builder
+    return decorate
+
+
+def metric_names() -> tuple[str, ...]:
+    """'auto' and every registered metric, in registration order."""
+    return ("auto", *_REGISTRY)
 
 
 def _check_dataset(dataset: Dataset | None, what: str) -> Dataset:
@@ -188,39 +209,118 @@ def agreement_metric(original: nn.Module, dataset: Dataset | None, *, fingerprin
                   predict=_predictor(data, batch_size), statistic=statistic)
 
 
+def comparison_metric(original: nn.Module, dataset: Dataset | None, measure: str, *,
+                      fingerprint: str | None = None, batch_size: int = 128) -> Metric:
+    """A label-free metric comparing the model's outputs with ``original``'s on ``dataset``
+    (:func:`rankshrink.metrics.output_agreement`: 'cosine', 'mse' or 'kl'; the original scores 1, 1, 0).
+
+    The original's outputs are computed once, on first use.
+    """
+    from ..metrics import output_agreement, representations
+
+    data = _check_dataset(dataset, measure)
+    reference: list[torch.Tensor] = []
+
+    def fn(model: nn.Module) -> float:
+        if not reference:
+            reference.append(representations(original, data, batch_size))
+        return output_agreement(model, data, reference[0], measure, batch_size)
+
+    # The reference is a function of the original model, whose fingerprint is in every cache key.
+    return Metric(fn, measure, key=f"{measure}:v1", data_fingerprint=fingerprint or dataset_fingerprint(data),
+                  dataset=data)
+
+
+@register_metric("accuracy", labels=True, aliases=("top1", "top-1"))
+def _accuracy(original, dataset, *, fingerprint=None, num_classes=None) -> Metric:
+    return accuracy_metric(dataset, fingerprint=fingerprint)
+
+
+@register_metric("agreement", labels=False)
+def _agreement(original, dataset, *, fingerprint=None, num_classes=None) -> Metric:
+    return agreement_metric(original, dataset, fingerprint=fingerprint)
+
+
+@register_metric("per-class", labels=True, aliases=("per-class-accuracy", "balanced"))
+def _per_class(original, dataset, *, fingerprint=None, num_classes=None) -> Metric:
+    return per_class_metric(dataset, "mean", num_classes=num_classes, fingerprint=fingerprint)
+
+
+@register_metric("worst-class", labels=True, aliases=("min-class",))
+def _worst_class(original, dataset, *, fingerprint=None, num_classes=None) -> Metric:
+    return per_class_metric(dataset, "min", num_classes=num_classes, fingerprint=fingerprint)
+
+
+@register_metric("cosine", labels=False)
+def _cosine(original, dataset, *, fingerprint=None, num_classes=None) -> Metric:
+    return comparison_metric(original, dataset, "cosine", fingerprint=fingerprint)
+
+
+@register_metric("mse", labels=False)
+def _mse(original, dataset, *, fingerprint=None, num_classes=None) -> Metric:
+    return comparison_metric(original, dataset, "mse", fingerprint=fingerprint)
+
+
+@register_metric("kl", labels=False)
+def _kl(original, dataset, *, fingerprint=None, num_classes=None) -> Metric:
+    return comparison_metric(original, dataset, "kl", fingerprint=fingerprint)
+
+
+METRIC_NAMES = metric_names()
+# The metrics that need no labels (they compare with the original model).
+LABEL_FREE = tuple(name for name, (_, labels) in _REGISTRY.items() if not labels)
+
+
+def _auto_metric(original: nn.Module, dataset: Dataset | None) -> str:
+    """accuracy with labels; without: agreement for a classifier's logits, cosine for anything else."""
+    from ..data import first_batch, has_labels
+
+    if dataset is None or has_labels(dataset):
+        return "accuracy"
+    from ..inputs import call_checked, to_model
+    from ..metrics import eval_mode
+    from ..outputs import output_kind, representation
+
+    try:
+        inputs = to_model(first_batch(dataset, 4)[0], original)
+        with torch.no_grad(), eval_mode(original):
+            output = call_checked(original, inputs, what="the validation data")
+        kind, rep = output_kind(output), representation(output, inputs)
+    except Exception:  # data the model cannot take: the search's own first evaluation reports it in full
+        return "agreement"
+    return "agreement" if kind == "logits" and rep.dim() == 2 and rep.shape[1] > 1 else "cosine"
+
+
 def as_metric(metric: Any, original: nn.Module, dataset: Dataset | None, *,
               fingerprint: str | None = None, num_classes: int | None = None) -> Metric:
     """Turn a metric name, a :class:`Metric` or a callable into a :class:`Metric`.
 
-    Names: 'auto' (accuracy when ``dataset`` has labels, else agreement), 'accuracy',
-    'agreement' (with ``original``'s predictions), 'per-class' (mean of per-class
-    accuracies) and 'worst-class' (the lowest one).
+    Names: 'auto' (accuracy when ``dataset`` has labels; without: agreement for classifier logits,
+    cosine for other outputs such as an encoder's hidden states), 'accuracy', 'agreement' (with
+    ``original``'s predictions), 'per-class' (mean of per-class accuracies), 'worst-class' (the
+    lowest one), and the label-free comparisons with ``original``'s outputs 'cosine', 'mse' and 'kl'
+    (see :func:`rankshrink.metrics.output_agreement`; the tolerance is on the drop from the original's
+    1.0, 1.0 and 0.0). More can be added with :func:`register_metric`.
     """
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
         name = metric.strip().lower().replace("_", "-")
+        name = _ALIASES.get(name, name)
         if name == "auto":
-            from ..data import has_labels
-
-            name = "accuracy" if dataset is None or has_labels(dataset) else "agreement"
-        if name not in ("agreement",) and dataset is not None:
+            name = _auto_metric(original, dataset)
+        if name not in _REGISTRY:
+            raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(metric_names())} or pass a "
+                              "callable model -> float (higher is better).")
+        builder, labels = _REGISTRY[name]
+        if labels and dataset is not None:
             from ..data import _dataset_len, has_labels
 
             if _dataset_len(dataset) and not has_labels(dataset):
-                raise DataError(f"the {metric} metric needs labels but the validation data has none; use "
-                                "metric='agreement' (CLI --metric agreement, or the default auto) to measure agreement "
-                                "with the original model.")
-        if name in ("accuracy", "top1", "top-1"):
-            return accuracy_metric(dataset, fingerprint=fingerprint)
-        if name == "agreement":
-            return agreement_metric(original, dataset, fingerprint=fingerprint)
-        if name in ("per-class", "per-class-accuracy", "balanced"):
-            return per_class_metric(dataset, "mean", num_classes=num_classes, fingerprint=fingerprint)
-        if name in ("worst-class", "min-class"):
-            return per_class_metric(dataset, "min", num_classes=num_classes, fingerprint=fingerprint)
-        raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRIC_NAMES)} or pass a "
-                          "callable model -> float (higher is better).")
+                raise DataError(f"the {metric} metric needs labels but the validation data has none; use a "
+                                f"label-free metric ({', '.join(LABEL_FREE)}; CLI --metric, or the default auto) to "
+                                "compare with the original model.")
+        return builder(original, dataset, fingerprint=fingerprint, num_classes=num_classes)
     if callable(metric):
         key = getattr(metric, "cache_key", None)
         name = getattr(metric, "__name__", None) or type(metric).__name__

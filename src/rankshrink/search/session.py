@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..data import Splits, _dataset_len, calibration_subset, first_batch
 from ..errors import ConfigError, DataError
-from ..fingerprint import dataset_fingerprint, module_fingerprint, object_fingerprint
+from ..fingerprint import code_fingerprint, dataset_fingerprint, module_fingerprint, object_fingerprint
 from ..plan import DEFAULT_CALIBRATION, Plan
 from .cache import EvaluationCache
 from .config import SearchConfig
@@ -101,14 +101,25 @@ def _calibration_fingerprint(calibration) -> str:
     digest = hashlib.sha256(b"rankshrink-calibration-v2")
     for name, stats in sorted(calibration.stats.items()):
         digest.update(f"{name}:{stats.kind}:{stats.count}".encode())
-        for tensor in (stats.mean, stats.scatter):
-            update_with_tensor(digest, tensor.double())
+        for key, tensor in sorted(stats.tensors().items()):
+            if key != "patch_mean":
+                update_with_tensor(digest, tensor.double())
     return digest.hexdigest()
 
 
-def _inputs_of(dataset: Dataset, n: int, seed: int) -> Any:
-    subset = calibration_subset(dataset, n, seed=seed)
+def _proxy_kind(metric: Metric) -> str | None:
+    """The distortion that matches a label-free metric (cosine, mse, kl); None: chosen from the outputs."""
+    key = (metric.key or "").split(":")[0]
+    return key if key in ("cosine", "mse", "kl") else None
+
+
+def _inputs_of(dataset: Dataset, n: int, seed: int, skip: int = 0) -> Any:
+    subset = calibration_subset(dataset, n, seed=seed, skip=skip)
     return first_batch(subset, _dataset_len(subset))[0]
+
+
+# distortion='auto' uses the closed form from this many model parameters on (search/closed_form.py).
+CLOSED_FORM_MIN_PARAMS = 1_000_000
 
 
 class Session:
@@ -136,7 +147,8 @@ class Session:
                               "model -> float.")
         self.metric = as_metric(metric, model, self.data.val, fingerprint=self.data.val_fp,
                                 num_classes=self.data.num_classes)
-        self.model_fp = module_fingerprint(model)
+        # The weights and the code that runs them: another wrapper around the same weights is another model.
+        self.model_fp = object_fingerprint({"weights": module_fingerprint(model), "code": code_fingerprint(model)})
         self.cache = resolve_cache(config.cache)
 
         # Example input for the cost model.
@@ -189,30 +201,95 @@ class Session:
                                                       f"{getattr(apply_fn, 'cache_key', '')}"})
         self.factorize_options = options
 
-        # Label-free proxy on training inputs (never the validation set).
-        self.distortion: Distortion | None = None
-        proxy_source = self.data.train
-        if proxy_source is not None:
-            inputs = _inputs_of(proxy_source, config.proxy_samples, config.seed)
-            self.distortion = Distortion(model, inputs)  # a failure names the layer and the shapes
+        # Label-free proxy on training inputs (never the validation set), made on first use: the
+        # closed-form distortions (search/closed_form.py) need only the small probe batch.
+        # 'auto': closed form for models big enough that a forward pass per candidate dominates the search;
+        # below that the forward proxy is cheap and measures every candidate (it won on the digits CNN).
+        self.closed_form = config.distortion == "closed-form" or (
+            config.distortion == "auto" and sum(p.numel() for p in model.parameters()) >= CLOSED_FORM_MIN_PARAMS)
+        self._distortions: dict[tuple[int, int], Distortion] = {}
+        self._distortion_kind = _proxy_kind(self.metric)
+        self._pool: Any = None
+        self.unreached: dict[str, str] = {}  # layer -> why its output does not reach the model's output
+        if self.data.train is not None:  # a failure names the layer and the shapes, before any search
+            self.probe_distortion if self.closed_form else self.distortion  # noqa: B018
         self.evaluator: Evaluator | None = None
         self._proxy_fp = object_fingerprint({
             "model": self.model_fp, "factorize": self.options_fp, "data": self.data.train_fp,
-            "samples": config.proxy_samples, "seed": config.seed,
-            "kind": self.distortion.kind if self.distortion is not None else "weights"})
+            "samples": config.proxy_samples, "seed": config.seed, "kind": self._distortion_kind or "auto",
+            "distortion": config.distortion, "probe_samples": config.probe_samples if self.closed_form else None,
+            "probe_version": 2,
+            "proxy": "forward" if self.data.train is not None else "weights"})
+
+    def _distortion_on(self, samples: int, skip: int = 0) -> Distortion | None:
+        if self.data.train is None:
+            return None
+        found = self._distortions.get((samples, skip))
+        if found is None:
+            inputs = _inputs_of(self.data.train, samples, self.config.seed, skip)
+            found = Distortion(self.model, inputs, kind=self._distortion_kind)
+            self._distortions[(samples, skip)] = found
+        return found
+
+    @property
+    def distortion(self) -> Distortion | None:
+        """The forward proxy on ``proxy_samples`` training inputs (None without training data)."""
+        return self._distortion_on(self.config.proxy_samples)
+
+    @property
+    def probe_distortion(self) -> Distortion | None:
+        """The proxy on ``probe_samples`` training inputs, for the closed-form curves' sensitivity probes.
+
+        They are samples the activation fits were not calibrated on (when the training split has enough):
+        a probe measures how the factors generalise -- an embedding fitted to the tokens the calibration
+        saw would look perfect on those very sentences.
+        """
+        skip = self.config.calibration_samples if self.fit == "activations" else 0
+        return self._distortion_on(self.config.probe_samples, skip)
 
     def proxy_key(self, layer: str) -> str | None:
-        """Cache key of one layer's candidate proxies (None when they cannot be cached)."""
-        if self.data.train is None and self.distortion is not None:
-            return None
-        return object_fingerprint({"proxies": self._proxy_fp, "layer": layer, "version": 2})
+        """Cache key of one layer's candidate proxies."""
+        return object_fingerprint({"proxies": self._proxy_fp, "layer": layer, "version": 3})
+
+    # -- the worker pool (search/parallel.py): made on first use, after the baseline evaluation
+    @property
+    def parallelism(self) -> int:
+        if self.config.ray_address is None and (self.config.workers or 1) <= 1:
+            return 1
+        return self.pool.parallelism
+
+    @property
+    def pool(self) -> Any:
+        if self._pool is None:
+            from .parallel import make_pool
+
+            self._pool = make_pool(self.config, self.model, self.metric, self.probe_distortion)
+        return self._pool
+
+    def metric_values(self, tasks: list[dict[str, nn.Module]]) -> list[tuple[float, float, Any]]:
+        """(value, seconds, predictions) of the metric with each task's blocks in place, on the pool."""
+        return self.pool.metric_values(tasks)
+
+    def probe_distortions(self, tasks: list[tuple[str, nn.Module]], *, progress: bool = False) -> list[float]:
+        """The probe-batch distortion of the model with each (layer, block) in place, on the pool."""
+        if self.probe_distortion is None:  # no training data: the weight error stands in for the distortion
+            from .evaluate import weight_distortion
+
+            return [weight_distortion(self.model.get_submodule(name), block) for name, block in tasks]
+        return self.pool.distortions([{name: block} for name, block in tasks])
+
+    def close(self) -> None:
+        """Stop the worker pool (if one was started)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def start(self, total: int | None = None, desc: str = "searching", *,
               costs: Callable[[Plan], dict[str, int]] | None = None) -> Evaluator:
         """A fresh evaluator; ``costs(plan)`` puts each evaluated plan's exact costs in its record."""
         self.evaluator = Evaluator(self.metric, self.factorizer, self.cache, model_fp=self.model_fp,
                                    options_fp=self.options_fp, progress=self.progress, total=total, desc=desc,
-                                   costs=costs, confidence=self.config.confidence, seed=self.seed)
+                                   costs=costs, confidence=self.config.confidence, seed=self.seed, pool=self)
         return self.evaluator
 
     def chance(self) -> float | None:

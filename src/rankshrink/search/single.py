@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 from torch import nn
 
@@ -36,7 +36,8 @@ from .config import SearchConfig, check_tolerance
 from .evaluate import EvaluationRecord, thread_policy
 from .session import Session
 
-__all__ = ["Bisection", "smallest_passing", "passes_within", "LayerSearchResult", "smallest_rank",
+__all__ = ["Bisection", "smallest_passing", "bisection_steps", "run_in_lockstep", "passes_within", "LayerSearchResult",
+           "smallest_rank",
            "brute_force_rank"]
 # Accuracy differences are sums of 1/n steps; do not let float rounding flip a decision.
 _EPS = 1e-9
@@ -76,13 +77,27 @@ def smallest_passing(n: int, evaluate: Callable[[int], float], passes: Callable[
     to the window that keeps the bound. The returned index was evaluated and passed,
     and the index below it (if any) was evaluated and failed.
     """
+    steps = bisection_steps(n, passes, guess=guess, budget=budget)
+    try:
+        index = next(steps)
+        while True:
+            index = steps.send(evaluate(index))
+    except StopIteration as stop:
+        return stop.value
+
+
+def bisection_steps(n: int, passes: Callable[[float], bool], *, guess: int | None = None,
+                    budget: int | None = None) -> Generator[int, float, Bisection]:
+    """:func:`smallest_passing` as a generator: it yields each index to evaluate, is sent its value, and
+    returns the :class:`Bisection`. Several bisections can so advance in lockstep, each round's
+    evaluations running together (:func:`run_in_lockstep`)."""
     if n < 0:
         raise ConfigError(f"n must be non-negative, got {n}.")
     values: dict[int, float] = {}
     if n == 0:
         return Bisection(None, values, True)
     top = n - 1
-    values[top] = evaluate(top)
+    values[top] = yield top
     if not passes(values[top]):
         return Bisection(None, values, True)
     lo, hi = -1, top
@@ -96,13 +111,37 @@ def smallest_passing(n: int, evaluate: Callable[[int], float], passes: Callable[
         target = guess if (first and guess is not None) else (lo + hi) // 2
         probe = min(max(target, low_bound), high_bound)
         first = False
-        values[probe] = evaluate(probe)
+        values[probe] = yield probe
         left -= 1
         if passes(values[probe]):
             hi = probe
         else:
             lo = probe
     return Bisection(hi, values, _is_monotone(values))
+
+
+def run_in_lockstep(searches: list[Generator[int, float, Bisection]],
+                    evaluate_round: Callable[[list[tuple[int, int]]], list[float]]) -> list[Bisection]:
+    """Advance every bisection one step per round; ``evaluate_round([(search, index), ...])`` evaluates a
+    round's requests together (in parallel on workers) and returns their values in order. Each bisection
+    sees exactly the values it would alone, so the results do not depend on how a round is evaluated."""
+    results: list[Bisection | None] = [None] * len(searches)
+    pending: dict[int, int] = {}
+    for i, steps in enumerate(searches):
+        try:
+            pending[i] = next(steps)
+        except StopIteration as stop:
+            results[i] = stop.value
+    while pending:
+        requests = list(pending.items())
+        values = evaluate_round(requests)
+        pending = {}
+        for (i, _), value in zip(requests, values):
+            try:
+                pending[i] = searches[i].send(value)
+            except StopIteration as stop:
+                results[i] = stop.value
+    return [r for r in results if r is not None]
 
 
 @dataclass

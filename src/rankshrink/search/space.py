@@ -86,6 +86,8 @@ class LayerSpace:
     allowed: set | None = field(default=None, repr=False)
     latency_costs: dict = field(default_factory=dict, repr=False)
     latency_ratios: dict = field(default_factory=dict, repr=False)
+    # Closed-form error curves by method (search/closed_form.py): their candidates need no forward pass.
+    curves: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def latency_of(self, method: str | None, rank) -> int:
         """The predicted latency cost of a candidate (the dense layer's for ``method`` None; 0 unmeasured)."""
@@ -93,7 +95,11 @@ class LayerSpace:
         return int(self.latency_costs.get(key, 0))
 
     def proxies(self) -> dict[str, float]:
-        return {f"{c.method}:{c.rank}": c.distortion for c in self.candidates}
+        found = {f"{c.method}:{c.rank}": c.distortion for c in self.candidates if c.method not in self.curves}
+        for method, curve in self.curves.items():  # a curve's candidates follow from its probes
+            for rank, value in curve.probes.items():
+                found[f"probe:{method}:{rank}"] = value
+        return found
 
     def find(self, method: str, rank) -> Candidate | None:
         for cand in self.candidates:
@@ -149,7 +155,8 @@ def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Ca
     """Cost (by formula) and distortion (factorize + one proxy pass, or the proxy cache) of one candidate.
 
     A factorization with more parameters or more MACs than the dense layer is never a candidate:
-    the dense candidate is returned instead (nothing is factorized for it).
+    the dense candidate is returned instead (nothing is factorized for it). A lookup table (an
+    Embedding, which has no MACs) is judged by its parameters alone.
     """
     found = space.find(method, rank)
     if found is not None:
@@ -157,10 +164,19 @@ def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Ca
     if space.allowed is not None and (method, rank) not in space.allowed:
         return space.dense  # not measured faster than the dense layer (latency is measured)
     cost = factorized_cost(space.geometry, method, rank, space.input_size)
-    if cost.params > space.dense.params or cost.macs * space.calls > space.dense.macs:
+    # A lookup (an Embedding: no MACs) always gains a few MACs when factorized; only its parameters decide.
+    more_macs = space.dense.macs > 0 and cost.macs * space.calls > space.dense.macs
+    if cost.params > space.dense.params or more_macs:
         return space.dense
     config = session.factorizer.config(method, rank)
     label = f"{method}:{rank}"
+    curve = space.curves.get(method)
+    if curve is not None and curve.probed:  # closed form: no factorization, no forward pass
+        cand = Candidate(space.name, method, rank, cost.params, cost.macs * space.calls,
+                         cost.params * space.element_size, curve.distortion(rank), config,
+                         space.latency_of(method, rank))
+        space.candidates.append(cand)
+        return cand
     if label in space.known:
         cand = Candidate(space.name, method, rank, cost.params, cost.macs * space.calls,
                          cost.params * space.element_size, float(space.known[label]), config,
@@ -209,18 +225,21 @@ def minimum_reachable(cost_model: CostModel, *, kind: str, layers: list[str] | N
 
 
 def minimum_breakdown(cost_model: CostModel, *, kind: str, layers: list[str] | None = None,
-                      methods: list[str] | None = None, model: nn.Module | None = None) -> dict[str, Any]:
+                      methods: list[str] | None = None, model: nn.Module | None = None,
+                      unreached: dict[str, str] | None = None) -> dict[str, Any]:
     """The smallest reachable ``kind`` cost and how it splits.
 
-    ``total``; ``factorizable`` (the layers that can shrink, at rank 1); ``fixed``: a list of
-    (what, cost, names) for what cannot shrink -- tied layers, layers left out by ``layers`` or
-    ``methods``, grouped/depthwise convolutions, other layer types, ops measured without a
-    formula, and the rest (norm layers, buffers ...).
+    ``total``; ``factorizable`` (the layers that can shrink, at rank 1); ``factorizable_dense`` (the
+    same layers' dense cost: what a budget relative to the factorizable layers is a ratio of);
+    ``fixed``: a list of (what, cost, names) for what cannot shrink -- tied layers, layers left out by
+    ``layers`` or ``methods``, layers whose output does not reach the model's output (``unreached``),
+    grouped/depthwise convolutions, other layer types, ops measured without a formula, and the rest
+    (norm layers, buffers ...).
     """
     cap_objective = "macs" if kind == "macs" else "params"
     total = cost_model.original[kind]
     rows = [row for row in cost_model.model_cost.layers if row.method is None]
-    factorizable_min = 0
+    factorizable_min = factorizable_dense = 0
     fixed: dict[str, list] = {}
 
     def add(what: str, value: int, name: str) -> None:
@@ -245,6 +264,9 @@ def minimum_breakdown(cost_model: CostModel, *, kind: str, layers: list[str] | N
         if layers is not None and row.name not in layers:
             add("layers left out by --layers/--exclude", value[kind], row.name)
             continue
+        if unreached and row.name in unreached:
+            add("layers whose output does not reach the model's output", value[kind], row.name)
+            continue
         if not allowed:
             add(f"layers no method in --methods applies to ({row.type})", value[kind], row.name)
             continue
@@ -256,6 +278,8 @@ def minimum_breakdown(cost_model: CostModel, *, kind: str, layers: list[str] | N
                                    row.input_size)
             best = min(best, {"params": cost.params, "macs": cost.macs * row.calls,
                               "bytes": cost.params * esize}[kind])
+        if best < value[kind]:
+            factorizable_dense += value[kind]
         factorizable_min += best
         total += best - value[kind]
     for other in cost_model.model_cost.others:
@@ -270,7 +294,7 @@ def minimum_breakdown(cost_model: CostModel, *, kind: str, layers: list[str] | N
     if rest > 0:
         add("other parameters and buffers (norm layers, biases, embeddings' neighbours ...)" if kind != "macs"
             else "other ops", rest, "")
-    return {"total": total, "factorizable": factorizable_min,
+    return {"total": total, "factorizable": factorizable_min, "factorizable_dense": factorizable_dense,
             "fixed": [(what, value, [n for n in names if n]) for what, (value, names) in fixed.items() if value]}
 
 
@@ -306,6 +330,9 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
 
     work = []
     for row in rows:
+        if row.name in session.unreached:  # its output never reaches the model's output: nothing to trade
+            session.kept_dense[row.name] = session.unreached[row.name]
+            continue
         allowed = [m for m in methods_for(row.geometry) if wanted is None or m in wanted]
         if not allowed:
             session.kept_dense[row.name] = f"no method in {', '.join(wanted or ())} applies to {row.type}"
@@ -318,6 +345,35 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
             continue
         work.append((row, module, allowed))
 
+    spaces = []
+    grids: dict[tuple[str, str], list[Any]] = {}
+    for row, module, allowed in work:
+        esize = _dtype_size(module)
+        dense_c = dense_cost(row.geometry, row.input_size)
+        dense_latency = latency.dense_cost(row.name) if latency is not None else 0
+        dense = Candidate(row.name, None, None, dense_c.params, dense_c.macs * row.calls,
+                          dense_c.params * esize, 0.0, latency=dense_latency)
+        space = LayerSpace(row.name, row.type, row.geometry, tuple(row.input_size), row.calls, esize, dense,
+                           [], {}, module=module)
+        if latency is not None:
+            space.allowed = set()
+            space.latency_costs[None] = dense_latency
+        proxy_key = session.proxy_key(row.name)
+        cached = session.cache.get_json("proxies", proxy_key) if proxy_key else None
+        if isinstance(cached, dict):
+            space.known = {k: v for k, v in cached.items() if isinstance(v, (int, float))}
+        for method in allowed:
+            impl = get_method(method)
+            be = break_even_rank(row.geometry, method, row.input_size, by=cap_objective)
+            space.break_even[method] = be
+            ranks = impl.rank_grid(row.geometry, impl.search_max_rank(row.geometry, be))
+            if latency is not None:  # measured: only ranks faster than the layer, rounded where faster
+                ranks = latency.candidate_ranks(space, method, ranks)
+            grids[(row.name, method)] = ranks
+        spaces.append((space, row, module, allowed))
+    if session.closed_form:
+        _closed_form_curves(session, [(space, allowed) for space, _, _, allowed in spaces], grids, progress)
+
     bar = None
     total = sum(len(allowed) for _, _, allowed in work)
     if progress and total:
@@ -325,31 +381,12 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
 
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="candidates", unit="method", file=sys.stderr, leave=False, dynamic_ncols=True)
-    spaces = []
+    done = []
     try:
-        for row, module, allowed in work:
-            esize = _dtype_size(module)
-            dense_c = dense_cost(row.geometry, row.input_size)
-            dense_latency = latency.dense_cost(row.name) if latency is not None else 0
-            dense = Candidate(row.name, None, None, dense_c.params, dense_c.macs * row.calls,
-                              dense_c.params * esize, 0.0, latency=dense_latency)
-            space = LayerSpace(row.name, row.type, row.geometry, tuple(row.input_size), row.calls, esize, dense,
-                               [], {}, module=module)
-            if latency is not None:
-                space.allowed = set()
-                space.latency_costs[None] = dense_latency
+        for space, row, module, allowed in spaces:
             proxy_key = session.proxy_key(row.name)
-            cached = session.cache.get_json("proxies", proxy_key) if proxy_key else None
-            if isinstance(cached, dict):
-                space.known = {k: v for k, v in cached.items() if isinstance(v, (int, float))}
             for method in allowed:
-                impl = get_method(method)
-                be = break_even_rank(row.geometry, method, row.input_size, by=cap_objective)
-                space.break_even[method] = be
-                ranks = impl.rank_grid(row.geometry, impl.search_max_rank(row.geometry, be))
-                if latency is not None:  # measured: only ranks faster than the layer, rounded where faster
-                    ranks = latency.candidate_ranks(space, method, ranks)
-                for rank in ranks:
+                for rank in grids[(row.name, method)]:
                     make_candidate(session, space, method, rank)
                 if bar is not None:
                     bar.update(1)
@@ -363,11 +400,56 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
             if space.fresh and proxy_key:
                 session.cache.put_json("proxies", proxy_key, space.proxies())
                 space.fresh = False
-            spaces.append(space)
+            done.append(space)
     finally:
         if bar is not None:
             bar.close()
-    return spaces
+    return done
+
+
+def _closed_form_curves(session: Session, spaces: list[tuple[LayerSpace, list[str]]],
+                        grids: dict[tuple[str, str], list[Any]], progress: bool) -> None:
+    """Each layer's closed-form error curve for every method that has one, and its sensitivity probe.
+
+    A sensitivity found in the proxy cache is reused; the others are measured together, one probe per
+    layer and method (:mod:`~rankshrink.search.closed_form`), on the worker pool.
+    """
+    from .closed_form import error_curve, probe_ranks
+
+    probes: list[tuple[Any, int, LayerSpace, nn.Module]] = []
+    for space, allowed in spaces:
+        for method in allowed:
+            ranks = probe_ranks(grids[(space.name, method)])
+            if not ranks:
+                continue
+            with single_threaded(layer_weight(space.module).numel() <= SINGLE_THREAD_MAX_WEIGHTS):
+                curve = error_curve(session, space.name, space.module, method)
+            if curve is None:
+                continue
+            curve.probe_ranks = ranks
+            space.curves[method] = curve
+            for rank in ranks:
+                known = space.known.get(f"probe:{method}:{rank}")
+                if isinstance(known, (int, float)):
+                    curve.probes[rank] = float(known)
+                    continue
+                start = time.perf_counter()
+                block = session.factorizer.block(space.name, method, rank)
+                session.timings["factorize"] += time.perf_counter() - start
+                probes.append((curve, rank, space, block))
+        if space.curves:  # the whitening of this layer is not needed again until the final factors
+            stats = session.calibration.get(space.name) if session.calibration is not None else None
+            if stats is not None:
+                stats._cache.clear()
+    if not probes:
+        return
+    start = time.perf_counter()
+    values = session.probe_distortions([(space.name, block) for _, _, space, block in probes], progress=progress)
+    session.timings["proxy"] += time.perf_counter() - start
+    for (curve, rank, space, block), value in zip(probes, values):
+        curve.probes[rank] = float(value)
+        space.fresh = True
+        session.factorizer.release(space.name, block)
 
 
 def plan_costs(plan: Plan, spaces: list[LayerSpace], cost_model: CostModel) -> dict[str, int]:
