@@ -256,10 +256,11 @@ def register(subparsers) -> None:
                              "the training data (convolutional ones)")
     deploy.add_argument("--dynamic-axis", action="append", metavar="INPUT:AXIS",
                         help="declare a further dynamic axis of an input (input_ids:1), so a sequence model is not "
-                             "frozen at one length; repeatable")
+                             "frozen at one length; repeatable (text: data declare axis 1 of every input)")
     deploy.add_argument("--allow-traced-branches", action="store_true",
                         help="export even when the tracer warns of data-dependent control flow (the graph is "
-                             "still checked on real inputs)")
+                             "still checked on real inputs; on for hf: models, whose masking code branches on "
+                             "sequence lengths)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
     cache = parser.add_mutually_exclusive_group()
