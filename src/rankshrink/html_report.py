@@ -698,8 +698,9 @@ def curves_section(plt, summary: Mapping[str, Any], kind: str) -> str:
     head = '<section id="curves"><h2>Metric vs rank, per layer</h2>'
     curves = _probe_points(summary)
     if not curves:
-        why = ("this run did not probe single layers (a budget search ranks layers by the distortion proxy; "
-               "pass --sensitivity probe to measure them)" if kind == "compress"
+        why = ("this run did not probe single layers (budget searches and the default tolerance search order "
+               "layers by the distortion proxy and measure whole models; with --tolerance, pass --sensitivity "
+               "probe to measure one-layer curves)" if kind == "compress"
                else f"only compress searches ranks; this is {_a(kind)} run")
         return head + f'<p class="missing">Not recorded: {why}.</p></section>'
     if plt is None:
