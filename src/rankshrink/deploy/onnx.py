@@ -269,14 +269,15 @@ def onnx_bytes(model: nn.Module, example_input: Any, *, opset: int = 17, dynamic
     if branches:
         text, place, where = branches[0]
         kind = text.split(" might")[0].replace("Converting a tensor to a ", "converts a tensor to a ")
-        message = (f"the exported graph froze a data-dependent decision: {_module_label(model, where)} "
-                   f"{kind[0].lower() + kind[1:]} at {place}, so the ONNX graph does what this one example did "
-                   f"on every input ({len(branches)} such place(s) in all). Make the forward independent of the "
-                   "values (torch.where instead of if, fixed sizes), pass --allow-traced-branches to export it "
-                   "anyway (the graph is still checked on real inputs), or --no-export.")
+        found = (f"{_module_label(model, where)} {kind[0].lower() + kind[1:]} at {place}, so the ONNX graph does "
+                 f"what this one example did on every input ({len(branches)} such place(s) in all)")
         if not allow_traced_branches:
-            raise ExportError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+            raise ExportError(f"the exported graph froze a data-dependent decision: {found}. Make the forward "
+                              "independent of the values (torch.where instead of if, fixed sizes), pass "
+                              "--allow-traced-branches to export it anyway (the graph is still checked on real "
+                              "inputs), or --no-export.")
+        warnings.warn(f"exported with traced branches allowed: {found}; the graph is checked on real inputs.",
+                      RuntimeWarning, stacklevel=2)
     return buffer.getvalue()
 
 
