@@ -345,44 +345,47 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
             continue
         work.append((row, module, allowed))
 
-    spaces = []
-    grids: dict[tuple[str, str], list[Any]] = {}
-    for row, module, allowed in work:
-        esize = _dtype_size(module)
-        dense_c = dense_cost(row.geometry, row.input_size)
-        dense_latency = latency.dense_cost(row.name) if latency is not None else 0
-        dense = Candidate(row.name, None, None, dense_c.params, dense_c.macs * row.calls,
-                          dense_c.params * esize, 0.0, latency=dense_latency)
-        space = LayerSpace(row.name, row.type, row.geometry, tuple(row.input_size), row.calls, esize, dense,
-                           [], {}, module=module)
-        if latency is not None:
-            space.allowed = set()
-            space.latency_costs[None] = dense_latency
-        proxy_key = session.proxy_key(row.name)
-        cached = session.cache.get_json("proxies", proxy_key) if proxy_key else None
-        if isinstance(cached, dict):
-            space.known = {k: v for k, v in cached.items() if isinstance(v, (int, float))}
-        for method in allowed:
-            impl = get_method(method)
-            be = break_even_rank(row.geometry, method, row.input_size, by=cap_objective)
-            space.break_even[method] = be
-            ranks = impl.rank_grid(row.geometry, impl.search_max_rank(row.geometry, be))
-            if latency is not None:  # measured: only ranks faster than the layer, rounded where faster
-                ranks = latency.candidate_ranks(space, method, ranks)
-            grids[(row.name, method)] = ranks
-        spaces.append((space, row, module, allowed))
-    if session.closed_form:
-        _closed_form_curves(session, [(space, allowed) for space, _, _, allowed in spaces], grids, progress)
-
     bar = None
-    total = sum(len(allowed) for _, _, allowed in work)
+    # Each method of each layer is one step; with latency measured, timing its ranks is one step more.
+    total = sum(len(allowed) for _, _, allowed in work) * (2 if latency is not None else 1)
     if progress and total:
         import sys
 
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="candidates", unit="method", file=sys.stderr, leave=False, dynamic_ncols=True)
-    done = []
     try:
+        spaces = []
+        grids: dict[tuple[str, str], list[Any]] = {}
+        for row, module, allowed in work:
+            esize = _dtype_size(module)
+            dense_c = dense_cost(row.geometry, row.input_size)
+            dense_latency = latency.dense_cost(row.name) if latency is not None else 0
+            dense = Candidate(row.name, None, None, dense_c.params, dense_c.macs * row.calls,
+                              dense_c.params * esize, 0.0, latency=dense_latency)
+            space = LayerSpace(row.name, row.type, row.geometry, tuple(row.input_size), row.calls, esize, dense,
+                               [], {}, module=module)
+            if latency is not None:
+                space.allowed = set()
+                space.latency_costs[None] = dense_latency
+            proxy_key = session.proxy_key(row.name)
+            cached = session.cache.get_json("proxies", proxy_key) if proxy_key else None
+            if isinstance(cached, dict):
+                space.known = {k: v for k, v in cached.items() if isinstance(v, (int, float))}
+            for method in allowed:
+                impl = get_method(method)
+                be = break_even_rank(row.geometry, method, row.input_size, by=cap_objective)
+                space.break_even[method] = be
+                ranks = impl.rank_grid(row.geometry, impl.search_max_rank(row.geometry, be))
+                if latency is not None:  # measured: only ranks faster than the layer, rounded where faster
+                    ranks = latency.candidate_ranks(space, method, ranks)
+                    if bar is not None:
+                        bar.update(1)
+                grids[(row.name, method)] = ranks
+            spaces.append((space, row, module, allowed))
+        if session.closed_form:
+            _closed_form_curves(session, [(space, allowed) for space, _, _, allowed in spaces], grids, progress)
+
+        done = []
         for space, row, module, allowed in spaces:
             proxy_key = session.proxy_key(row.name)
             for method in allowed:
