@@ -388,21 +388,23 @@ def _deploy_options(args: argparse.Namespace):
                         batches=batches, threads=args.threads), batches, axes
 
 
-def _sequence_export_defaults(export, args: argparse.Namespace, spec: str, example: Any):
-    """What token sequences need to export right: ``text:FILE`` batches are padded to their longest line, so
-    every input's axis 1 is dynamic (unless --dynamic-axis names it); a Hugging Face model's masking code
-    branches on sequence lengths (a shape, not a value), which the tracer reports like a data-dependent
-    branch, so ``hf:`` models export with those warnings allowed -- the graph is still verified on real
-    inputs at several batch sizes and lengths."""
+def _sequence_export_defaults(export, model, splits, example: Any):
+    """What token sequences need to export right: batches cut to their longest sample (``text:FILE``, any data
+    set with a ``trim_key``) vary along axis 1, so every input's axis 1 is dynamic (unless --dynamic-axis names
+    it); a Hugging Face model's masking code branches on sequence lengths (a shape, not a value), which the
+    tracer reports like a data-dependent branch, so transformers models export with those warnings allowed --
+    the graph is still verified on real inputs at several batch sizes and lengths."""
     import dataclasses
 
+    from ..data.batches import trim_key_of
+
     changes: dict[str, Any] = {}
-    if spec.startswith("text:") and isinstance(example, dict):
+    if trim_key_of(splits.val) is not None and isinstance(example, dict):
         axes = dict(export.dynamic_axes or {})
         for name in example:
             axes.setdefault(name, (1,))
         changes["dynamic_axes"] = axes
-    if args.model.startswith("hf:") and not export.allow_traced_branches:
+    if type(model).__module__.startswith("transformers.") and not export.allow_traced_branches:
         changes["allow_traced_branches"] = True
     return dataclasses.replace(export, **changes) if changes else export
 
@@ -454,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
         from ..inputs import to_model
 
         example = to_model(first_batch(splits.val, 2)[0], model)
-        export = _sequence_export_defaults(export, args, spec, example)
+        export = _sequence_export_defaults(export, model, splits, example)
         verify_inputs, verify_data = _held_out(splits)
         original_onnx = export_verified(model, example, to_model(verify_inputs, model), export)
         if args.max_bytes is not None:

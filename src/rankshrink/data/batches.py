@@ -185,9 +185,13 @@ def calibration_subset(dataset: Dataset, n: int = 512, seed: int = 0, *, skip: i
         chosen = torch.randperm(total, generator=gen)[:n].sort().values
     inputs, labels = next(iter(iterate_batches(dataset, max(1, len(chosen)), order=chosen)))
     inputs = model_inputs.map_tensors(lambda t: t.clone(), inputs)
+    return make_dataset(inputs, None if labels is None else labels.clone(), trim_key=trim_key_of(dataset))
+
+
+def trim_key_of(dataset: Dataset) -> str | None:
+    """The input whose padding ``dataset``'s batches are cut to (so their axis 1 varies), or None."""
     base = base_of(dataset)[0]
-    return make_dataset(inputs, None if labels is None else labels.clone(),
-                        trim_key=base.trim_key if isinstance(base, InputDataset) else None)
+    return base.trim_key if isinstance(base, InputDataset) else None
 
 
 def has_labels(dataset: Dataset) -> bool:
