@@ -159,16 +159,11 @@ class SearchLatency:
 
         impl = get_method(method)
         geometry = dict(space.geometry)
-        dense_macs, dense_params = space.dense.macs, space.dense.params
-
-        def not_bigger(cost) -> bool:  # as make_candidate judges: a lookup (no MACs) by its parameters alone
-            return cost.params <= dense_params and (dense_macs == 0 or cost.macs * space.calls <= dense_macs)
-
         wanted: list[Any] = []
         for rank in grid:
             snapped = self._snap(method, geometry, impl.normalize_rank(geometry, rank))
             cost = factorized_cost(geometry, method, snapped, space.input_size)
-            if not_bigger(cost) and snapped not in wanted:
+            if space.not_costlier(cost) and snapped not in wanted:
                 wanted.append(snapped)
         parts = {r: (list(r) if isinstance(r, (tuple, list)) else [r]) for r in wanted}
         small = [r for r in wanted if all(p < self.multiple for p in parts[r])]
@@ -186,7 +181,7 @@ class SearchLatency:
                 unit = None
         if unit is not None and unit not in wanted:
             cost = factorized_cost(geometry, method, unit, space.input_size)
-            unit = unit if not_bigger(cost) else None
+            unit = unit if space.not_costlier(cost) else None
         measured = self.lm.measure(geometry, space.input_size, method, wanted + ([unit] if unit is not None
                                                                                 and unit not in wanted else []),
                                    self.batches)

@@ -89,6 +89,12 @@ class LayerSpace:
     # Closed-form error curves by method (search/closed_form.py): their candidates need no forward pass.
     curves: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    def not_costlier(self, cost) -> bool:
+        """Whether a factorization of ``cost`` (one call) has no more params or MACs than the dense layer. A
+        lookup (an Embedding: no MACs) always gains a few MACs when factorized; only its parameters decide."""
+        more_macs = self.dense.macs > 0 and cost.macs * self.calls > self.dense.macs
+        return cost.params <= self.dense.params and not more_macs
+
     def latency_of(self, method: str | None, rank) -> int:
         """The predicted latency cost of a candidate (the dense layer's for ``method`` None; 0 unmeasured)."""
         key = None if method is None else (method, tuple(rank) if isinstance(rank, list) else rank)
@@ -164,9 +170,7 @@ def make_candidate(session: Session, space: LayerSpace, method: str, rank) -> Ca
     if space.allowed is not None and (method, rank) not in space.allowed:
         return space.dense  # not measured faster than the dense layer (latency is measured)
     cost = factorized_cost(space.geometry, method, rank, space.input_size)
-    # A lookup (an Embedding: no MACs) always gains a few MACs when factorized; only its parameters decide.
-    more_macs = space.dense.macs > 0 and cost.macs * space.calls > space.dense.macs
-    if cost.params > space.dense.params or more_macs:
+    if not space.not_costlier(cost):
         return space.dense
     config = session.factorizer.config(method, rank)
     label = f"{method}:{rank}"
