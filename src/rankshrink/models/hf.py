@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from ..errors import ConfigError, FileFormatError
+from ._scoped import scoped_items
 
 __all__ = ["load_hf_model", "load_hf_tokenizer", "hf_directory", "HF_PREFIX", "INSTALL_HINT"]
 
@@ -41,16 +42,8 @@ def _transformers():
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
     """HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 for the block: transformers must not reach the network."""
-    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({key: "1" for key in saved})
-    try:
+    with scoped_items(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def hf_directory(spec_or_dir: str | os.PathLike, *, need_weights: bool = True) -> Path:

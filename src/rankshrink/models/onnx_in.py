@@ -22,6 +22,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from ..errors import ConfigError, FileFormatError
+from ._scoped import scoped_items
 
 __all__ = ["load_onnx_model", "constants_to_initializers", "unsupported_ops", "require_onnx2torch"]
 
@@ -48,20 +49,12 @@ def _torchvision_stand_in() -> Iterator[None]:
         raise ConfigError("this ONNX model uses NonMaxSuppression or RoiAlign, whose conversion needs "
                           "torchvision: pip install torchvision (built for your torch).")
 
-    saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.ops")}
     package, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
     for name in ("nms", "box_convert", "roi_align", "batched_nms"):
         setattr(ops, name, unavailable)
     package.ops = ops  # type: ignore[attr-defined]
-    sys.modules["torchvision"], sys.modules["torchvision.ops"] = package, ops
-    try:
+    with scoped_items(sys.modules, {"torchvision": package, "torchvision.ops": ops}):
         yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def require_onnx2torch():
