@@ -9,6 +9,7 @@ from torch import nn
 onnx = pytest.importorskip("onnx", reason="ONNX-in tests need onnx (pip install 'rankshrink[onnx]')")
 pytest.importorskip("onnxruntime", reason="ONNX-in tests need onnxruntime (pip install 'rankshrink[onnx]')")
 
+from onnx_files import weights_as_constants  # noqa: E402
 from rankshrink import Plan, apply  # noqa: E402
 from rankshrink.cost import count  # noqa: E402
 from rankshrink.deploy import export_onnx  # noqa: E402
@@ -29,18 +30,6 @@ def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
-
-
-def _as_constants(path, out) -> None:
-    """Rewrite an ONNX file so every weight is a Constant node (as other exporters do)."""
-    model = onnx.load(str(path))
-    constants = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
-    del model.graph.initializer[:]
-    nodes = constants + list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out))
 
 
 @needs_onnx2torch
@@ -66,7 +55,7 @@ def test_weights_in_constant_nodes_are_converted(tmp_path) -> None:
     model = _cnn()
     x = torch.randn(3, 3, 8, 8)
     export_onnx(model, x[:2], tmp_path / "model.onnx")
-    _as_constants(tmp_path / "model.onnx", tmp_path / "constants.onnx")
+    weights_as_constants(tmp_path / "model.onnx", tmp_path / "constants.onnx")
     # onnx2torch alone cannot build a Conv2d from a Constant-node weight ...
     with pytest.raises(KeyError):
         convert(onnx.load(str(tmp_path / "constants.onnx")))

@@ -391,19 +391,14 @@ def test_an_onnx_model_with_constant_weights_is_compressed_and_written_back_as_o
         pytest.skip("needs onnx2torch (pip install 'rankshrink[onnx-in]')")
     import onnx
 
+    from onnx_files import weights_as_constants
     from rankshrink import count
     from rankshrink.deploy.quantize import onnx_accuracy
 
     model, splits = digits
     path = export_onnx(model, splits.val.tensors[0][:2], tmp_path / "plain.onnx")
-    graph = onnx.load(str(path))
-    constants = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in graph.graph.initializer]
-    del graph.graph.initializer[:]
-    nodes = constants + list(graph.graph.node)
-    del graph.graph.node[:]
-    graph.graph.node.extend(nodes)
     source = tmp_path / "constants.onnx"
-    onnx.save(graph, str(source))
+    weights_as_constants(path, source)
     out = tmp_path / "out"
     assert main(["compress", "--model", str(source), "--data", "builtin:digits", "--max-macs", "0.5",
                  "--ignore-latency", "--out", str(out), "--quiet", "--no-report"]) == 0
@@ -415,7 +410,7 @@ def test_an_onnx_model_with_constant_weights_is_compressed_and_written_back_as_o
     assert onnx_accuracy(session, splits.test) == rows["low-rank"]["accuracy"] > 0.8
     assert rows["low-rank"]["file_bytes"] < rows["original"]["file_bytes"]
     assert sum(n.op_type == "Conv" for n in onnx.load(str(out / "model.onnx")).graph.node) > \
-        sum(n.op_type == "Conv" for n in graph.graph.node)  # the factorized convs are pairs
+        sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)  # the factorized convs are pairs
 
 
 def test_a_budget_below_the_minimum_says_which_candidates_latency_dropped():
