@@ -259,8 +259,8 @@ def register(subparsers) -> None:
                              "frozen at one length; repeatable (text: data declare axis 1 of every input)")
     deploy.add_argument("--allow-traced-branches", action="store_true",
                         help="export even when the tracer warns of data-dependent control flow (the graph is "
-                             "still checked on real inputs; on for hf: models, whose masking code branches on "
-                             "sequence lengths)")
+                             "still checked on real inputs; on for transformers models, whose masking code branches "
+                             "on sequence lengths)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="allow a non-empty --out (replaces our files only)")
     cache = parser.add_mutually_exclusive_group()
