@@ -110,6 +110,8 @@ def main() -> int:
     parser.add_argument("--sentences", type=int, default=96, help="calibration sentences (and per split)")
     parser.add_argument("--probe-samples", type=int, default=16)
     parser.add_argument("--distill-epochs", type=int, default=1)
+    parser.add_argument("--distill-loss", default="auto", help="finetune's distill_loss (auto: cosine for encoders)")
+    parser.add_argument("--train", default="factors", help="finetune's train: factors or all")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ray", action="store_true", help="also time 1 vs 2 Ray workers")
     parser.add_argument("--hf", help="a real encoder instead: a local Hugging Face model directory")
@@ -146,8 +148,10 @@ def main() -> int:
     distilled: dict | None = None
     if args.distill_epochs > 0:
         start = time.perf_counter()
-        tuned = rs.finetune(result.model, splits, args.distill_epochs, teacher=model, batch_size=16, progress=False)
+        tuned = rs.finetune(result.model, splits, args.distill_epochs, teacher=model, batch_size=16, progress=False,
+                            distill_loss=args.distill_loss, train=args.train)
         distilled = {"epochs": args.distill_epochs, "lr": tuned.train.history[0]["lr"] if tuned.train.history else None,
+                     "loss": args.distill_loss, "train": args.train,
                      "val_before": tuned.val_before, "val_after": tuned.val_after,
                      "test_after": test_metric(tuned.model), "best_epoch": tuned.train.best_epoch,
                      "seconds": time.perf_counter() - start}
@@ -211,7 +215,8 @@ def main() -> int:
         f"| cosine, no fine-tuning (validation / test) | {cosine_val:.4f} / {cosine_test:.4f} |",
     ]
     if distilled:
-        lines.append(f"| cosine after {distilled['epochs']} epoch(s) of distillation, lr {distilled['lr']:g} "
+        lines.append(f"| cosine after {distilled['epochs']} epoch(s) of distillation, lr {distilled['lr']:g}, loss "
+                     f"{distilled['loss']}, training the {distilled['train']} parameters "
                      f"(validation / test) | {distilled['val_after']:.4f} / {distilled['test_after']:.4f} |")
     if ray:
         lines.append(f"| compress wall time, 2 Ray workers / in-process | {ray['ratio_2_over_1']:.2f} "

@@ -122,6 +122,23 @@ def test_cosine_mse_kl_on_tensor_outputs_by_hand():
     assert as_metric("kl", original, data)(original) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_token_distillation_loss_by_hand_ignores_padding():
+    from rankshrink.train import token_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    cos = torch.nn.functional.cosine_similarity
+    real = [(0, 0), (0, 1), (0, 2), (1, 0)]
+    expected = sum(1 - float(cos(student[b, t], teacher[b, t], dim=0)) for b, t in real) / len(real)
+    loss = token_loss({"last_hidden_state": student}, {"last_hidden_state": teacher}, {"attention_mask": mask})
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    padded = student.clone()
+    padded[0, 3] = 100.0  # a padding token never counts
+    again = token_loss({"last_hidden_state": padded}, {"last_hidden_state": teacher}, {"attention_mask": mask})
+    assert float(again) == pytest.approx(expected, abs=1e-6)
+
+
 @pytest.mark.parametrize("fit", ["weights", "activations"])
 def test_embedding_factorization_is_exact_at_full_rank(fit):
     torch.manual_seed(0)

@@ -43,3 +43,56 @@ def test_the_gram_spectrum_cache_never_serves_another_weight():
     c = gram_activation_svd(first, C, 5)
     assert not torch.allclose(a.left @ a.right, b.left @ b.right)
     assert torch.allclose(c.left @ c.right, 2 * (a.left @ a.right))
+
+
+def test_wide_statistics_are_stored_packed_and_stream_exactly(tmp_path):
+    from rankshrink.calibration import Calibration
+    from rankshrink.decompose.stats import PACK_MIN_DIM, InputStats
+
+    torch.manual_seed(0)
+    dim = PACK_MIN_DIM + 3
+    X = torch.randn(900, dim, dtype=torch.float64) + 0.5
+    stats = InputStats("full", dim)
+    for chunk in X.split(250):
+        stats.update(chunk)
+    assert stats.scatter.shape == (dim * (dim + 1) // 2,)  # the upper triangle only
+    assert stats.nbytes() < 0.51 * dim * dim * 8
+    assert torch.allclose(stats.second_moment(), X.T @ X, rtol=1e-10, atol=1e-8)
+    centred = X - X.mean(dim=0)
+    assert torch.allclose(stats.moment(centered=True), centred.T @ centred, rtol=1e-10, atol=1e-8)
+    assert torch.equal(stats.input_mean(), stats.mean)
+    stats.samples = 900
+    Calibration({"layer": stats}, 900).save(tmp_path / "cal.safetensors")
+    again = Calibration.load(tmp_path / "cal.safetensors")["layer"]
+    assert torch.equal(again.second_moment(), stats.second_moment()) and again.count == 900
+
+
+def test_the_final_build_copies_no_replaced_weight_and_shares_nothing_with_the_original():
+    from torch import nn
+
+    from rankshrink.plan import Plan
+    from rankshrink.search.evaluate import Factorizer
+    from rankshrink.surgery import _replaced_tensors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    tied = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    plan = Plan.from_mapping({"0": ("svd", 4), "2": ("svd", 8)})
+    owned = _replaced_tensors(model, plan)
+    assert set(owned) == {id(t) for t in (model[0].weight, model[0].bias, model[2].weight, model[2].bias)}
+    assert _replaced_tensors(tied, Plan.from_mapping({"0": ("embedding", 4)})) == {}  # tied: still used
+
+    x = torch.randn(5, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    factorizer = Factorizer(model)
+    evaluated = factorizer.build(plan)(x)  # a shared-weights build for evaluation memoises the blocks
+    final = factorizer.build(plan, share=False)
+    assert torch.allclose(final(x), evaluated)
+    originals = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not any(t.data_ptr() in originals for t in final.parameters())
+    with torch.no_grad():
+        for p in final.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert factorizer.build(plan, share=False) is not final  # handed over blocks are rebuilt when asked again

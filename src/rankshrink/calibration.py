@@ -162,7 +162,8 @@ class Calibration:
                     continue
                 stats[name] = InputStats(info["kind"], int(info["dim"]), count=int(info["count"]),
                                          samples=int(info["samples"]), mean=tensors[f"{name}::mean"],
-                                         scatter=tensors[f"{name}::scatter"],
+                                         scatter=tensors[f"{name}::scatter" if f"{name}::scatter" in tensors
+                                                         else f"{name}::scatter_upper"],
                                          kernel_size=tuple(info["kernel_size"]) if info["kernel_size"] else None,
                                          patch_count=int(info["patch_count"]),
                                          patch_mean=tensors.get(f"{name}::patch_mean"))
@@ -491,11 +492,7 @@ def _finish(stats: dict[str, Any], explicit: bool, n_samples: int) -> None:
         if isinstance(s, DiagonalStats):  # lookup counts: fewer lookups than rows is expected, not a warning
             s.counts = s._counts().cpu()
             continue
-        mean, scatter = s._moments()
-        s.mean, s.scatter = mean.cpu(), scatter.cpu()
-        if s.patch_mean is not None:
-            s.patch_mean = s.patch_mean.cpu()
-        s._cache.clear()
+        s.to_cpu()
         if s.count < s.dim:
             warnings.warn(f"layer '{name}': only {s.count} input vectors (from {s.samples} calibration samples) for "
                           f"{s.dim}-dimensional inputs, so its input statistics are rank-deficient and the "

@@ -116,7 +116,7 @@ def _splits_of(data, val_data, test_data) -> tuple[Dataset, Dataset | None, Data
 
 def _distills_hidden_states(teacher: nn.Module, train_data: Dataset, config: TrainConfig) -> bool:
     """Whether distillation from ``teacher`` runs on hidden-state representations (an encoder)."""
-    if config.distill_loss in ("cosine", "mse"):
+    if config.distill_loss in ("cosine", "mse", "tokens"):
         return True
     if config.distill_loss != "auto" or has_labels(train_data):
         return False

@@ -24,7 +24,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["representation", "output_kind", "mean_pooled", "per_sample"]
+__all__ = ["representation", "output_kind", "mean_pooled", "per_sample", "hidden_states"]
 
 
 def _field(output: Any, name: str) -> Any:
@@ -72,6 +72,15 @@ def representation(output: Any, inputs: Any = None) -> torch.Tensor:
                 return value
     output_kind(output)  # raises the message
     raise AssertionError("unreachable")
+
+
+def hidden_states(output: Any) -> torch.Tensor:
+    """An encoder output's ``last_hidden_state`` (batch, tokens, features)."""
+    hidden = _field(output, "last_hidden_state")
+    if not isinstance(hidden, torch.Tensor):
+        raise DataError(f"the model returned {type(output).__name__}, which has no last_hidden_state; the 'tokens' "
+                        "distillation loss is for encoders (use 'cosine' or 'mse').")
+    return hidden
 
 
 def per_sample(tensor: torch.Tensor) -> torch.Tensor:

@@ -173,7 +173,9 @@ def build(model: nn.Module, plan: Plan, make_block: BlockMaker, *, inplace: bool
         shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
         target = copy.deepcopy(model, shared)
     else:
-        target = copy.deepcopy(model)
+        # The weights of the layers about to be replaced are not copied only to be dropped (for a large
+        # model half of it): the copy points at the original's, until make_block's block takes their place.
+        target = copy.deepcopy(model, _replaced_tensors(model, plan))
     where = aliases(target)
     items: Any = list(plan.items())
     if progress:
@@ -186,6 +188,20 @@ def build(model: nn.Module, plan: Plan, make_block: BlockMaker, *, inplace: bool
         for alias in where[id(module)]:  # a shared module is replaced everywhere it is used
             replace_layer(target, alias, block)
     return target
+
+
+def _replaced_tensors(model: nn.Module, plan: Plan) -> dict[int, torch.Tensor]:
+    """id -> tensor of the parameters and buffers that only the layers of ``plan`` hold (a deepcopy memo)."""
+    planned = {id(model.get_submodule(name)) for name, _ in plan.items()}
+    kept: set[int] = set()
+    owned: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        if id(module) in planned:
+            owned.update((id(t), t) for t in tensors)
+        else:
+            kept.update(id(t) for t in tensors)
+    return {key: tensor for key, tensor in owned.items() if key not in kept}
 
 
 def empty_skeleton(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:

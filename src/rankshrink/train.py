@@ -37,6 +37,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -62,7 +63,7 @@ _CHECKPOINT_FORMAT = "rankshrink-train-checkpoint"
 _CHECKPOINT_VERSION = 2
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SCHEDULES = ("cosine", "constant")
-DISTILL_LOSSES = ("auto", "kl", "cosine", "mse")
+DISTILL_LOSSES = ("auto", "kl", "cosine", "mse", "tokens")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -76,7 +77,8 @@ class TrainConfig:
     ``(1 − distill_weight)·CE + distill_weight·T²·KL`` at ``T = distill_temperature``.
     ``distill_loss``: 'kl' (that loss, on logits), 'cosine' (``1 − cos`` of the student's and the
     teacher's output representations -- an encoder's mask-mean-pooled last hidden state, see
-    :mod:`rankshrink.outputs`), 'mse' (their squared error over the teacher's energy) or 'auto'
+    :mod:`rankshrink.outputs`), 'mse' (their squared error over the teacher's energy), 'tokens' (an encoder's:
+    the pooled cosine plus ``1 − cos`` of every real token's last hidden state) or 'auto'
     (cosine for an encoder's hidden states, kl for logits). The representation losses need no labels
     and replace the cross-entropy.
     ``keep_best``: return the best-validating weights (the starting ones count as epoch 0).
@@ -181,6 +183,20 @@ def representation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str 
     if kind == "mse":
         return (s - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-12)
     raise ConfigError(f"representation loss must be cosine or mse, got {kind!r}.")
+
+
+def token_loss(student_output: Any, teacher_output: Any, inputs: Any) -> torch.Tensor:
+    """``mean(1 − cos)`` of the student's and the teacher's last hidden states over every real token (the
+    inputs' attention mask): a far denser signal than the pooled sentence embedding alone."""
+    from .outputs import hidden_states
+
+    student, teacher = hidden_states(student_output), hidden_states(teacher_output)
+    per_token = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(per_token.shape):
+        weights = mask.to(device=per_token.device, dtype=per_token.dtype)
+        return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+    return per_token.mean()
 
 
 def distill_kind(config_kind: str, output: Any) -> str:
@@ -517,16 +533,19 @@ class _Epoch:
                 group["lr"] = self.lr_at(state.step)
             output = call_checked(model, inputs, what="the training data")
             kind = distill_kind(config.distill_loss, output) if self.teacher is not None else "kl"
-            if kind in ("cosine", "mse"):
+            if kind in ("cosine", "mse", "tokens"):
                 from .outputs import representation
 
                 assert self.teacher is not None
                 logits = representation(output, inputs)
                 with torch.no_grad():
                     teacher_inputs = to_model(inputs, self.teacher)
-                    target = representation(call_checked(self.teacher, teacher_inputs,
-                                                         what="the training data (teacher)"), teacher_inputs)
-                loss = representation_loss(logits, target, kind)
+                    teacher_output = call_checked(self.teacher, teacher_inputs, what="the training data (teacher)")
+                    target = representation(teacher_output, teacher_inputs)
+                if kind == "tokens":
+                    loss = representation_loss(logits, target, "cosine") + token_loss(output, teacher_output, inputs)
+                else:
+                    loss = representation_loss(logits, target, kind)
             elif self.teacher is not None:
                 logits = output_tensor(output)
                 if labels is not None:

@@ -666,11 +666,15 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
     start = ev.requested
     value = evaluate(choices, phase)
     used = max(1, ev.requested - start)
-    tried = {plan_of(choices).key()}
-    floor = 0.98 * target
+    names = [s.name for s in spaces]
 
-    def total(ch) -> int:
-        return cost_model.total(ch, by_name)[kind]
+    def key_of(ch: dict[str, Candidate]) -> tuple:
+        # A plan's identity, cheaply: thousands of neighbours are scored per round on a 75-layer model,
+        # where Plan.key()'s JSON would take most of the search's time.
+        return tuple((ch[n].method, ch[n].rank) for n in names)
+
+    tried = {key_of(choices)}
+    floor = 0.98 * target
 
     def steps(space: LayerSpace, here: Candidate) -> tuple[list[Candidate], list[Candidate]]:
         pool = _pool(session, space, fronts[index[space.name]], here, kind, reach=1)
@@ -679,32 +683,30 @@ def polish_budget(session, spaces: list[LayerSpace], allocation: Allocation, cos
         return ups, downs
 
     while used < max_evaluations and not (stop is not None and stop(value)):
-        neighbours = []
+        current = cost_model.total(choices, by_name)[kind]
+        neighbours: list[dict[str, Candidate]] = []  # each the layers it changes
         moves = {s.name: steps(s, choices[s.name]) for s in spaces}
         for a in spaces:
             ups, _ = moves[a.name]
             for up in ups:
                 for b in spaces:
-                    if b is a:
-                        continue
-                    for down in moves[b.name][1]:
-                        trial = dict(choices)
-                        trial[a.name], trial[b.name] = up, down
-                        neighbours.append(trial)
+                    if b is not a:
+                        neighbours.extend({a.name: up, b.name: down} for down in moves[b.name][1])
             # Same layer, another candidate of similar cost (typically another method).
             here = choices[a.name]
-            for cand in fronts[index[a.name]]:
-                if cand is not here and abs(cand.cost(kind) - here.cost(kind)) <= 0.02 * target:
-                    trial = dict(choices)
-                    trial[a.name] = cand
-                    neighbours.append(trial)
+            neighbours.extend({a.name: cand} for cand in fronts[index[a.name]]
+                              if cand is not here and abs(cand.cost(kind) - here.cost(kind)) <= 0.02 * target)
         scored = []
-        for trial in neighbours:
-            cost = total(trial)
-            key = plan_of(trial).key()
-            if not floor <= cost <= target or key in tried:
+        for changes in neighbours:
+            # Costs are additive over layers: only the changed ones move the total.
+            cost = current + sum(c.cost(kind) - choices[n].cost(kind) for n, c in changes.items())
+            if not floor <= cost <= target:
                 continue
-            harm = sum((_d(trial[s.name]) - _d(choices[s.name])) * weights[index[s.name]] for s in spaces)
+            trial = {**choices, **changes}
+            key = key_of(trial)
+            if key in tried:
+                continue
+            harm = sum((_d(c) - _d(choices[n])) * weights[index[n]] for n, c in changes.items())
             scored.append((harm, -cost, key, trial))
         if not scored:
             break

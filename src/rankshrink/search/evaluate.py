@@ -21,7 +21,6 @@ It runs the network forward on a small batch of training inputs, never the metri
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import sys
 import time
@@ -158,8 +157,9 @@ class Factorizer:
     def build(self, plan: Plan, *, share: bool = True) -> nn.Module:
         """The compressed model for ``plan`` (``model`` is untouched).
 
-        With ``share`` the memoised blocks are used as they are (fine for evaluation);
-        otherwise each block is copied, so the result owns all its weights.
+        With ``share`` the memoised blocks are used as they are (fine for evaluation); otherwise the
+        result owns all its weights: each memoised block is handed over (and forgotten here: rebuilt if
+        asked for again) rather than copied, so a large model's final build adds no second set of blocks.
         """
         if plan.fold_batchnorm:
             from ..layers import get_layer
@@ -173,7 +173,9 @@ class Factorizer:
 
         def memoised(name: str, module: nn.Module, entry: MethodConfig, rank: Any) -> nn.Module:
             block = self.block_for(name, entry)
-            return block if share else copy.deepcopy(block)
+            if not share:
+                self._memo.pop((name, entry), None)
+            return block
 
         return build(self.model, plan, memoised, share_weights=share)
 

@@ -77,7 +77,11 @@ class LayerSpace:
     dense: Candidate
     candidates: list[Candidate]
     break_even: dict[str, int]
-    estimates: dict[str, Any] = field(default_factory=dict)
+    # The data-free EVBMF rank estimates by method, computed on first use (only the tolerance search's first
+    # probes use them: for a BERT-base budget search they were a tenth of its time, unused).
+    _estimates: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    estimate_objective: str = field(default="params", repr=False)
+    methods: tuple[str, ...] = field(default=(), repr=False)
     module: Any = field(default=None, repr=False, compare=False)
     known: dict[str, float] = field(default_factory=dict, repr=False)   # cached proxies: "method:rank" -> value
     fresh: bool = field(default=False, repr=False)                       # computed proxies not yet cached
@@ -88,6 +92,20 @@ class LayerSpace:
     latency_ratios: dict = field(default_factory=dict, repr=False)
     # Closed-form error curves by method (search/closed_form.py): their candidates need no forward pass.
     curves: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def estimates(self) -> dict[str, Any]:
+        if self._estimates is None:
+            from ..ranks import layer_estimates
+
+            try:
+                weight = layer_weight(self.module)
+                with single_threaded(weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
+                    self._estimates = layer_estimates(weight.detach(), self.geometry, input_size=self.input_size,
+                                                      by=self.estimate_objective, methods=self.methods)
+            except Exception:  # estimates only guide the first probe
+                self._estimates = {}
+        return self._estimates
 
     def not_costlier(self, cost) -> bool:
         """Whether a factorization of ``cost`` (one call) has no more params or MACs than the dense layer. A
@@ -330,8 +348,6 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
         if unknown:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known methods are "
                               f"{', '.join(method_names())}.")
-    from ..ranks import layer_estimates
-
     work = []
     for row in rows:
         if row.name in session.unreached:  # its output never reaches the model's output: nothing to trade
@@ -390,20 +406,14 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
             _closed_form_curves(session, [(space, allowed) for space, _, _, allowed in spaces], grids, progress)
 
         done = []
-        for space, row, module, allowed in spaces:
+        for space, row, _module, allowed in spaces:
             proxy_key = session.proxy_key(row.name)
             for method in allowed:
                 for rank in grids[(row.name, method)]:
                     make_candidate(session, space, method, rank)
                 if bar is not None:
                     bar.update(1)
-            try:
-                weight = layer_weight(module)
-                with single_threaded(weight.numel() <= SINGLE_THREAD_MAX_WEIGHTS):
-                    space.estimates = layer_estimates(weight.detach(), row.geometry, input_size=row.input_size,
-                                                      by=cap_objective, methods=tuple(allowed))
-            except Exception:  # estimates only guide the first probe
-                space.estimates = {}
+            space.estimate_objective, space.methods = cap_objective, tuple(allowed)
             if space.fresh and proxy_key:
                 session.cache.put_json("proxies", proxy_key, space.proxies())
                 space.fresh = False
