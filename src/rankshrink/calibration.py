@@ -425,7 +425,7 @@ def _statistics_hook(name: str, target: InputStats, hit: dict[str, bool], state:
                 "layers before it."))
         try:
             _, chunks = _layer_rows(mod, name, x, state.token_mask)
-            batch = InputStats("full", target.dim) if target.kind == "full" else None
+            batch = InputStats("full", target.dim, pack=False) if target.kind == "full" else None
             for rows in chunks:
                 rows = rows.to(torch.float64)
                 if target.kind == "channel":

@@ -30,7 +30,7 @@ from .data import Splits, _dataset_len, has_labels
 from .errors import ConfigError, DataError
 from .factorized import Factorized
 from .metrics import accuracy
-from .train import TrainConfig
+from .train import REPRESENTATION_LOSSES, TrainConfig
 
 __all__ = ["FinetuneResult", "finetune", "factor_parameters", "TRAIN_CHOICES", "DEFAULT_LR", "ENCODER_LR",
            "FINETUNE_DEFAULTS"]
@@ -116,7 +116,7 @@ def _splits_of(data, val_data, test_data) -> tuple[Dataset, Dataset | None, Data
 
 def _distills_hidden_states(teacher: nn.Module, train_data: Dataset, config: TrainConfig) -> bool:
     """Whether distillation from ``teacher`` runs on hidden-state representations (an encoder)."""
-    if config.distill_loss in ("cosine", "mse", "tokens"):
+    if config.distill_loss in REPRESENTATION_LOSSES:
         return True
     if config.distill_loss != "auto" or has_labels(train_data):
         return False

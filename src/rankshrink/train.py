@@ -64,6 +64,8 @@ _CHECKPOINT_VERSION = 2
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SCHEDULES = ("cosine", "constant")
 DISTILL_LOSSES = ("auto", "kl", "cosine", "mse", "tokens")
+# The distillation losses on output representations (no labels needed): an encoder's hidden states.
+REPRESENTATION_LOSSES = ("cosine", "mse", "tokens")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -533,7 +535,7 @@ class _Epoch:
                 group["lr"] = self.lr_at(state.step)
             output = call_checked(model, inputs, what="the training data")
             kind = distill_kind(config.distill_loss, output) if self.teacher is not None else "kl"
-            if kind in ("cosine", "mse", "tokens"):
+            if kind in REPRESENTATION_LOSSES:
                 from .outputs import representation
 
                 assert self.teacher is not None

@@ -70,6 +70,7 @@ class InputStats:
     kernel_size: tuple[int, ...] | None = None
     patch_count: int = 0
     patch_mean: torch.Tensor | None = None
+    pack: bool = True  # False: a transient summary, kept full however wide (packing it would be wasted work)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -87,7 +88,7 @@ class InputStats:
 
     @property
     def packed_storage(self) -> bool:
-        return self.dim >= PACK_MIN_DIM
+        return self.pack and self.dim >= PACK_MIN_DIM
 
     def _moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         # __post_init__ fills both; the fields are Optional only so the constructor can default them

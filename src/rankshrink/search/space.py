@@ -383,7 +383,7 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
             dense = Candidate(row.name, None, None, dense_c.params, dense_c.macs * row.calls,
                               dense_c.params * esize, 0.0, latency=dense_latency)
             space = LayerSpace(row.name, row.type, row.geometry, tuple(row.input_size), row.calls, esize, dense,
-                               [], {}, module=module)
+                               [], {}, module=module, estimate_objective=cap_objective, methods=tuple(allowed))
             if latency is not None:
                 space.allowed = set()
                 space.latency_costs[None] = dense_latency
@@ -413,7 +413,6 @@ def build_spaces(session: Session, cost_model: CostModel, *, kind: str, layers: 
                     make_candidate(session, space, method, rank)
                 if bar is not None:
                     bar.update(1)
-            space.estimate_objective, space.methods = cap_objective, tuple(allowed)
             if space.fresh and proxy_key:
                 session.cache.put_json("proxies", proxy_key, space.proxies())
                 space.fresh = False
