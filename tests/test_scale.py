@@ -96,3 +96,31 @@ def test_the_final_build_copies_no_replaced_weight_and_shares_nothing_with_the_o
             p.add_(1.0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert factorizer.build(plan, share=False) is not final  # handed over blocks are rebuilt when asked again
+
+
+def test_the_factorizer_keeps_recent_plans_blocks_and_a_bounded_whitening_cache(monkeypatch):
+    from torch import nn
+
+    from rankshrink.calibration import calibrate
+    from rankshrink.plan import Plan
+    from rankshrink.search import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(24, 24) for _ in range(4)]).eval()
+    calibration = calibrate(model, torch.randn(200, 24), samples=200)
+    stats = [calibration.get(str(i)) for i in range(4)]
+    one = stats[0].whitening(False, 0.0)
+    monkeypatch.setattr(evaluate, "WHITENING_CACHE_BYTES", 2 * stats[0].cache_nbytes())  # two layers' worth
+    stats[0].clear_cache()
+    factorizer = evaluate.Factorizer(model, calibration=calibration, fit="activations")
+    plans = [Plan.from_mapping({str(i): factorizer.config("svd", rank) for i in range(4)}) for rank in (4, 8, 12)]
+    x = torch.randn(7, 24)
+    first = factorizer.build(plans[0])(x)
+    assert [s.cache_nbytes() > 0 for s in stats] == [False, False, True, True]  # the two built last
+    for plan in plans[1:]:
+        factorizer.build(plan)
+    assert len(factorizer._memo) == 8  # the last two plans' blocks, 4 layers each
+    assert {entry.rank for _, entry in factorizer._memo} == {8, 12}
+    # A forgotten block is rebuilt identically (its whitening recomputed).
+    assert torch.equal(factorizer.build(plans[0])(x), first)
+    assert torch.equal(stats[0].whitening(False, 0.0).Q, one.Q)

@@ -44,8 +44,29 @@ DIAGONAL = "diagonal"
 
 # --------------------------------------------------------------------------- statistics
 
+class _DerivedCache:
+    """What a statistics object derives from its moments (whitening factors, channel statistics), cached
+    until the moments change; a search bounds how much of it stays (see ``Factorizer``)."""
+
+    _cache: dict
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the cached derived tensors."""
+        total = 0
+        for value in self._cache.values():
+            if isinstance(value, (InputStats, DiagonalStats)):
+                total += value.nbytes() + value.cache_nbytes()
+            else:
+                total += sum(t.numel() * t.element_size() for t in value if isinstance(t, torch.Tensor))
+        return total
+
+    def clear_cache(self) -> None:
+        """Drop what was derived (recomputed, identically, when asked for again)."""
+        self._cache.clear()
+
+
 @dataclass
-class InputStats:
+class InputStats(_DerivedCache):
     """Streaming moments of one layer's input vectors, in float64.
 
     ``kind='full'``: the vectors are the layer's whole inputs (Linear: ``in_features``;
@@ -209,7 +230,7 @@ class InputStats:
 
 
 @dataclass
-class DiagonalStats:
+class DiagonalStats(_DerivedCache):
     """Statistics of one-hot input vectors (an ``nn.Embedding``'s lookups), streamed in float64.
 
     An Embedding computes ``Wᵀ·e_v`` for the one-hot vector ``e_v`` of each index ``v``, so the

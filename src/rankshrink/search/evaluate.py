@@ -24,6 +24,7 @@ import contextlib
 import math
 import sys
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,6 +51,13 @@ __all__ = ["Factorizer", "Evaluator", "EvaluationRecord", "Distortion", "SearchI
 # nothing from a second thread, and on a shared, busy machine threaded LAPACK/BLAS calls on
 # small matrices can be 10-100x slower than one thread (spinning threads wait for cores).
 SINGLE_THREAD_MAX_WEIGHTS = 1 << 20
+# What the factorizer keeps between plans: the blocks of the last MEMO_PLANS plans built (a search's next
+# plan is its current one with a layer or two changed), and the whitening factors of at most
+# WHITENING_CACHE_BYTES of statistics, least recently used dropped first. Unbounded, a BERT-base search
+# held every block it ever tried (0.25 GiB) and 48 768-wide whitenings (0.21 GiB); a dropped one is rebuilt
+# identically when asked for again (an eigendecomposition of a 768-wide moment takes about 0.1 s).
+MEMO_PLANS = 2
+WHITENING_CACHE_BYTES = 64 * 2**20
 
 
 @contextlib.contextmanager
@@ -115,6 +123,8 @@ class Factorizer:
         self.apply_fn = apply_fn
         self.modules = dict(factorizable_layers(model))
         self._memo: dict[tuple, nn.Module] = {}
+        self._recent_plans: deque[set[tuple]] = deque(maxlen=MEMO_PLANS)  # memo keys of the last plans built
+        self._whitened: OrderedDict[int, Any] = OrderedDict()  # statistics with cached whitenings, oldest first
         self._configs: dict[tuple, MethodConfig] = {}
         self.seconds = 0.0
 
@@ -149,10 +159,29 @@ class Factorizer:
             stats = self.calibration.get(name) if entry.fit == "activations" else None
             with single_threaded(layer_weight(module).numel() <= SINGLE_THREAD_MAX_WEIGHTS):
                 block = factorize(module, entry, name=f"layer '{name}'", input_stats=stats)
+            if stats is not None:
+                self._bound_whitenings(stats)
         block.eval()
         self._memo[key] = block
         self.seconds += time.perf_counter() - start
         return block
+
+    def _bound_whitenings(self, stats: Any) -> None:
+        """Keep ``stats``' derived factors; drop the least recently used others beyond WHITENING_CACHE_BYTES."""
+        self._whitened.pop(id(stats), None)
+        self._whitened[id(stats)] = stats
+        total = sum(found.cache_nbytes() for found in self._whitened.values())
+        while total > WHITENING_CACHE_BYTES and len(self._whitened) > 1:
+            _, oldest = self._whitened.popitem(last=False)
+            total -= oldest.cache_nbytes()
+            oldest.clear_cache()
+
+    def _built(self, plan: Plan) -> None:
+        """Remember ``plan``'s blocks as recently used; forget the blocks no recent plan used."""
+        self._recent_plans.append({(name, entry) for name, entry in plan.items()})
+        keep = set().union(*self._recent_plans)
+        for key in [key for key in self._memo if key not in keep]:
+            del self._memo[key]
 
     def build(self, plan: Plan, *, share: bool = True) -> nn.Module:
         """The compressed model for ``plan`` (``model`` is untouched).
@@ -177,7 +206,10 @@ class Factorizer:
                 self._memo.pop((name, entry), None)
             return block
 
-        return build(self.model, plan, memoised, share_weights=share)
+        built = build(self.model, plan, memoised, share_weights=share)
+        if share:
+            self._built(plan)
+        return built
 
     def forget(self) -> None:
         self._memo.clear()
@@ -189,7 +221,9 @@ class Factorizer:
 
     def blocks(self, plan: Plan) -> dict[str, nn.Module]:
         """The memoised block of every layer of ``plan`` (built when missing)."""
-        return {name: self.block_for(name, entry) for name, entry in plan.items()}
+        found = {name: self.block_for(name, entry) for name, entry in plan.items()}
+        self._built(plan)
+        return found
 
 
 @dataclass

@@ -37,6 +37,9 @@ from .session import Session
 __all__ = ["Candidate", "LayerSpace", "CostModel", "build_spaces", "make_candidate", "neighbour_rank", "rank_grid",
            "COST_KINDS", "plan_costs"]
 
+# Probe blocks factorized and measured together (enough to keep a worker pool busy, few enough to bound memory).
+PROBE_BATCH = 32
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -428,11 +431,24 @@ def _closed_form_curves(session: Session, spaces: list[tuple[LayerSpace, list[st
     """Each layer's closed-form error curve for every method that has one, and its sensitivity probe.
 
     A sensitivity found in the proxy cache is reused; the others are measured together, one probe per
-    layer and method (:mod:`~rankshrink.search.closed_form`), on the worker pool.
+    layer and method (:mod:`~rankshrink.search.closed_form`), on the worker pool, ``PROBE_BATCH`` probe
+    blocks at a time (all of a BERT-base's at once held 0.2 GiB of blocks).
     """
     from .closed_form import error_curve, probe_ranks
 
     probes: list[tuple[Any, int, LayerSpace, nn.Module]] = []
+
+    def measure() -> None:
+        start = time.perf_counter()
+        values = session.probe_distortions([(space.name, block) for _, _, space, block in probes],
+                                           progress=progress)
+        session.timings["proxy"] += time.perf_counter() - start
+        for (curve, rank, space, block), value in zip(probes, values):
+            curve.probes[rank] = float(value)
+            space.fresh = True
+            session.factorizer.release(space.name, block)
+        probes.clear()
+
     for space, allowed in spaces:
         for method in allowed:
             ranks = probe_ranks(grids[(space.name, method)])
@@ -456,16 +472,11 @@ def _closed_form_curves(session: Session, spaces: list[tuple[LayerSpace, list[st
         if space.curves:  # the whitening of this layer is not needed again until the final factors
             stats = session.calibration.get(space.name) if session.calibration is not None else None
             if stats is not None:
-                stats._cache.clear()
-    if not probes:
-        return
-    start = time.perf_counter()
-    values = session.probe_distortions([(space.name, block) for _, _, space, block in probes], progress=progress)
-    session.timings["proxy"] += time.perf_counter() - start
-    for (curve, rank, space, block), value in zip(probes, values):
-        curve.probes[rank] = float(value)
-        space.fresh = True
-        session.factorizer.release(space.name, block)
+                stats.clear_cache()
+        if len(probes) >= PROBE_BATCH:
+            measure()
+    if probes:
+        measure()
 
 
 def plan_costs(plan: Plan, spaces: list[LayerSpace], cost_model: CostModel) -> dict[str, int]:
