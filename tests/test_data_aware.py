@@ -258,6 +258,36 @@ def test_streaming_statistics_do_not_depend_on_batching():
     assert not model.conv._forward_pre_hooks
 
 
+class _Residual(nn.Module):
+    """Four layers read one tensor: a 3×3 conv, a 1×1 shortcut, a strided 1×1 shortcut, and a 3×3 conv again."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.shortcut = nn.Conv2d(4, 4, 1)
+        self.down = nn.Conv2d(4, 4, 1, stride=2)
+        self.twin = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return (self.conv(h) + self.shortcut(h) + self.twin(h)).mean((2, 3)) + self.down(h).mean((2, 3))
+
+
+def test_layers_reading_other_rows_of_one_tensor_get_their_own_statistics():
+    # Summaries are shared between layers fed the same tensor only where they read the same rows from it.
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(20, 1, 6, 6)
+    found = calibrate(model, x, samples=None, batch_size=8)
+    with torch.no_grad():
+        h = model.stem(x)
+    for name in ("conv", "shortcut", "down", "twin"):
+        patches = conv_patches(model.get_submodule(name), h).double()
+        assert torch.allclose(found[name].second_moment(), patches.T @ patches, rtol=1e-9, atol=1e-9), name
+        assert found[name].count == patches.shape[0]
+
+
 def test_channel_statistics_from_a_plan_match_the_derived_ones():
     model = _TwoBranch()
     data = _data(30)

@@ -294,6 +294,16 @@ def _layer_rows(module: nn.Module, name: str, x: torch.Tensor,
     return x.shape[0], (conv_patches(module, x[i:i + step]) for i in range(0, x.shape[0], step))
 
 
+def _rows_read(module: nn.Module) -> tuple:
+    """What decides the rows :func:`_layer_rows` reads from an input: two layers with equal keys read equal rows."""
+    features = linear_features(module)
+    if features is not None:
+        return ("linear", features[0])
+    return (type(module).__name__, module.in_channels, tuple(module.kernel_size), tuple(module.stride),
+            module.padding if isinstance(module.padding, str) else tuple(module.padding), tuple(module.dilation),
+            module.padding_mode)
+
+
 # --------------------------------------------------------------------------- calibrate
 
 def _as_dataset(dataset) -> Dataset:
@@ -368,21 +378,24 @@ class _BatchState:
     def __init__(self) -> None:
         self.index = 0
         self.token_mask: torch.Tensor | None = None
-        # Layers fed the very same tensor (query/key/value projections) share one summary of it. The tensor
-        # is held, so no other tensor can take its memory and be mistaken for it.
+        # Layers fed the very same tensor that read the same rows from it (query/key/value projections) share
+        # one summary of it; a ResNet's 3×3 conv and its 1×1 shortcut read other patches of one tensor and do
+        # not. The tensor is held, so no other tensor can take its memory and be mistaken for it.
         self.last_input: torch.Tensor | None = None
+        self.last_rows: tuple | None = None
         self.last_moments: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def start(self, index: int, inputs: Any) -> None:
         self.index = index
-        self.last_input, self.last_moments = None, None
+        self.last_input, self.last_rows, self.last_moments = None, None, None
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         self.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
-    def same_as_last(self, x: torch.Tensor) -> bool:
+    def same_as_last(self, x: torch.Tensor, rows: tuple) -> bool:
         last = self.last_input
-        return (last is not None and self.last_moments is not None and last.data_ptr() == x.data_ptr()
+        return (last is not None and self.last_moments is not None and rows == self.last_rows
+                and last.data_ptr() == x.data_ptr()
                 and last.shape == x.shape and last.stride() == x.stride() and last.dtype == x.dtype
                 and last.device == x.device and last._version == x._version)
 
@@ -412,7 +425,8 @@ def _statistics_hook(name: str, target: InputStats, hit: dict[str, bool], state:
             raise _HookError(DataError(f"layer '{name}' was called without a tensor input; it cannot be "
                                        "calibrated."))
         x = args[0].detach()
-        if target.kind == "full" and state.same_as_last(x):
+        rows_read = _rows_read(mod)
+        if target.kind == "full" and state.same_as_last(x, rows_read):
             assert state.last_moments is not None
             target.merge(*state.last_moments)  # the same tensor the previous layer summarised
             hit[name] = True
@@ -438,7 +452,7 @@ def _statistics_hook(name: str, target: InputStats, hit: dict[str, bool], state:
             if batch is not None:
                 moments = (batch.count, *batch._moments())
                 target.merge(*moments)
-                state.last_input, state.last_moments = x, moments
+                state.last_input, state.last_rows, state.last_moments = x, rows_read, moments
         except DataError as exc:
             raise _HookError(exc) from None
         hit[name] = True
