@@ -1,7 +1,8 @@
 """English sentences for benchmarks/scale.py's real-encoder run: the docstrings of ~90 standard-library modules,
-split into sentences of 6-40 words (mostly letters), deduplicated, shuffled (seed 0), the first 1500.
+split into sentences of 6-40 words (mostly letters), deduplicated, shuffled (seed 0), the first 1500 by default.
 
-Usage: ``python benchmarks/docstring_sentences.py`` writes ``sentences.txt`` in the current directory.
+Usage: ``python benchmarks/docstring_sentences.py [COUNT]`` writes the first COUNT (default 1500; ``all``: every
+one, about 3000) to ``sentences.txt`` in the current directory.
 Nothing is downloaded; the text is whatever this Python's standard library documents.
 """
 
@@ -9,6 +10,7 @@ import importlib
 import inspect
 import random
 import re
+import sys
 
 mods = ["os","re","json","collections","itertools","functools","pathlib","argparse","logging","subprocess","threading",
         "asyncio","email","http.client","urllib.request","xml.dom.minidom","csv","sqlite3","datetime","calendar",
@@ -38,5 +40,6 @@ for t in texts:
             sentences.add(s.strip())
 s = sorted(sentences)
 random.Random(0).shuffle(s)
-open("sentences.txt", "w").write("\n".join(s[:1500]) + "\n")
+count = sys.argv[1] if len(sys.argv) > 1 else "1500"
+open("sentences.txt", "w").write("\n".join(s if count == "all" else s[:int(count)]) + "\n")
 print(len(sentences))

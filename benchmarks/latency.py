@@ -6,7 +6,8 @@ CLI runs it: candidates measured against their dense layer, ranks rounded to mul
 the final plan measured against the original) at ``--max-macs 0.5``, ``--max-macs 0.25``
 and ``--max-latency 0.6``; each of the four models is exported to ONNX and quantized to int8
 (static QDQ, calibrated on the training split: on this CPU the faster mode for convolutions
-and Linear layers alike, see ``results/latency_uniform.md``'s phase-1 notes), and all eight
+and Linear layers alike, see ``results/latency_uniform.md``'s phase-1 notes; as ``compress --int8
+static`` does, nodes whose int8 kernel profiles slower stay float32), and all eight
 files are timed interleaved in one run on ONNX Runtime (CPU execution provider, 1 thread) at
 batch 1 and 32, with their size and test accuracy on ONNX Runtime.
 
@@ -48,7 +49,7 @@ import torch  # noqa: E402
 
 from provenance import provenance, provenance_line  # noqa: E402
 from rankshrink.deploy.onnx import onnx_bytes  # noqa: E402
-from rankshrink.deploy.quantize import QuantizeConfig, measure_onnx_files, quantize_onnx  # noqa: E402
+from rankshrink.deploy.quantize import QuantizeConfig, measure_onnx_files, quantize_where_faster  # noqa: E402
 from rankshrink.errors import ConfigError  # noqa: E402
 from rankshrink.files import atomic_write_json, atomic_write_text  # noqa: E402
 from rankshrink.models import BUILTIN_MODELS, load_builtin  # noqa: E402
@@ -93,6 +94,7 @@ def bench_model(name: str) -> dict:
               f"{record['plans'][key]['search_measured_ratio']}, {record['plans'][key]['seconds']:.0f} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="rankshrink-bench-") as work:
         files = {}
+        float_nodes: dict[str, list[str]] = {}
         quantization = QuantizeConfig(mode="static")
         for key, m in models.items():
             fp32 = Path(work) / f"{key.replace(' ', '_')}.onnx"
@@ -100,8 +102,11 @@ def bench_model(name: str) -> dict:
                 warnings.simplefilter("ignore")
                 fp32.write_bytes(onnx_bytes(m, example))
             files[key] = fp32
-            files[f"{key} +int8"] = quantize_onnx(fp32, fp32.with_suffix(".int8.onnx"), calibration=splits.train,
-                                                  config=quantization)
+            # As compress --int8 static ships it: nodes whose int8 kernel measures slower stay float32.
+            choice = quantize_where_faster(fp32, fp32.with_suffix(".int8.onnx"), example_input=example,
+                                           calibration=splits.train, config=quantization, batches=BATCHES, threads=1)
+            files[f"{key} +int8"] = choice.path
+            float_nodes[key] = choice.float_nodes
         # ROUNDS separate interleaved runs, the median of their medians kept: on this shared machine a single run
         # once measured ds-cnn's 0.5 plan at 4.7x the original at batch 32, where a rerun measured it at 0.72x.
         rounds = [measure_onnx_files(files, splits.test if i == 0 else None, example_input=example,
@@ -117,6 +122,8 @@ def bench_model(name: str) -> dict:
                            "rounds_ms": {str(b): [r[k].latency[b].median_ms for r in rounds] for b in BATCHES},
                            "runs": {str(b): sum(r[k].latency[b].runs for r in rounds) for b in BATCHES}}
                        for k, m in measured.items()}
+    for key, names in float_nodes.items():
+        record["files"][f"{key} +int8"]["float_nodes"] = names
     original = record["files"]["original"]["latency_ms"]
     for key, entry in record["plans"].items():
         if "error" in entry:
@@ -193,12 +200,15 @@ def markdown(data: dict) -> str:
     if errors:
         lines += ["", "Budgets the search refused (its one-line message):", ""] + [f"- {x}" for x in errors]
     lines += ["", "## Files: fp32 and int8 (static QDQ), size, test accuracy on ONNX Runtime, latency", "",
-              "| model | variant | bytes | test acc. | b1 ms | b32 ms |", "|---|---|---|---|---|---|"]
+              "*float nodes*: the Conv/Gemm/MatMul nodes left in float32 because their int8 kernel profiled slower.",
+              "", "| model | variant | bytes | test acc. | b1 ms | b32 ms | float nodes |",
+              "|---|---|---|---|---|---|---|"]
     for r in data["models"]:
         for key, f in r["files"].items():
             acc = "-" if f["test_accuracy"] is None else f"{f['test_accuracy']:.3f}"
+            floats = "" if "float_nodes" not in f else str(len(f["float_nodes"]))
             lines.append(f"| {r['model']} | {key} | {f['bytes']:,} | {acc} | {f['latency_ms']['1']:.4g} | "
-                         f"{f['latency_ms']['32']:.4g} |")
+                         f"{f['latency_ms']['32']:.4g} | {floats} |")
     g = data["goals"]
     pred = [abs(e["predicted_ratio"][b] / e["latency_ratio"][b] - 1) for r in data["models"]
             for e in r["plans"].values() if "latency_ratio" in e for b in e["latency_ratio"]

@@ -82,3 +82,58 @@ def test_bad_requests_are_refused_in_one_line(tmp_path, digits_mlp) -> None:
     timed = measure_onnx_files({"fp32": source}, example_input=torch.zeros(1, 1, 8, 8), batches=(2,), runs=2,
                                min_ms=0.0)
     assert timed["fp32"].metric is None and timed["fp32"].latency[2].runs == 2
+
+
+def _float_weight_convs(path) -> set[str]:
+    """Conv nodes whose weight is a float initializer (not fed by a DequantizeLinear)."""
+    graph = onnx.load(str(path)).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return {n.name for n in graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in floats}
+
+
+def test_int8_where_faster_profiles_every_conv_and_can_leave_nodes_in_float(tmp_path, digits_cnn) -> None:
+    from rankshrink.deploy.quantize import SLOWER_MARGIN, quantize_where_faster
+
+    model, splits = digits_cnn
+    example = splits.val.tensors[0][:4]
+    source = export_onnx(model, example, tmp_path / "model.onnx")
+    convs = [n.name for n in onnx.load(str(source)).graph.node if n.op_type == "Conv"]
+    # exclude_nodes keeps a node float32, the others quantized.
+    kept = quantize_onnx(source, tmp_path / "one.int8.onnx", mode="static", calibration=splits.train,
+                         config=QuantizeConfig(calibration_samples=64, exclude_nodes=(convs[0],)))
+    assert _float_weight_convs(kept) == {convs[0]}
+    choice = quantize_where_faster(source, tmp_path / "model.int8.onnx", example_input=example,
+                                   calibration=splits.train, config=QuantizeConfig(calibration_samples=64),
+                                   batches=(1, 4))
+    # ONNX Runtime's profile was mapped back to every convolution, in float32 and int8, at both batch sizes.
+    assert set(convs) <= set(choice.node_us)
+    for name in convs:
+        assert all(choice.node_us[name][kind][b] > 0 for kind in ("float32", "int8") for b in (1, 4))
+    slower = {n for n, d in choice.node_us.items()
+              if sum(d["int8"][b] / d["float32"][b] for b in (1, 4)) / 2 > SLOWER_MARGIN}
+    assert set(choice.float_nodes) in (set(), slower)  # the slower ones, if that file measured faster
+    assert (choice.ratio is None) == (not slower)
+    assert _float_weight_convs(choice.path) == set(choice.float_nodes) & set(convs)
+    measured = measure_onnx_files({"fp32": source, "int8": choice.path}, splits.test, batches=(1,), runs=3,
+                                  min_ms=0.0)
+    assert measured["int8"].metric > measured["fp32"].metric - 0.05
+    assert choice.to_dict()["float_nodes"] == choice.float_nodes
+
+
+def test_profile_events_map_back_to_their_compute_nodes() -> None:
+    from onnx import helper
+
+    from rankshrink.deploy.quantize import _compute_node_of
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="/stem/Conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="/stem/Relu"),
+             helper.make_node("Conv", ["r", "w2"], ["c2"], name="/body/Conv"),
+             helper.make_node("Add", ["c2", "r"], ["s"], name="/body/Add"),
+             helper.make_node("Gemm", ["s", "w3"], ["y"], name="/fc/Gemm")]
+    by_name = {n.name: n for n in nodes}
+    producers = {out: n for n in nodes for out in n.output}
+    assert _compute_node_of("/stem/Conv_token_1", by_name, producers) == "/stem/Conv"  # int8 QLinearConv
+    assert _compute_node_of("r_nchwc", by_name, producers) == "/stem/Conv"  # float32 Conv+Relu, NCHWc
+    assert _compute_node_of("s_nchwc", by_name, producers) == "/body/Conv"  # Conv with its fused sum
+    assert _compute_node_of("/fc/Gemm", by_name, producers) == "/fc/Gemm"
+    assert _compute_node_of("ReorderOutput", by_name, producers) is None

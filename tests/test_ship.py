@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'rankshrink[onnx]')")
-pytest.importorskip("onnx", reason="needs onnx (pip install 'rankshrink[onnx]')")
+onnx = pytest.importorskip("onnx", reason="needs onnx (pip install 'rankshrink[onnx]')")
 
 from rankshrink.cli import main  # noqa: E402
 from rankshrink.deploy.onnx import ExportError, export_onnx, onnx_bytes, verify_onnx  # noqa: E402
@@ -293,6 +293,7 @@ def test_compress_ships_int8_and_the_four_rows_and_max_bytes_counts_the_int8_fil
     assert rows["low-rank+int8"]["file_bytes"] == size and rows["low-rank"]["file_bytes"] == \
         (out / "model.onnx").stat().st_size
     assert rows["low-rank+int8"]["file_bytes"] < rows["int8"]["file_bytes"] < rows["original"]["file_bytes"]
+    assert summary["export"]["int8_float_nodes"] is None  # a byte budget sizes, and ships, every-node int8
     for row in rows.values():
         assert set(row) == {"name", "file_bytes", "accuracy", "latency_ms"} and set(row["latency_ms"]) == {"1", "32"}
         assert 0.5 < row["accuracy"] <= 1
@@ -377,6 +378,22 @@ def test_compress_refuses_a_model_that_does_not_export_naming_it(tmp_path, capfd
     assert main(["compress", "--model", "builtin:digits-cnn", "--tolerance", "0.01", "--out", str(tmp_path / "x"),
                  "--no-export", "--int8", "dynamic"]) == 1
     assert "--int8 applies to the exported model.onnx" in capfd.readouterr().err
+    assert main(["compress", "--model", "builtin:digits-cnn", "--tolerance", "0.01", "--out", str(tmp_path / "x"),
+                 "--int8", "dynamic", "--int8-everywhere"]) == 1
+    assert "--int8-everywhere applies to --int8 static" in capfd.readouterr().err
+
+
+def test_static_int8_leaves_the_nodes_it_names_in_float32(tmp_path):
+    out = tmp_path / "out"
+    assert main(["compress", "--model", "builtin:digits-cnn", "--max-macs", "0.5", "--int8", "static",
+                 "--out", str(out), "--quiet", "--no-report"]) == 0
+    floats = json.loads((out / "summary.json").read_text())["export"]["int8_float_nodes"]
+    assert isinstance(floats, list)
+    graph = onnx.load(str(out / "model.int8.onnx")).graph
+    float_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    unquantized = {n.name for n in graph.node
+                   if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in float_weights}
+    assert unquantized == set(floats)
 
 
 @pytest.mark.slow
@@ -458,3 +475,19 @@ def test_an_embedding_is_measured_and_factorized_under_a_latency_aware_budget():
     assert result.compressed["params"] <= 0.2 * result.original["params"]
     assert "emb" not in result.latency["dropped_slower"]
     assert all(p["measured_ratio"] < 1 for p in result.latency["prediction"].values())
+
+
+def test_int8_advice_says_when_the_int8_file_is_slower_or_bigger():
+    from rankshrink.deploy.latency import Latency
+    from rankshrink.deploy.package import int8_advice
+    from rankshrink.deploy.quantize import OnnxMeasurement
+
+    def file(size, b1, b32):
+        return OnnxMeasurement("x", "x.onnx", size, None, "", {1: Latency(b1, b1, 30), 32: Latency(b32, b32, 30)})
+
+    assert int8_advice(file(1000, 0.2, 3.0), file(400, 0.1, 2.0), (1, 32)) is None
+    assert int8_advice(file(1000, 0.2, 3.0), file(400, 0.25, 2.0), (1, 32)) == \
+        "model.int8.onnx is slower than model.onnx at batch 1 (0.25 vs 0.2 ms); ship model.onnx where that matters."
+    text = int8_advice(file(1000, 0.2, 3.0), file(1200, 0.25, 3.5), (1, 32))
+    assert "at batch 1 (0.25 vs 0.2 ms), 32 (3.5 vs 3 ms) and bigger (1,200 vs 1,000 bytes)" in text
+    assert text.endswith("or try --int8-everywhere.")

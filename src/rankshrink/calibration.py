@@ -299,6 +299,7 @@ def _rows_read(module: nn.Module) -> tuple:
     features = linear_features(module)
     if features is not None:
         return ("linear", features[0])
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d))  # calibrated layers are Linear, Conv1d or Conv2d
     return (type(module).__name__, module.in_channels, tuple(module.kernel_size), tuple(module.stride),
             module.padding if isinstance(module.padding, str) else tuple(module.padding), tuple(module.dilation),
             module.padding_mode)

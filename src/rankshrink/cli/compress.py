@@ -253,7 +253,11 @@ def register(subparsers) -> None:
     deploy.add_argument("--no-export", action="store_true", help="do not write model.onnx (nor measure latency_ms)")
     deploy.add_argument("--int8", choices=("dynamic", "static"),
                         help="also write model.int8.onnx: dynamic (Linear-heavy models) or static QDQ calibrated on "
-                             "the training data (convolutional ones)")
+                             "the training data (convolutional ones; nodes whose int8 kernel measures slower on "
+                             "ONNX Runtime stay float32)")
+    deploy.add_argument("--int8-everywhere", action="store_true",
+                        help="with --int8 static: quantize every node, even where int8 measures slower (always so "
+                             "with --max-bytes, which sizes the every-node int8 file)")
     deploy.add_argument("--dynamic-axis", action="append", metavar="INPUT:AXIS",
                         help="declare a further dynamic axis of an input (input_ids:1), so a sequence model is not "
                              "frozen at one length; repeatable (text: data declare axis 1 of every input)")
@@ -365,7 +369,8 @@ def _deploy_options(args: argparse.Namespace):
     check_int(args.rank_multiple, "--rank-multiple", minimum=1)
     axes = parse_dynamic_axes(args.dynamic_axis)
     if args.no_export:
-        for flag, given in (("--int8", args.int8), ("--dynamic-axis", args.dynamic_axis),
+        for flag, given in (("--int8", args.int8), ("--int8-everywhere", args.int8_everywhere),
+                            ("--dynamic-axis", args.dynamic_axis),
                             ("--allow-traced-branches", args.allow_traced_branches)):
             if given:
                 raise ConfigError(f"{flag} applies to the exported model.onnx; drop it or drop --no-export.")
@@ -376,6 +381,9 @@ def _deploy_options(args: argparse.Namespace):
         from ..deploy.onnx import require_onnxruntime
 
         require_onnxruntime()  # an install hint before any work
+    if args.int8_everywhere and args.int8 != "static":
+        raise ConfigError("--int8-everywhere applies to --int8 static (dynamic quantizes every matrix product); "
+                          "add --int8 static or drop it.")
     if args.int8:
         from ..deploy.quantize import _require_quantization
 
@@ -384,8 +392,10 @@ def _deploy_options(args: argparse.Namespace):
         return None, batches, axes
     from ..deploy.package import ExportConfig
 
+    # A byte budget is checked on the every-node int8 file (sizing a plan cannot profile it), so that is shipped.
+    everywhere = bool(args.int8_everywhere or args.max_bytes is not None)
     return ExportConfig(dynamic_axes=axes or None, allow_traced_branches=args.allow_traced_branches, int8=args.int8,
-                        batches=batches, threads=args.threads), batches, axes
+                        int8_everywhere=everywhere, batches=batches, threads=args.threads), batches, axes
 
 
 def _sequence_export_defaults(export, model, splits, example: Any):
@@ -510,6 +520,9 @@ def run(args: argparse.Namespace) -> int:
     if export is not None:
         deployment = {k: summary[k] for k in ("latency_ms", "deployment") if k in summary}
         print_deployment(deployment)
+        advice = (summary.get("export") or {}).get("int8_advice")
+        if advice:
+            print(f"note: {advice}")
     report = write_run_report(args, args.out)
     files = ["plan.json", "model.safetensors"] + (["model.onnx"] if export is not None else []) + \
         (["model.int8.onnx"] if export is not None and export.int8 else []) + ["summary.json"]

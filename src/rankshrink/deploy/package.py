@@ -25,7 +25,8 @@ from ..files import atomic_path
 from ..validation import check_bool, check_int
 from .onnx import onnx_bytes, verify_onnx
 
-__all__ = ["ExportConfig", "export_verified", "shipped_bytes", "write_deployment", "ONNX_FILE", "INT8_FILE"]
+__all__ = ["ExportConfig", "export_verified", "shipped_bytes", "write_deployment", "int8_advice", "ONNX_FILE",
+           "INT8_FILE"]
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -35,11 +36,13 @@ INT8_FILE = "model.int8.onnx"
 class ExportConfig:
     """How the shipped files are made and measured: ``dynamic_axes`` beyond the batch (``{"input_ids": (1,)}``),
     ``allow_traced_branches`` (tracer warnings about data-dependent control flow are errors otherwise),
-    ``int8`` (None, 'dynamic' or 'static'), the latency ``batches`` and ONNX Runtime ``threads``, the opset."""
+    ``int8`` (None, 'dynamic' or 'static'; static leaves in float32 the nodes whose int8 kernel measures slower,
+    unless ``int8_everywhere``), the latency ``batches`` and ONNX Runtime ``threads``, the opset."""
 
     dynamic_axes: Mapping[str, tuple[int, ...]] | None = None
     allow_traced_branches: bool = False
     int8: str | None = None
+    int8_everywhere: bool = False
     batches: tuple[int, ...] = (1, 32)
     threads: int = 1
     opset: int = 17
@@ -50,6 +53,7 @@ class ExportConfig:
         from .quantize import INT8_MODES
 
         check_bool(self.allow_traced_branches, "allow_traced_branches")
+        check_bool(self.int8_everywhere, "int8_everywhere")
         if self.int8 is not None and self.int8 not in INT8_MODES:
             from ..errors import ConfigError
 
@@ -87,6 +91,23 @@ def shipped_bytes(model: nn.Module, example_input: Any, config: ExportConfig, *,
             return target.stat().st_size
 
 
+def int8_advice(low_rank, int8, batches: tuple[int, ...]) -> str | None:
+    """One line when the int8 file is slower or bigger than the float32 one it was made from (else None): on
+    small factorized layers int8 kernels can lose to float32 ones (``benchmarks/results/latency.md``)."""
+    slower = [b for b in batches if int8.latency[b].median_ms > low_rank.latency[b].median_ms]
+    bigger = int8.bytes > low_rank.bytes
+    if not slower and not bigger:
+        return None
+    what = []
+    if slower:
+        what.append("slower than model.onnx at batch " + ", ".join(
+            f"{b} ({int8.latency[b].median_ms:.4g} vs {low_rank.latency[b].median_ms:.4g} ms)" for b in slower))
+    if bigger:
+        what.append(f"bigger ({int8.bytes:,} vs {low_rank.bytes:,} bytes)")
+    return (f"{INT8_FILE} is {' and '.join(what)}; ship {ONNX_FILE} where that matters"
+            + (", or try --int8-everywhere" if bigger else "") + ".")
+
+
 def write_deployment(stage: str | Path, original: nn.Module, compressed: nn.Module, example_input: Any,
                      verify_inputs: Any, config: ExportConfig, *, calibration: Any = None, data: Any = None,
                      original_onnx: bytes | None = None) -> dict[str, Any]:
@@ -98,7 +119,7 @@ def write_deployment(stage: str | Path, original: nn.Module, compressed: nn.Modu
     None without labelled data -- and latency per batch size) and ``export`` (the file names, the verification).
     """
     from ..errors import DataError
-    from .quantize import QuantizeConfig, measure_onnx_files, quantize_onnx
+    from .quantize import QuantizeConfig, measure_onnx_files, quantize_onnx, quantize_where_faster
 
     stage = Path(stage)
     graph = onnx_bytes(compressed, example_input, opset=config.opset, dynamic_axes=config.dynamic_axes,
@@ -113,12 +134,18 @@ def write_deployment(stage: str | Path, original: nn.Module, compressed: nn.Modu
             original_onnx = onnx_bytes(original, example_input, opset=config.opset, dynamic_axes=config.dynamic_axes,
                                        allow_traced_branches=config.allow_traced_branches)
         files["original"].write_bytes(original_onnx)
+        float_nodes: dict[str, list[str]] = {}
         if config.int8 is not None:
             quantization = QuantizeConfig(mode=config.int8)
-            files["int8"] = quantize_onnx(files["original"], Path(work) / "original.int8.onnx",
-                                          calibration=calibration, config=quantization)
-            files["low-rank+int8"] = quantize_onnx(stage / ONNX_FILE, stage / INT8_FILE, calibration=calibration,
-                                                   config=quantization)
+            # The int8 row is made exactly as the shipped low-rank+int8 file is, so the two compare fairly.
+            for row, fp32, target in (("int8", files["original"], Path(work) / "original.int8.onnx"),
+                                      ("low-rank+int8", stage / ONNX_FILE, stage / INT8_FILE)):
+                if config.int8 == "static" and not config.int8_everywhere:
+                    choice = quantize_where_faster(fp32, target, example_input=example_input, calibration=calibration,
+                                                   config=quantization, batches=config.batches, threads=config.threads)
+                    files[row], float_nodes[row] = choice.path, choice.float_nodes
+                else:
+                    files[row] = quantize_onnx(fp32, target, calibration=calibration, config=quantization)
         try:
             measured = measure_onnx_files(files, data, example_input=example_input, batches=config.batches,
                                           threads=config.threads, runs=config.runs, min_ms=config.min_ms)
@@ -131,7 +158,11 @@ def write_deployment(stage: str | Path, original: nn.Module, compressed: nn.Modu
     deployment = [{"name": name, "file_bytes": m.bytes, "accuracy": m.metric,
                    "latency_ms": {str(b): m.latency[b].median_ms for b in config.batches}}
                   for name, m in measured.items()]
+    if config.int8 is not None:
+        advice = int8_advice(measured["low-rank"], measured["low-rank+int8"], config.batches)
     export = {"file": ONNX_FILE, "int8_file": INT8_FILE if config.int8 else None, "int8": config.int8,
+              "int8_advice": advice if config.int8 is not None else None,
+              "int8_float_nodes": float_nodes.get("low-rank+int8") if config.int8 else None,
               "opset": config.opset, "dynamic_axes": {k: list(v) for k, v in (config.dynamic_axes or {}).items()},
               "verified": verification.to_dict()}
     return {"latency_ms": latency_ms, "deployment": deployment, "export": export}

@@ -17,6 +17,7 @@ format per mode, and writes the file safely.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -35,7 +36,8 @@ from ..validation import check_bool, check_choice, check_int
 from .latency import Latency, first_sample, repeat_to_batch, time_sessions
 from .onnx import ExportError, ort_session, require_onnxruntime
 
-__all__ = ["INT8_MODES", "ACTIVATION_TYPES", "QuantizeConfig", "quantize_onnx", "onnx_input_name",
+__all__ = ["INT8_MODES", "ACTIVATION_TYPES", "QuantizeConfig", "quantize_onnx", "quantize_where_faster", "Int8Choice",
+           "SLOWER_MARGIN", "onnx_input_name",
            "onnx_input_names", "graph_feed", "OnnxMeasurement", "measure_onnx_files", "onnx_accuracy"]
 
 INT8_MODES = ("dynamic", "static")
@@ -55,7 +57,8 @@ class QuantizeConfig:
     activation type; 'uint8' (U8S8) by default: with int8 activations (S8S8) the QDQ ResNet-8
     ran 1.6-2x slower than float32 on an AVX-512 VNNI Xeon, with uint8 1.4x faster.
     ``op_types``: the operator types to quantize (default: every type ONNX Runtime quantizes
-    for 'static', MatMul and Gemm for 'dynamic')."""
+    for 'static', MatMul and Gemm for 'dynamic'). ``exclude_nodes``: names of nodes (of the
+    pre-processed graph) left in float32 (see :func:`quantize_where_faster`)."""
 
     mode: str = "dynamic"
     per_channel: bool = True
@@ -64,6 +67,7 @@ class QuantizeConfig:
     preprocess: bool = True
     activations: str = "uint8"
     op_types: tuple[str, ...] | None = None
+    exclude_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice(self.mode, "int8 mode", INT8_MODES)
@@ -76,6 +80,8 @@ class QuantizeConfig:
                                           or not all(isinstance(t, str) and t for t in self.op_types)):
             raise ConfigError(f"op_types must be None or a non-empty tuple of ONNX operator names, "
                               f"got {self.op_types!r}.")
+        if not isinstance(self.exclude_nodes, tuple) or not all(isinstance(n, str) for n in self.exclude_nodes):
+            raise ConfigError(f"exclude_nodes must be a tuple of ONNX node names, got {self.exclude_nodes!r}.")
 
 
 def _require_quantization():
@@ -154,18 +160,7 @@ def _reader(quantization, input_names: list[str], data: Dataset | torch.Tensor, 
     return Reader()
 
 
-def quantize_onnx(model: str | os.PathLike, output: str | os.PathLike, *, mode: str | None = None,
-                  calibration: Dataset | torch.Tensor | None = None,
-                  config: QuantizeConfig | None = None) -> Path:
-    """Quantize the ONNX file ``model`` to int8 and write it to ``output`` atomically.
-
-    ``mode`` ('dynamic' or 'static') overrides ``config.mode``. 'static' needs
-    ``calibration``: a data set of (input, label) pairs (e.g. ``splits.train``) or a tensor
-    of inputs; the first ``config.calibration_samples`` are used.
-    """
-    config = config or QuantizeConfig()
-    if mode is not None:
-        config = QuantizeConfig(**{**asdict(config), "mode": mode})
+def _checked_paths(model, output, config: QuantizeConfig, calibration) -> tuple[Path, Path]:
     source, target = Path(model), Path(output)
     if not source.is_file():
         raise FileFormatError(f"ONNX model '{source}' does not exist.")
@@ -175,41 +170,214 @@ def quantize_onnx(model: str | os.PathLike, output: str | os.PathLike, *, mode: 
     if config.mode == "static" and calibration is None:
         raise ConfigError("int8 mode 'static' calibrates activation ranges: pass calibration data "
                           "(calibration=splits.train), or use mode='dynamic'.")
+    return source, target
+
+
+def _prepared(quantization, source: Path, work: str, config: QuantizeConfig) -> Path:
+    """``source`` after ONNX Runtime's quantization pre-processing (when asked for and it works)."""
+    if not config.preprocess:
+        return source
+    candidate = Path(work) / "prepared.onnx"
+    try:
+        quantization.quant_pre_process(str(source), str(candidate), skip_symbolic_shape=False)
+        return candidate
+    except Exception as exc:  # pre-processing is an optimisation: quantize the graph as it is
+        warnings.warn(f"ONNX Runtime's quantization pre-processing failed on '{source}' "
+                      f"({type(exc).__name__}: {exc}); quantizing without it.", RuntimeWarning, stacklevel=3)
+        return source
+
+
+def _quantized(quantization, prepared: Path, target: Path, source: Path, input_names: list[str],
+               calibration, config: QuantizeConfig) -> Path:
+    """Quantize the pre-processed graph into ``target`` (atomically)."""
+    excluded = list(config.exclude_nodes)
+    with atomic_path(target) as tmp:
+        try:
+            if config.mode == "dynamic":
+                quantization.quantize_dynamic(str(prepared), str(tmp), per_channel=config.per_channel,
+                                              op_types_to_quantize=list(config.op_types or _DYNAMIC_OPS),
+                                              nodes_to_exclude=excluded, weight_type=quantization.QuantType.QInt8)
+            else:
+                assert calibration is not None
+                activation_type = (quantization.QuantType.QUInt8 if config.activations == "uint8"
+                                   else quantization.QuantType.QInt8)
+                quantization.quantize_static(str(prepared), str(tmp),
+                                             _reader(quantization, input_names, calibration, config),
+                                             quant_format=quantization.QuantFormat.QDQ,
+                                             op_types_to_quantize=list(config.op_types) if config.op_types
+                                             else None, nodes_to_exclude=excluded,
+                                             per_channel=config.per_channel, activation_type=activation_type,
+                                             weight_type=quantization.QuantType.QInt8)
+        except (ConfigError, DataError):
+            raise
+        except Exception as exc:  # ONNX Runtime's quantizer raises many types; report them as one
+            raise ExportError(f"int8 {config.mode} quantization of '{source}' failed: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return target
+
+
+def _with_mode(config: QuantizeConfig | None, mode: str | None) -> QuantizeConfig:
+    config = config or QuantizeConfig()
+    return config if mode is None else QuantizeConfig(**{**asdict(config), "mode": mode})
+
+
+def quantize_onnx(model: str | os.PathLike, output: str | os.PathLike, *, mode: str | None = None,
+                  calibration: Dataset | torch.Tensor | None = None,
+                  config: QuantizeConfig | None = None) -> Path:
+    """Quantize the ONNX file ``model`` to int8 and write it to ``output`` atomically.
+
+    ``mode`` ('dynamic' or 'static') overrides ``config.mode``. 'static' needs
+    ``calibration``: a data set of (input, label) pairs (e.g. ``splits.train``) or a tensor
+    of inputs; the first ``config.calibration_samples`` are used.
+    """
+    config = _with_mode(config, mode)
+    source, target = _checked_paths(model, output, config, calibration)
     quantization = _require_quantization()
     input_names = onnx_input_names(source)
     with tempfile.TemporaryDirectory(prefix="rankshrink-int8-") as work:
-        prepared = source
-        if config.preprocess:
-            candidate = Path(work) / "prepared.onnx"
-            try:
-                quantization.quant_pre_process(str(source), str(candidate), skip_symbolic_shape=False)
-                prepared = candidate
-            except Exception as exc:  # pre-processing is an optimisation: quantize the graph as it is
-                warnings.warn(f"ONNX Runtime's quantization pre-processing failed on '{source}' "
-                              f"({type(exc).__name__}: {exc}); quantizing without it.", RuntimeWarning, stacklevel=2)
+        prepared = _prepared(quantization, source, work, config)
+        return _quantized(quantization, prepared, target, source, input_names, calibration, config)
+
+
+# --------------------------------------------------------------------------- int8 only where it is faster
+
+# Operators whose int8 kernels are compared with their float32 ones node by node.
+_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# A node stays float32 when its int8 kernel takes this much longer than its float32 one (mean over the batch
+# sizes): leaving a node out of an int8 chain adds a DequantizeLinear/QuantizeLinear pair around it.
+SLOWER_MARGIN = 1.15
+# Profiling: each graph runs at least this long per batch size (ONNX Runtime reports whole microseconds).
+_PROFILE_MS = 150.0
+_PROFILE_RUNS = (20, 400)  # at least, at most
+
+
+@dataclass
+class Int8Choice:
+    """What :func:`quantize_where_faster` shipped: ``path``; ``float_nodes``, the nodes left in float32 (empty:
+    every node quantized); ``ratio``, its latency over every-node int8 at each batch size (measured side by side;
+    None when there was nothing to compare); ``node_us``: per compared node, float32 and int8 microseconds."""
+
+    path: Path
+    float_nodes: list[str]
+    ratio: dict[int, float] | None
+    node_us: dict[str, dict[str, dict[int, float]]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"float_nodes": list(self.float_nodes),
+                "ratio_to_all_int8": None if self.ratio is None else {str(b): r for b, r in self.ratio.items()},
+                "node_us": {n: {k: {str(b): t for b, t in v.items()} for k, v in d.items()}
+                            for n, d in self.node_us.items()}}
+
+
+def _compute_node_of(event: str, nodes: dict[str, Any], producers: dict[str, Any]) -> str | None:
+    """The compute node (Conv/Gemm/MatMul) of the pre-processed graph an ONNX Runtime profile event belongs to.
+
+    ONNX Runtime renames what it fuses: an int8 QLinearConv is the Conv's name plus ``_token_N``; a float32
+    NCHWc Conv (with its fused activation or sum) is named after its output tensor plus ``_nchwc``, which may be
+    the activation's output: the producers are walked back to the compute node.
+    """
+    name = re.sub(r"_token_\d+$", "", event)
+    node = nodes.get(name)
+    if node is None:
+        node = producers.get(re.sub(r"_nchwc$", "", name))
+    for _ in range(4):
+        if node is None or node.op_type in _COMPUTE_OPS:
+            break
+        sources = [producers.get(i) for i in node.input]
+        computed = [n for n in sources if n is not None and n.op_type in _COMPUTE_OPS]
+        node = computed[0] if computed else next((n for n in sources if n is not None), None)
+    return node.name if node is not None and node.op_type in _COMPUTE_OPS else None
+
+
+def _node_microseconds(ort, path: Path, feed: dict[str, np.ndarray], threads: int, work: str,
+                       nodes: dict[str, Any], producers: dict[str, Any]) -> dict[str, float]:
+    """Mean microseconds per run of each compute node of ``path``'s graph, from ONNX Runtime's profiler."""
+    import json
+    import time
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(work) / f"profile-{path.stem}")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    start = time.perf_counter()
+    for _ in range(3):
+        session.run(None, feed)
+    each_ms = (time.perf_counter() - start) * 1000.0 / 3
+    runs = int(min(max(_PROFILE_MS / max(each_ms, 1e-3), _PROFILE_RUNS[0]), _PROFILE_RUNS[1]))
+    for _ in range(runs):
+        session.run(None, feed)
+    profile = Path(session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+            continue
+        node = _compute_node_of(event["name"][:-len("_kernel_time")], nodes, producers)
+        if node is not None:
+            totals[node] = totals.get(node, 0.0) + float(event["dur"])
+    calls = runs + 3  # the warm-up runs are profiled too
+    return {node: total / calls for node, total in totals.items()}
+
+
+def quantize_where_faster(model: str | os.PathLike, output: str | os.PathLike, *, example_input: Any,
+                          calibration: Dataset | torch.Tensor | None = None, config: QuantizeConfig | None = None,
+                          batches: tuple[int, ...] = (1, 32), threads: int = 1) -> Int8Choice:
+    """Static int8 of ``model`` into ``output``, leaving in float32 the nodes whose int8 kernel measures slower.
+
+    Every node is quantized first; ONNX Runtime's profiler then times each Conv/Gemm/MatMul of the float32 and
+    the int8 graph at each batch size (inputs: ``example_input``'s first sample repeated); nodes whose int8
+    kernel is more than ``SLOWER_MARGIN`` times slower on average stay float32 in a second quantization, and
+    that file replaces the first only if it measures faster on average, the two timed side by side. Measured
+    on ResNet-8 with factorized layers, batch 1: int8 QLinearConv of the 3-channel stem took 30 µs against
+    12 µs in float32, and the depthwise convolutions of CP factors 2-3x longer. The 'dynamic' mode quantizes
+    every node (:func:`quantize_onnx`).
+    """
+    import onnx
+
+    config = _with_mode(config, "static")
+    source, target = _checked_paths(model, output, config, calibration)
+    quantization = _require_quantization()
+    ort = require_onnxruntime()
+    input_names = onnx_input_names(source)
+    sample = first_sample(example_input)
+    with tempfile.TemporaryDirectory(prefix="rankshrink-int8-") as work:
+        prepared = _prepared(quantization, source, work, config)
+        everything = _quantized(quantization, prepared, Path(work) / "all.int8.onnx", source, input_names,
+                                calibration, config)
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        nodes = {node.name: node for node in graph.node if node.name}
+        producers = {out: node for node in graph.node for out in node.output}
+        node_us: dict[str, dict[str, dict[int, float]]] = {}
+        for batch in batches:
+            feed = graph_feed(input_names, repeat_to_batch(sample, batch))
+            for kind, path in (("float32", prepared), ("int8", everything)):
+                for node, us in _node_microseconds(ort, path, feed, threads, work, nodes, producers).items():
+                    node_us.setdefault(node, {}).setdefault(kind, {})[batch] = us
+        compared = {n: d for n, d in node_us.items()
+                    if all(b in d.get("float32", {}) and b in d.get("int8", {}) for b in batches)}
+        slower = sorted(n for n, d in compared.items()
+                        if sum(d["int8"][b] / max(d["float32"][b], 1e-3) for b in batches) / len(batches)
+                        > SLOWER_MARGIN)
+        chosen, ratio, float_nodes = everything, None, []
+        if slower:
+            selective = _quantized(quantization, prepared, Path(work) / "selective.int8.onnx", source, input_names,
+                                   calibration, QuantizeConfig(**{**asdict(config),
+                                                                  "exclude_nodes": tuple(slower)}))
+            sessions = [ort_session(ort, p.read_bytes(), threads) for p in (everything, selective)]
+            ratio = {}
+            for batch in batches:
+                feed = graph_feed(input_names, repeat_to_batch(sample, batch))
+                both = time_sessions(sessions, [feed, feed], runs=30, min_ms=100.0)
+                ratio[batch] = both[1].median_ms / both[0].median_ms
+            if sum(ratio.values()) < len(ratio):
+                chosen, float_nodes = selective, slower
         with atomic_path(target) as tmp:
-            try:
-                if config.mode == "dynamic":
-                    quantization.quantize_dynamic(str(prepared), str(tmp), per_channel=config.per_channel,
-                                                  op_types_to_quantize=list(config.op_types or _DYNAMIC_OPS),
-                                                  weight_type=quantization.QuantType.QInt8)
-                else:
-                    assert calibration is not None
-                    activation_type = (quantization.QuantType.QUInt8 if config.activations == "uint8"
-                                       else quantization.QuantType.QInt8)
-                    quantization.quantize_static(str(prepared), str(tmp),
-                                                 _reader(quantization, input_names, calibration, config),
-                                                 quant_format=quantization.QuantFormat.QDQ,
-                                                 op_types_to_quantize=list(config.op_types) if config.op_types
-                                                 else None,
-                                                 per_channel=config.per_channel, activation_type=activation_type,
-                                                 weight_type=quantization.QuantType.QInt8)
-            except (ConfigError, DataError):
-                raise
-            except Exception as exc:  # ONNX Runtime's quantizer raises many types; report them as one
-                raise ExportError(f"int8 {config.mode} quantization of '{source}' failed: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return target
+            tmp.write_bytes(chosen.read_bytes())
+    return Int8Choice(target, float_nodes, ratio, compared)
 
 
 # --------------------------------------------------------------------------- measuring files
