@@ -112,6 +112,7 @@ def main() -> int:
     parser.add_argument("--distill-epochs", type=int, default=1)
     parser.add_argument("--distill-loss", default="auto", help="finetune's distill_loss (auto: cosine for encoders)")
     parser.add_argument("--train", default="factors", help="finetune's train: factors or all")
+    parser.add_argument("--lr", type=float, default=None, help="finetune lr (default: its encoder default)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ray", action="store_true", help="also time 1 vs 2 Ray workers")
     parser.add_argument("--hf", help="a real encoder instead: a local Hugging Face model directory")
@@ -149,7 +150,8 @@ def main() -> int:
     if args.distill_epochs > 0:
         start = time.perf_counter()
         tuned = rs.finetune(result.model, splits, args.distill_epochs, teacher=model, batch_size=16, progress=False,
-                            distill_loss=args.distill_loss, train=args.train)
+                            distill_loss=args.distill_loss, train=args.train,
+                            **({"lr": args.lr} if args.lr is not None else {}))
         distilled = {"epochs": args.distill_epochs, "lr": tuned.train.history[0]["lr"] if tuned.train.history else None,
                      "loss": args.distill_loss, "train": args.train,
                      "val_before": tuned.val_before, "val_after": tuned.val_after,
