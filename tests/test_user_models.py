@@ -330,8 +330,8 @@ def test_unlabelled_data_compresses_by_agreement_and_finetunes_by_distillation(f
                  str(root / "unlabelled.npz"), "--epochs", "1", "--out", str(tuned), "--no-progress"]) == 1
     assert "no labels" in capsys.readouterr().err
     assert main(["finetune", "--model", f"{MODELS}:make_tied", "--weights", str(out), "--data",
-                 str(root / "unlabelled.npz"), "--epochs", "1", "--distill", "--teacher-weights",
-                 str(trained["tied"]), "--out", str(tuned), "--no-progress"]) == 0
+                 str(root / "unlabelled.npz"), "--epochs", "1", "--distill", "--distill-loss", "mse",
+                 "--teacher-weights", str(trained["tied"]), "--out", str(tuned), "--no-progress"]) == 0
     result = json.loads((tuned / "summary.json").read_text())["finetune"]
     assert result["val_after"] >= result["val_before"]  # agreement with the teacher never gets worse
 

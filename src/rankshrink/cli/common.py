@@ -222,6 +222,8 @@ def check_training_options(args: argparse.Namespace, *, prefix: str = "", epochs
              "distill_weight": "--distill-weight", "seed": "--seed"}
     values = {field: getattr(args, f"{dest}{field}") for field in ("lr", "batch_size", "patience", "schedule")}
     values.update(distill_temperature=args.distill_temperature, distill_weight=args.distill_weight)
+    if getattr(args, "distill_loss", "auto") != "auto" and not getattr(args, "distill", False):
+        raise ConfigError(f"--distill-loss {args.distill_loss} applies with --distill; add --distill or drop it.")
     if values["lr"] is None:  # the default: finetune() picks it (see rankshrink.finetuning)
         del values["lr"]
     if isinstance(getattr(args, "seed", None), int):

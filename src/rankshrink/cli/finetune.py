@@ -95,6 +95,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser, prefix: str) -> Non
                         help="stop after this many epochs without validation improvement")
     parser.add_argument(f"--{prefix}schedule", dest=f"{dest}schedule", choices=("cosine", "constant"),
                         default="cosine", help="learning-rate schedule (default cosine)")
+    from ..train import DISTILL_LOSSES
+
+    parser.add_argument("--distill-loss", choices=DISTILL_LOSSES, default="auto",
+                        help="with --distill: kl (logits), cosine or mse (outputs), tokens (an encoder's pooled "
+                             "cosine plus every real token's hidden state); default auto (kl for classifiers, "
+                             "cosine for encoders)")
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature (default 2)")
     parser.add_argument("--distill-weight", type=float, default=0.5,
                         help="weight of the distillation term against cross-entropy (default 0.5)")
@@ -129,6 +135,7 @@ def recover_from_args(args: argparse.Namespace, original, compressed, splits, *,
                     train=args.finetune_train, lr=args.finetune_lr, batch_size=args.finetune_batch_size,
                     schedule=args.finetune_schedule, patience=args.finetune_patience,
                     distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
+                    distill_loss=args.distill_loss,
                     seed=getattr(args, "seed", 0) or 0, checkpoint_dir=checkpoint_dir,
                     progress=not (getattr(args, "quiet", False) or getattr(args, "no_progress", False)))
 
@@ -251,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
     result = finetune(compressed, splits, args.epochs, teacher=teacher, train=args.train, lr=args.lr,
                       batch_size=args.batch_size, schedule=args.schedule, patience=args.patience,
                       distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
+                      distill_loss=args.distill_loss,
                       seed=args.seed, checkpoint_dir=checkpoint, progress=progress, inplace=True)
     reference = original if original is not None else teacher
     accuracies: dict[str, dict[str, float | None]] = {}
