@@ -365,8 +365,8 @@ def quantize_where_faster(model: str | os.PathLike, output: str | os.PathLike, *
         chosen, ratio, float_nodes = everything, None, []
         if slower:
             selective = _quantized(quantization, prepared, Path(work) / "selective.int8.onnx", source, input_names,
-                                   calibration, QuantizeConfig(**{**asdict(config),
-                                                                  "exclude_nodes": tuple(slower)}))
+                                   calibration, QuantizeConfig(**{**asdict(config), "exclude_nodes": tuple(
+                                       sorted(set(config.exclude_nodes) | set(slower)))}))
             sessions = [ort_session(ort, p.read_bytes(), threads) for p in (everything, selective)]
             ratio = {}
             for batch in batches:
