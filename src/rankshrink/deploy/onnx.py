@@ -380,10 +380,14 @@ def export_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike, *
     return path
 
 
-def ort_session(ort, data: bytes, threads: int):
-    """An ONNX Runtime CPU session for a serialised graph, with ``threads`` intra-op threads."""
+def ort_session(ort, data: bytes, threads: int, *, profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session for a serialised graph, with ``threads`` intra-op threads; with
+    ``profile_prefix``, its profiler on (``end_profiling()`` writes the events to a file of that prefix)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])

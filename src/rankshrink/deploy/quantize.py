@@ -16,9 +16,11 @@ format per mode, and writes the file safely.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -292,16 +294,7 @@ def _compute_node_of(event: str, nodes: dict[str, Any], producers: dict[str, Any
 def _node_microseconds(ort, path: Path, feed: dict[str, np.ndarray], threads: int, work: str,
                        nodes: dict[str, Any], producers: dict[str, Any]) -> dict[str, float]:
     """Mean microseconds per run of each compute node of ``path``'s graph, from ONNX Runtime's profiler."""
-    import json
-    import time
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(work) / f"profile-{path.stem}")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(ort, path.read_bytes(), threads, profile_prefix=str(Path(work) / f"profile-{path.stem}"))
     start = time.perf_counter()
     for _ in range(3):
         session.run(None, feed)
