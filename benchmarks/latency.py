@@ -4,12 +4,16 @@ For every built-in model (the five MLPerf Tiny-shaped ones and the seeds' small 
 original is compared with what ``rankshrink.search.compress`` returns (latency-aware, as the
 CLI runs it: candidates measured against their dense layer, ranks rounded to multiples of 8,
 the final plan measured against the original) at ``--max-macs 0.5``, ``--max-macs 0.25``
-and ``--max-latency 0.6``; each of the four models is exported to ONNX and quantized to int8
-(static QDQ, calibrated on the training split: on this CPU the faster mode for convolutions
-and Linear layers alike, see ``results/latency_uniform.md``'s phase-1 notes; as ``compress --int8
-static`` does, nodes whose int8 kernel profiles slower stay float32), and all eight
-files are timed interleaved in one run on ONNX Runtime (CPU execution provider, 1 thread) at
-batch 1 and 32, with their size and test accuracy on ONNX Runtime.
+and ``--max-latency 0.6``. The int8 files come from int8-aware searches, as ``compress --int8
+static`` runs them (candidates filtered in float32, whole plans judged quantized against the
+original quantized), at the same budgets and at ``--tolerance 0.01 --minimize latency``; each
+such plan and the original are exported and
+quantized (static QDQ, calibrated on the training split; nodes whose int8 kernel profiles slower
+stay float32, as compress ships them). All files of a model are timed interleaved on ONNX
+Runtime (CPU execution provider, 1 thread) at batch 1 and 32, with their size and test accuracy
+on ONNX Runtime. Two more measurements explain the goals below: the fastest plan the search can
+build at all (its measured refusal of an unreachable latency budget), and, for a one-layer
+latency plan, its neighbouring ranks timed as whole models.
 
 Reported: the MAC ratio next to the latency ratio, the search's predicted latency ratio (layers
 timed alone, plus the rest of the graph) next to the measured one, and the issue's four goals:
@@ -23,7 +27,7 @@ The search judges its plans by its own measurements; the latency ratios here are
 independent measurement in the benchmark's run (other processes share this machine's cores,
 so the two disagree by a few percent).
 
-Run: ``python benchmarks/latency.py`` (about an hour on 2 shared cores the first time; the
+Run: ``python benchmarks/latency.py`` (about half an hour on 2 shared cores the first time; the
 built-ins train on first use, and candidate latencies are cached on disk under
 ``$RANKSHRINK_CACHE``). ``--models a,b`` restricts it; each model's record is written as it
 finishes, and ``--resume`` keeps the models already in ``results/latency.json``. Writes
@@ -48,9 +52,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from provenance import provenance, provenance_line  # noqa: E402
+from rankshrink.cost import count as count_model  # noqa: E402
 from rankshrink.deploy.onnx import onnx_bytes  # noqa: E402
 from rankshrink.deploy.quantize import QuantizeConfig, measure_onnx_files, quantize_where_faster  # noqa: E402
-from rankshrink.errors import ConfigError  # noqa: E402
+from rankshrink.errors import ConfigError, UnreachableLatencyError  # noqa: E402
 from rankshrink.files import atomic_write_json, atomic_write_text  # noqa: E402
 from rankshrink.models import BUILTIN_MODELS, load_builtin  # noqa: E402
 from rankshrink.search import compress  # noqa: E402
@@ -60,7 +65,72 @@ EMBEDDED = ("resnet8", "ds-cnn", "mobilenet-v1", "fc-autoencoder", "wide-mlp")
 BUDGETS = {"macs 0.5": {"macs": 0.5}, "macs 0.25": {"macs": 0.25}, "latency 0.6": {"latency": 0.6}}
 BATCHES = (1, 32)
 LATENCY_TARGET = 0.6
+# The int8 files come from int8-aware searches (compress --int8 static): the same budgets, and the fastest plan
+# within 1% accuracy, which is what an int8 user without a budget runs.
+INT8_SEARCHES = {**{key: {"budget": budget} for key, budget in BUDGETS.items()},
+                 "tolerance 0.01": {"tolerance": 0.01, "minimize": "latency"}}
 RUNS, MIN_MS, ROUNDS = 30, 100.0, 3
+FLOOR_PROBE = 0.05   # a latency budget no plan reaches: the search's refusal measures its fastest plan
+SWEEP_SPAN, SWEEP_STEP = 16, 2  # ranks around a one-layer latency plan's rank timed as whole models (goal 3)
+
+
+def fastest_reachable(model, splits) -> dict:
+    """The measured latency ratio of the fastest plan the search can build (every layer at its fastest
+    candidate), from its refusal of an unreachable budget: no plan of any MAC count is faster, so a
+    goal-2 target below it cannot be met on this runtime by any plan."""
+    try:
+        compress(model, splits, budget={"latency": FLOOR_PROBE}, latency=True, batches=BATCHES, progress=False)
+    except UnreachableLatencyError as exc:
+        return {str(b): r for b, r in exc.fastest_ratios.items()}
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    return {"error": f"a latency budget of {FLOOR_PROBE} was reached"}
+
+
+def rank_sweep(model, example, plan: dict) -> dict | None:
+    """A one-layer plan's neighbouring ranks, each whole model timed against the original interleaved:
+    the latency steps a budget's answer can land on (the kernels work in blocks of output columns)."""
+    from rankshrink.deploy.latency import model_latencies
+    from rankshrink.surgery import apply
+
+    if len(plan) != 1:
+        return None
+    (name, entry), = plan.items()
+    if not isinstance(entry["rank"], int):
+        return None
+    ranks = list(range(max(SWEEP_STEP, entry["rank"] - SWEEP_SPAN), entry["rank"] + SWEEP_SPAN + 1, SWEEP_STEP))
+    models = {"original": model}
+    for rank in ranks:
+        # Weight fit: timing does not depend on the values, and calibration would add nothing here.
+        models[str(rank)] = apply(model, {name: {**entry, "rank": rank}}, fit="weights")
+    times = model_latencies(models, example, batches=BATCHES, runs=RUNS, min_ms=MIN_MS)
+    return {"layer": name, "method": entry["method"], "chosen": entry["rank"],
+            "ratios": {r: {str(b): times[r][b].median_ms / times["original"][b].median_ms for b in BATCHES}
+                       for r in models if r != "original"}}
+
+
+def _search(model, splits, record: dict, key: str, **kwargs) -> torch.nn.Module | None:
+    """One latency-aware ``compress`` as the CLI runs it; its record under ``record[key]``, its model."""
+    began = time.perf_counter()
+    try:
+        result = compress(model, splits, latency=True, batches=BATCHES, progress=False, **kwargs)
+    except ConfigError as exc:  # e.g. nothing within the budget measures faster: the search says so
+        record[key] = {"error": str(exc), "seconds": time.perf_counter() - began}
+        print(f"  {key}: {exc}", flush=True)
+        return None
+    search = result.latency or {}
+    record[key] = {
+        "mac_ratio": result.compressed["macs"] / result.original["macs"],
+        "layers": len(result.plan), "plan": result.plan.to_dict()["layers"],
+        "val_drop": result.baseline - result.value,
+        "search_measured_ratio": {b: p["measured_ratio"] for b, p in (search.get("prediction") or {}).items()},
+        "predicted_ratio": {b: p["predicted_ratio"] for b, p in (search.get("prediction") or {}).items()},
+        "dropped_slower": sum(len(v) for v in (search.get("dropped_slower") or {}).values()),
+        "plans_measured": search.get("plans_measured"), "notes": list(result.notes),
+        "budget": result.budget, "seconds": time.perf_counter() - began}
+    print(f"  {key}{' (int8)' if kwargs.get('latency_int8') else ''}: MACs {record[key]['mac_ratio']:.2f}, search "
+          f"measured {record[key]['search_measured_ratio']}, {record[key]['seconds']:.0f} s", flush=True)
+    return result.model
 
 
 def bench_model(name: str) -> dict:
@@ -68,40 +138,39 @@ def bench_model(name: str) -> dict:
     with single_threaded():
         model, splits = load_builtin(name, progress=False)
     example = splits.val.tensors[0][:2]
-    record: dict = {"model": name, "embedded": name in EMBEDDED, "plans": {}}
+    original = count_model(model, example)
+    record: dict = {"model": name, "embedded": name in EMBEDDED, "plans": {}, "int8_plans": {},
+                    "macs": original.macs, "params": original.params}
     models = {"original": model}
     for key, budget in BUDGETS.items():
-        began = time.perf_counter()
-        try:
-            result = compress(model, splits, budget=budget, latency=True, batches=BATCHES, progress=False)
-        except ConfigError as exc:  # e.g. nothing within the budget measures faster: the search says so
-            record["plans"][key] = {"error": str(exc), "seconds": time.perf_counter() - began}
-            print(f"  {key}: {exc}", flush=True)
-            continue
-        models[key] = result.model
-        record["macs"], record["params"] = result.original["macs"], result.original["params"]
-        search = result.latency or {}
-        record["plans"][key] = {
-            "mac_ratio": result.compressed["macs"] / result.original["macs"],
-            "layers": len(result.plan), "plan": result.plan.to_dict()["layers"],
-            "val_drop": result.baseline - result.value,
-            "search_measured_ratio": {b: p["measured_ratio"] for b, p in (search.get("prediction") or {}).items()},
-            "predicted_ratio": {b: p["predicted_ratio"] for b, p in (search.get("prediction") or {}).items()},
-            "dropped_slower": sum(len(v) for v in (search.get("dropped_slower") or {}).values()),
-            "plans_measured": search.get("plans_measured"), "notes": list(result.notes),
-            "budget": result.budget, "seconds": time.perf_counter() - began}
-        print(f"  {key}: MACs {record['plans'][key]['mac_ratio']:.2f}, search measured "
-              f"{record['plans'][key]['search_measured_ratio']}, {record['plans'][key]['seconds']:.0f} s", flush=True)
+        found = _search(model, splits, record["plans"], key, budget=budget)
+        if found is not None:
+            models[key] = found
+    # As compress --int8 static searches: candidates, dense layers and plans timed as int8 graphs.
+    int8_models = {}
+    for key, kwargs in INT8_SEARCHES.items():
+        found = _search(model, splits, record["int8_plans"], key, latency_int8="static", **kwargs)
+        if found is not None:
+            int8_models[key] = found
+    record["fastest_ratio"] = fastest_reachable(model, splits)
+    latency_plan = record["plans"].get("latency 0.6", {})
+    if "plan" in latency_plan:
+        record["rank_sweep"] = rank_sweep(model, example, latency_plan["plan"])
     with tempfile.TemporaryDirectory(prefix="rankshrink-bench-") as work:
         files = {}
         float_nodes: dict[str, list[str]] = {}
         quantization = QuantizeConfig(mode="static")
-        for key, m in models.items():
-            fp32 = Path(work) / f"{key.replace(' ', '_')}.onnx"
+        def exported(key: str, m) -> Path:
+            path = Path(work) / f"{key.replace(' ', '_')}.onnx"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fp32.write_bytes(onnx_bytes(m, example))
-            files[key] = fp32
+                path.write_bytes(onnx_bytes(m, example))
+            return path
+
+        for key, m in models.items():
+            files[key] = exported(key, m)
+        for key, m in {"original": model, **int8_models}.items():
+            fp32 = files["original"] if key == "original" else exported(f"int8-plan {key}", m)
             # As compress --int8 static ships it: nodes whose int8 kernel measures slower stay float32.
             choice = quantize_where_faster(fp32, fp32.with_suffix(".int8.onnx"), example_input=example,
                                            calibration=splits.train, config=quantization, batches=BATCHES, threads=1)
@@ -124,12 +193,12 @@ def bench_model(name: str) -> dict:
                        for k, m in measured.items()}
     for key, names in float_nodes.items():
         record["files"][f"{key} +int8"]["float_nodes"] = names
-    original = record["files"]["original"]["latency_ms"]
-    for key, entry in record["plans"].items():
-        if "error" in entry:
-            continue
-        entry["latency_ratio"] = {str(b): record["files"][key]["latency_ms"][str(b)] / original[str(b)]
-                                  for b in BATCHES}
+    for plans, suffix, base in ((record["plans"], "", "original"), (record["int8_plans"], " +int8", "original +int8")):
+        original = record["files"][base]["latency_ms"]
+        for key, entry in plans.items():
+            if "error" not in entry:
+                entry["latency_ratio"] = {str(b): record["files"][key + suffix]["latency_ms"][str(b)] / original[str(b)]
+                                          for b in BATCHES}
     record["seconds"] = time.perf_counter() - start
     return record
 
@@ -141,6 +210,12 @@ def goals(data: dict) -> dict:
     gap = [(r["model"], k, max(e["latency_ratio"].values()) / e["mac_ratio"]) for r, k, e in rows
            if r["macs"] >= 1_000_000 and k.startswith("macs")]
     over = [g for g in gap if g[2] > 1.25]
+    # A row is out of reach when the fastest plan of any MAC count is slower than 1.25 x the budget's MAC
+    # fraction at some batch size: every plan within the budget is at least that slow.
+    fastest = {r["model"]: r.get("fastest_ratio") or {} for r in data["models"]}
+    unreachable = [(m, k, b, v) for m, k, _ in over for b, v in fastest[m].items()
+                   if b != "error" and v > 1.25 * BUDGETS[k]["macs"]]
+    unreachable = list({(m, k): (m, k, b, v) for m, k, b, v in unreachable}.values())
     target = [(r["model"], max(e["latency_ratio"].values())) for r, k, e in rows if k.startswith("latency")]
     off = [t for t in target if abs(t[1] / LATENCY_TARGET - 1) > 0.10]
     refused = [r["model"] for r in data["models"] for k, e in r["plans"].items() if k.startswith("latency")
@@ -151,9 +226,10 @@ def goals(data: dict) -> dict:
             continue
         files = r["files"]
         wins = []
-        for key in r["plans"]:
+        plans = r.get("int8_plans", r["plans"])
+        for key in plans:
             low = files.get(f"{key} +int8")
-            if low is None:
+            if low is None or not plans[key].get("layers"):  # no plan, or no layer factorized: not low-rank
                 continue
             base = files["original +int8"]
             faster = all(low["latency_ms"][b] < base["latency_ms"][b] for b in base["latency_ms"])
@@ -162,7 +238,8 @@ def goals(data: dict) -> dict:
         int8[r["model"]] = wins
     return {
         "never_slower": {"met": not slower, "slower": slower, "compared": len(rows)},
-        "latency_vs_macs": {"met": not over, "ratios": gap, "over": over},
+        "latency_vs_macs": {"met": not over, "ratios": gap, "over": over, "fastest_ratio": fastest,
+                            "unreachable": unreachable},
         "max_latency_within_10pct": {"met": bool(target) and not off, "measured": target, "off": off,
                                      "refused": refused},
         "lowrank_int8_beats_int8": {"met": sum(bool(w) for w in int8.values()) >= 3, "by_model": int8,
@@ -170,9 +247,7 @@ def goals(data: dict) -> dict:
 
 
 def markdown(data: dict) -> str:
-    def ratio(v: float) -> str:
-        return f"**{v:.2f}**" if v >= 1 else f"{v:.2f}"
-
+    ratio = _bold
     lines = ["# What ships: latency-aware plans and int8 on ONNX Runtime", "", provenance_line(data["provenance"]), "",
              f"ONNX Runtime CPU execution provider, 1 thread; all files of a model timed interleaved, in {ROUNDS} "
              f"separate runs (each at least {RUNS} rounds and {MIN_MS:g} ms per file and batch size); the median of "
@@ -199,6 +274,7 @@ def markdown(data: dict) -> str:
     errors = [f"{r['model']} {k}: {e['error']}" for r in data["models"] for k, e in r["plans"].items() if "error" in e]
     if errors:
         lines += ["", "Budgets the search refused (its one-line message):", ""] + [f"- {x}" for x in errors]
+    lines += _int8_table(data)
     lines += ["", "## Files: fp32 and int8 (static QDQ), size, test accuracy on ONNX Runtime, latency", "",
               "*float nodes*: the Conv/Gemm/MatMul nodes left in float32 because their int8 kernel profiled slower.",
               "", "| model | variant | bytes | test acc. | b1 ms | b32 ms | float nodes |",
@@ -219,8 +295,8 @@ def markdown(data: dict) -> str:
               f"({len(g['never_slower']['slower'])} of {g['never_slower']['compared']} slower"
               + (": " + "; ".join(g["never_slower"]["slower"]) if g["never_slower"]["slower"] else "") + ").",
               f"2. Latency ratio ≤ 1.25 × MAC ratio on models of at least 1 M MACs (MAC budgets, worst batch): "
-              f"**{_met(g['latency_vs_macs'])}** (" + ", ".join(f"{m} {k}: {v:.2f}" for m, k, v in
-                                                           g["latency_vs_macs"]["ratios"]) + ").",
+              f"**{_met(g['latency_vs_macs'])}** (latency ratio / MAC ratio: " + ", ".join(
+                  f"{m} {k}: {v:.2f}" for m, k, v in g["latency_vs_macs"]["ratios"]) + ")." + _reach(g),
               f"3. `--max-latency 0.6` within 10% as measured (worst batch): **{_met(g['max_latency_within_10pct'])}** "
               "(" + ", ".join(f"{m}: {v:.2f}" for m, v in g["max_latency_within_10pct"]["measured"])
               + (f"; on {len(g['max_latency_within_10pct']['refused'])} models no plan reaches 0.6 at both batch "
@@ -231,10 +307,77 @@ def markdown(data: dict) -> str:
               + "; ".join(f"{m}: {', '.join(w) if w else 'none'}" for m, w in
                           g["lowrank_int8_beats_int8"]["by_model"].items()) + f" of "
               f"{g['lowrank_int8_beats_int8']['models']} measured).",
+              *_sweeps(data),
               "", f"Predicted vs measured latency ratio (this run's measurement): median error "
               f"{pred[len(pred) // 2]:.1%}, largest {pred[-1]:.1%} over {len(pred)} plan×batch." if pred else "",
               f"{data['seconds']:.0f} s in all."]
     return "\n".join(lines) + "\n"
+
+
+def _int8_table(data: dict) -> list[str]:
+    """The int8-aware searches (compress --int8 static): ratios to the original's int8 file."""
+    if not any(r.get("int8_plans") for r in data["models"]):
+        return []
+    lines = ["", "## int8-aware plans (`compress --int8 static`)", "",
+             "Candidates filtered in float32; whole plans measured as int8 graphs (static QDQ, every node) against "
+             "the original's; ratios are to the original's int8 file, and *bytes* is the low-rank+int8 file over "
+             "the original's int8 file (a plan of 0 layers only folds BatchNorm and is not counted for goal 4). "
+             "*tolerance 0.01* is `--tolerance 0.01 --minimize latency`: the fastest int8 plan within 1% accuracy.",
+             "", "| model | search | MAC ratio | latency ratio b1 | b32 | search b1 | b32 | bytes | val. drop "
+             "| layers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    refused = []
+    for r in data["models"]:
+        base = r["files"].get("original +int8", {})
+        for key, e in r.get("int8_plans", {}).items():
+            if "error" in e:
+                refused.append(f"{r['model']} {key}: {e['error']}")
+                continue
+            lr, sm = e["latency_ratio"], e["search_measured_ratio"]
+            size = r["files"][f"{key} +int8"]["bytes"] / base["bytes"] if base else float("nan")
+            lines.append(f"| {r['model']} | {key} | {e['mac_ratio']:.2f} | {_bold(lr['1'])} | {_bold(lr['32'])} | "
+                         f"{sm.get('1', float('nan')):.2f} | {sm.get('32', float('nan')):.2f} | {size:.2f} | "
+                         f"{e['val_drop']:.3f} | {e['layers']} |")
+    if refused:
+        lines += ["", "int8 searches refused:", ""] + [f"- {x}" for x in refused]
+    return lines
+
+
+def _bold(v: float) -> str:
+    return f"**{v:.2f}**" if v >= 1 else f"{v:.2f}"
+
+
+def _reach(g: dict) -> str:
+    """Goal 2's rows over the line, split into those no plan could meet and those a plan might."""
+    goal = g["latency_vs_macs"]
+    if not goal["over"]:
+        return ""
+    out = {(m, k) for m, k, _, _ in goal.get("unreachable", [])}
+    shown = "; ".join(f"{m} {k}: the fastest plan of any MAC count measured {v:.2f}x at batch {b}, over "
+                      f"1.25 x {BUDGETS[k]['macs']:g} = {1.25 * BUDGETS[k]['macs']:.3g}"
+                      for m, k, b, v in goal.get("unreachable", []))
+    rest = [f"{m} {k}" for m, k, _ in goal["over"] if (m, k) not in out]
+    others = ("" if not rest else f"; for the others ({', '.join(rest)}) the fastest plan is under that line, "
+              "so a plan meeting the goal may exist")
+    return (f" Of the {len(goal['over'])} rows over the line, {len(out)} are out of reach of any plan on this "
+            "runtime" + (f" ({shown})" if shown else "") + others + ".")
+
+
+def _sweeps(data: dict) -> list[str]:
+    """Goal 3's evidence for one-layer models: the whole-model latency steps its ranks land on."""
+    lines = []
+    for r in data["models"]:
+        sweep = r.get("rank_sweep")
+        if not sweep:
+            continue
+        cells = ", ".join(f"{rank}: {v['1']:.2f}/{v['32']:.2f}" for rank, v in sweep["ratios"].items())
+        lines.append(f"- {r['model']} ({sweep['layer']}, {sweep['method']}, the search chose rank {sweep['chosen']}); "
+                     f"rank: ratio at batch 1/32 = {cells}")
+    if lines:
+        lines = ["", "Whole-model latency ratio of a one-layer latency plan at neighbouring ranks (weight fit, timed "
+                 "interleaved with the original): ONNX Runtime's kernels take output columns in blocks, so the "
+                 "latency moves in steps and a window narrower than a step can fall between two of them:", ""] + lines
+    return lines
 
 
 def _met(goal: dict) -> str:

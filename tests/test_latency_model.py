@@ -198,3 +198,57 @@ def test_in_context_measurements_time_the_whole_model_with_one_layer_factorized(
         assert check.predicted_ratio < 0.8 and check.measured_ratio < 0.8
     with pytest.raises(ConfigError, match="context"):
         model.predict(baseline, plan, context="device")
+
+
+def _op_types(graph: bytes) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load_from_string(graph).graph.node}
+
+
+def test_int8_settings_time_quantized_graphs_under_their_own_key(tmp_path) -> None:
+    from rankshrink.deploy.quantize import timing_graph
+
+    with pytest.raises(ConfigError, match="int8"):
+        LatencySettings(int8="int4")
+    float32 = LatencyModel(FAST, cache_dir=tmp_path)
+    quantized = LatencyModel(LatencySettings(runs=5, warmup=1, min_ms=0.0, max_runs=5, int8="static"),
+                             cache_dir=tmp_path)
+    assert "int8" not in float32.identity and quantized.identity == {**float32.identity, "int8": "static"}
+    float32.measure(LINEAR, (1,), "svd", [8], batches=(1,))
+    quantized.measure(LINEAR, (1,), "svd", [8], batches=(1,))
+    assert quantized.measurements == 1 and quantized.cache.hits == 0  # not the float32 entry
+    assert len(list(tmp_path.rglob("*.json"))) == 2
+    # What is timed: the block quantized as a shipped file is (QDQ static, integer matmuls dynamic), and it still
+    # computes the layer (static ranges calibrated on the example batch).
+    block = factor_block(LINEAR, "svd", 8)
+    x = layer_input(LINEAR, (1,), 16)
+    assert not {"QuantizeLinear", "DynamicQuantizeLinear"} & _op_types(timing_graph(block, x))
+    static = timing_graph(block, x, int8="static")
+    assert "QuantizeLinear" in _op_types(static)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & _op_types(timing_graph(block, x, int8="dynamic"))
+    ort = require_onnxruntime()
+    got = ort_session(ort, static, 1).run(None, {"input": x.numpy()})[0]
+    want = block(x).detach().numpy()
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_int8_timing_graphs_calibrate_models_with_dict_inputs() -> None:
+    from rankshrink.deploy.latency import repeat_to_batch
+    from rankshrink.deploy.onnx import onnx_feed
+    from rankshrink.deploy.quantize import timing_graph
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.left, self.right = nn.Linear(12, 8), nn.Linear(6, 8)
+
+        def forward(self, a, b):  # a dict input is passed as keywords, as to a Hugging Face model
+            return self.left(a) + self.right(b)
+
+    model = TwoInputs().eval()
+    sample = {"a": torch.randn(1, 12), "b": torch.randn(1, 6)}
+    graph = timing_graph(model, sample, int8="static", calibration=repeat_to_batch(sample, 8))
+    assert "QuantizeLinear" in _op_types(graph)
+    out = ort_session(require_onnxruntime(), graph, 1).run(None, onnx_feed(repeat_to_batch(sample, 3)))[0]
+    assert out.shape == (3, 8)

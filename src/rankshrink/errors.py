@@ -14,6 +14,15 @@ class ConfigError(RankshrinkError, ValueError):
     """A parameter value is out of range or of the wrong kind."""
 
 
+class UnreachableLatencyError(ConfigError):
+    """A latency budget below what any plan measures; ``fastest_ratios`` is the fastest plan's measured
+    time ratio to the original at each batch size, for callers that report it (benchmarks)."""
+
+    def __init__(self, message: str, fastest_ratios: dict[int, float]) -> None:
+        super().__init__(message)
+        self.fastest_ratios = dict(fastest_ratios)
+
+
 class LayerError(RankshrinkError, ValueError):
     """A layer cannot be factorized/adapted as asked (wrong type, method or rank)."""
 

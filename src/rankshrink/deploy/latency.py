@@ -60,18 +60,18 @@ def repeat_to_batch(sample: Any, batch: int) -> Any:
 
 def model_latencies(models: dict[str, nn.Module], example_input: Any, *, batches: tuple[int, ...] = (1, 32),
                     threads: int = 1, runs: int = 20, warmup: int = 3, min_ms: float = 30.0,
-                    max_runs: int = 400) -> dict[str, dict[int, Latency]]:
+                    max_runs: int = 400, int8: str | None = None) -> dict[str, dict[int, Latency]]:
     """Each model's latency on ONNX Runtime at each batch size (inputs: the example's first row repeated),
-    all models timed interleaved; exported for timing only (not verified, traced branches allowed)."""
-    import warnings
+    all models timed interleaved; exported for timing only (not verified, traced branches allowed), and
+    with ``int8`` ('static', 'dynamic') quantized first (:func:`rankshrink.deploy.quantize.timing_graph`)."""
+    from .quantize import timing_graph
 
     ort = require_onnxruntime()
     sample = first_sample(example_input)
     names = list(models)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sessions = [ort_session(ort, onnx_bytes(models[n], sample, allow_traced_branches=True), threads)
-                    for n in names]
+    calibration = repeat_to_batch(sample, 8) if int8 else None
+    sessions = [ort_session(ort, timing_graph(models[n], sample, int8=int8, calibration=calibration), threads)
+                for n in names]
     result: dict[str, dict[int, Latency]] = {name: {} for name in names}
     for batch in batches:
         feed = onnx_feed(repeat_to_batch(sample, batch))

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -55,7 +54,7 @@ from ..methods import get_method
 from ..plan import Plan
 from ..validation import check_choice, check_int, check_number
 from .latency import Latency, first_sample, repeat_to_batch, time_sessions
-from .onnx import onnx_bytes, onnx_feed, ort_session, require_onnxruntime
+from .onnx import onnx_feed, ort_session, require_onnxruntime
 
 __all__ = ["LatencySettings", "LatencyCache", "Timing", "RankAdvice", "LayerBaseline", "ModelBaseline",
            "PredictionCheck", "LatencyModel", "cpu_model", "runtime_identity", "dense_layer", "factor_block",
@@ -95,7 +94,11 @@ class LatencySettings:
     intra-op threads. Each measurement is at least ``runs`` interleaved rounds after
     ``warmup``, extended (up to ``max_runs``) until each graph ran ``min_ms`` in all.
     ``anchors``: how many ranks per (layer, method) :meth:`LatencyModel.estimate` measures
-    before interpolating the rest.
+    before interpolating the rest. ``int8`` ('static' or 'dynamic'): every graph (a candidate,
+    its dense layer, a whole model) is quantized before it is timed, as the shipped
+    ``model.int8.onnx`` is: int8 kernels rank candidates differently (measured: on 16- and
+    32-channel 3x3 convolutions every factorization was slower than the int8 dense layer,
+    though 2-3x faster in float32).
     """
 
     batches: tuple[int, ...] = (1, 32)
@@ -105,6 +108,7 @@ class LatencySettings:
     min_ms: float = 30.0
     max_runs: int = 400
     anchors: int = 5
+    int8: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.batches, tuple) or not self.batches:
@@ -117,6 +121,8 @@ class LatencySettings:
         check_number(self.min_ms, "min_ms", minimum=0)
         check_int(self.max_runs, "max_runs", minimum=self.runs)
         check_int(self.anchors, "anchors", minimum=2)
+        if self.int8 is not None:
+            check_choice(self.int8, "int8", ("static", "dynamic"))
 
 
 # --------------------------------------------------------------------------- the cache
@@ -362,11 +368,13 @@ class PredictionCheck:
 
 # --------------------------------------------------------------------------- the model
 
-def _session(ort, module: nn.Module, example: Any, threads: int):
-    # Exported for timing only: a traced branch changes what the graph computes, not how long it takes.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ort_session(ort, onnx_bytes(module, example, allow_traced_branches=True), threads)
+def _session(ort, module: nn.Module, example: Any, settings: LatencySettings, calibration: Any = None):
+    """A session of ``module`` to time, quantized when ``settings.int8`` says so (static ranges from
+    ``calibration``, a batch of inputs; default ``example``)."""
+    from .quantize import timing_graph
+
+    return ort_session(ort, timing_graph(module, example, int8=settings.int8, calibration=calibration),
+                       settings.threads)
 
 
 class LatencyModel:
@@ -382,7 +390,9 @@ class LatencyModel:
                  cache_dir: str | os.PathLike | None = ..., progress: bool = False) -> None:  # type: ignore[assignment]
         self.settings = settings or LatencySettings()
         self.cache = LatencyCache(LatencyCache.default_root() if cache_dir is ... else cache_dir)
-        self.identity = runtime_identity(self.settings.threads)
+        # int8 joins the identity (and so the cache key) only when set: float32 measurements keep their keys.
+        self.identity = {**runtime_identity(self.settings.threads),
+                         **({"int8": self.settings.int8} if self.settings.int8 else {})}
         self.progress = progress
         self.measurements = 0
 
@@ -435,13 +445,14 @@ class LatencyModel:
         ort = require_onnxruntime()
         settings = self.settings
         example = layer_input(geometry, input_size, 1)
-        dense = _session(ort, dense_layer(geometry), example, settings.threads)
+        calibration = layer_input(geometry, input_size, 8)
+        dense = _session(ort, dense_layer(geometry), example, settings, calibration)
         out: dict[Any, dict[int, Timing]] = {rank: {} for rank in ranks}
         # Small groups (the dense layer and a few candidates): timed among many other graphs a
         # layer runs with a cold cache, and ratios from groups of different sizes disagree.
         for start in self._groups(len(ranks), f"timing {method} on {geometry['type']}"):
             group = ranks[start:start + _GROUP]
-            sessions = [dense] + [_session(ort, factor_block(geometry, method, r), example, settings.threads)
+            sessions = [dense] + [_session(ort, factor_block(geometry, method, r), example, settings, calibration)
                                   for r in group]
             for batch in batches:
                 feed = {"input": layer_input(geometry, input_size, batch).numpy()}
@@ -570,7 +581,8 @@ class LatencyModel:
             rows = [row for row in rows if row.name in wanted]
         modules = [model] + [model.get_submodule(row.name) for row in rows]
         examples = [sample] + [layer_input(row.geometry, row.input_size, 1) for row in rows]
-        sessions = [_session(ort, m, x, settings.threads) for m, x in zip(modules, examples)]
+        calibrations = [repeat_to_batch(sample, 8)] + [layer_input(row.geometry, row.input_size, 8) for row in rows]
+        sessions = [_session(ort, m, x, settings, c) for m, x, c in zip(modules, examples, calibrations)]
         model_ms: dict[int, Latency] = {}
         layer_ms: dict[str, dict[int, float]] = {row.name: {} for row in rows}
         for batch in batches:
@@ -622,14 +634,15 @@ class LatencyModel:
             else:
                 missing.append(rank)
         if missing:
-            base = _session(ort, model, sample, settings.threads)
+            calibration = repeat_to_batch(sample, 8)
+            base = _session(ort, model, sample, settings, calibration)
             for start in self._groups(len(missing), f"timing {layer} ({method}) in the model"):
                 group = missing[start:start + _GROUP]
                 sessions = [base]
                 for rank in group:
                     variant = copy.deepcopy(model)
                     replace_layer(variant, layer, factor_block(geometry, method, rank))
-                    sessions.append(_session(ort, variant.eval(), sample, settings.threads))
+                    sessions.append(_session(ort, variant.eval(), sample, settings, calibration))
                 for batch in batches:
                     feed = onnx_feed(repeat_to_batch(sample, batch))
                     whole, *variants = time_sessions(sessions, [feed] * len(sessions), runs=settings.runs,
@@ -698,7 +711,8 @@ class LatencyModel:
         ort = require_onnxruntime()
         predicted = self.predict(baseline, plan, context=context)
         sample = first_sample(example_input)
-        sessions = [_session(ort, m, sample, self.settings.threads) for m in (original, compressed)]
+        calibration = repeat_to_batch(sample, 8)
+        sessions = [_session(ort, m, sample, self.settings, calibration) for m in (original, compressed)]
         checks = []
         for batch in baseline.model_ms:
             feed = onnx_feed(repeat_to_batch(sample, batch))

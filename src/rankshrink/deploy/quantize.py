@@ -16,7 +16,9 @@ format per mode, and writes the file safely.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -39,7 +41,7 @@ from .latency import Latency, first_sample, repeat_to_batch, time_sessions
 from .onnx import ExportError, ort_session, require_onnxruntime
 
 __all__ = ["INT8_MODES", "ACTIVATION_TYPES", "QuantizeConfig", "quantize_onnx", "quantize_where_faster", "Int8Choice",
-           "SLOWER_MARGIN", "onnx_input_name",
+           "SLOWER_MARGIN", "onnx_input_name", "timing_graph",
            "onnx_input_names", "graph_feed", "OnnxMeasurement", "measure_onnx_files", "onnx_accuracy"]
 
 INT8_MODES = ("dynamic", "static")
@@ -133,11 +135,17 @@ def graph_feed(names: list[str], inputs: Any) -> dict[str, np.ndarray]:
     return dict(zip(names, arrays.values()))
 
 
-def _calibration_batches(data: Dataset | torch.Tensor, samples: int, batch_size: int) -> Iterator[Any]:
+def _calibration_batches(data: Dataset | torch.Tensor | Any, samples: int, batch_size: int) -> Iterator[Any]:
     if isinstance(data, torch.Tensor):
         inputs = data[:samples]
         for start in range(0, len(inputs), batch_size):
             yield inputs[start:start + batch_size]
+        return
+    if not isinstance(data, Dataset):  # one batch of inputs in the model's own form (tuple, dict)
+        inputs = model_inputs.take(data, slice(0, samples))
+        size = model_inputs.batch_size(inputs)
+        for start in range(0, size, batch_size):
+            yield model_inputs.take(inputs, slice(start, start + batch_size))
         return
     seen = 0
     for inputs, _ in iterate_batches(data, batch_size):
@@ -239,6 +247,52 @@ def quantize_onnx(model: str | os.PathLike, output: str | os.PathLike, *, mode: 
     with tempfile.TemporaryDirectory(prefix="rankshrink-int8-") as work:
         prepared = _prepared(quantization, source, work, config)
         return _quantized(quantization, prepared, target, source, input_names, calibration, config)
+
+
+class _DropWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING
+
+
+@contextlib.contextmanager
+def _quantizer_warnings_hidden():
+    """ONNX Runtime's quantizer logs warnings on the root logger (one per 1-D weight, say); timing many
+    quantized graphs (a search, an int8 latency model) would print them all."""
+    drop = _DropWarnings()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def timing_graph(module: torch.nn.Module, example: Any, *, int8: str | None = None,
+                 calibration: Any = None, where_faster: tuple[int, ...] | None = None, threads: int = 1) -> bytes:
+    """``module`` as an ONNX graph to time: exported (traced branches allowed: they change what a graph
+    computes, not how long it takes) and, with ``int8`` ('static' or 'dynamic'), quantized, every node
+    included; static ranges are calibrated on ``calibration`` (default ``example``: scales do not change
+    the time). ``where_faster`` (batch sizes; 'static' only): quantized as ``compress --int8 static``
+    ships it, the nodes profiled slower in int8 at those batch sizes left float32
+    (:func:`quantize_where_faster`): the file that ships, where every-node int8 can be slower."""
+    from .onnx import onnx_bytes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = onnx_bytes(module, example, allow_traced_branches=True)
+    if int8 is None:
+        return graph
+    config = QuantizeConfig(mode=int8, calibration_samples=8, calibration_batch=8)
+    with _quantizer_warnings_hidden(), tempfile.TemporaryDirectory(prefix="rankshrink-timing-") as work:
+        source = Path(work) / "float.onnx"
+        source.write_bytes(graph)
+        calibration = example if calibration is None else calibration
+        if where_faster and int8 == "static":
+            choice = quantize_where_faster(source, Path(work) / "int8.onnx", example_input=example,
+                                           calibration=calibration, config=config, batches=where_faster,
+                                           threads=threads)
+            return choice.path.read_bytes()
+        return quantize_onnx(source, Path(work) / "int8.onnx", config=config, calibration=calibration).read_bytes()
 
 
 # --------------------------------------------------------------------------- int8 only where it is faster

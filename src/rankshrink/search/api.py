@@ -243,6 +243,12 @@ def _compress(model: nn.Module, data: Any, *, tolerance: float | None, budget: A
                                         original, target)
             spaces[:] = build_spaces(session, cost_model, kind=kind, layers=layers, methods=methods,
                                      progress=progress)
+            latency = session.latency
+            if latency is not None and spaces and all(not s.candidates for s in spaces):
+                latency.notes.append("measured on ONNX Runtime, no candidate of any layer ran faster than its "
+                                     f"dense layer ({sum(map(len, latency.dropped.values()))} measured slower): the "
+                                     "model stays as it is; pass --ignore-latency (latency=False) to search by "
+                                     "formula alone")
             if target is not None and spaces and kind != "latency":  # budget mode
                 lowest = minimum_cost(spaces, cost_model, kind)
                 if target < lowest:
@@ -395,7 +401,8 @@ def _start_latency(model: nn.Module, session: Session, config: SearchConfig, bud
     from .latency import UNITS, SearchLatency
 
     latency = SearchLatency.create(model, session.example_input, batches=tuple(config.batches),
-                                   threads=config.latency_threads, multiple=config.rank_multiple)
+                                   threads=config.latency_threads, multiple=config.rank_multiple,
+                                   int8=config.latency_int8)
     session.latency = latency
     cost_model.original["latency"] = original["latency"] = UNITS
     if budget is not None and budget.kind == "latency":
@@ -485,7 +492,9 @@ def _file_bytes_allocation(session: Session, spaces: list, cost_model: CostModel
         smallest = min(size for _, size in sizes)
         raise ConfigError(f"the bytes budget {file_target:,} (of the shipped file) is below the smallest file "
                           f"reachable, {smallest:,} bytes (every factorizable layer at its cheapest candidate; the "
-                          f"original's file is {original_file:,} bytes). Raise the budget.")
+                          f"original's file is {original_file:,} bytes)." + (
+                              _dropped_text(session.latency.dropped)
+                              if session.latency is not None and session.latency.dropped else " Raise the budget."))
     units, allocation, size = max(fits, key=lambda f: f[2])
     polished = polish_budget(session, spaces, allocation, cost_model, target=units, kind="bytes",
                              max_evaluations=max_evaluations)
@@ -599,12 +608,15 @@ def _below_minimum(kind: str, target: int, breakdown: dict[str, Any], original: 
         text += (f" Of that minimum, {stuck:,} ({stuck / whole:.1%} of the original) cannot be factorized: "
                  f"{'; '.join(parts)}.")
     text += f" The factorizable layers at rank 1 with their cheapest method add {breakdown['factorizable']:,}."
-    if dropped:  # latency-aware: candidates measured slower than their dense layer are not used
-        return text + (f" Measured on ONNX Runtime, {sum(map(len, dropped.values()))} candidate(s) of {len(dropped)} "
-                       f"layer(s) ran slower than their dense layer and are not used ({', '.join(list(dropped)[:4])}"
-                       f"{' ...' if len(dropped) > 4 else ''}). Raise the budget, or pass --ignore-latency "
-                       "(latency=False) to budget by formula alone.")
-    return text + " Raise the budget."
+    return text + (_dropped_text(dropped) if dropped else " Raise the budget.")
+
+
+def _dropped_text(dropped: dict[str, list[str]]) -> str:
+    """Why a latency-aware budget cannot be reached: candidates measured slower than their dense layer."""
+    return (f" Measured on ONNX Runtime, {sum(map(len, dropped.values()))} candidate(s) of {len(dropped)} layer(s) "
+            f"ran slower than their dense layer and are not used ({', '.join(list(dropped)[:4])}"
+            f"{' ...' if len(dropped) > 4 else ''}). Raise the budget, or pass --ignore-latency (latency=False) to "
+            "budget by formula alone.")
 
 
 def _maybe(fn, model):

@@ -70,6 +70,9 @@ class SearchConfig:
     the tolerance that is faster, possibly the original) unless ``allow_slower``.
     ``minimize='latency'`` and ``{"latency": 0.6}`` / ``{"latency_ms": 2.0}`` budgets imply
     it. ``latency_threads``: ONNX Runtime intra-op threads for every measurement.
+    ``latency_int8`` ('static' or 'dynamic'; None: float32): candidates, their dense layers and
+    whole plans are quantized before they are timed, for a model that ships as int8
+    (``compress --int8``): the int8 file is what must be faster.
     ``file_bytes``: a callable ``model -> int`` (the size of the file that will be shipped,
     e.g. :func:`rankshrink.deploy.shipped_bytes`); a bytes budget then counts it instead of
     the parameter bytes.
@@ -111,6 +114,7 @@ class SearchConfig:
     latency: bool = False
     batches: tuple[int, ...] = (1, 32)
     latency_threads: int = 1
+    latency_int8: str | None = None
     rank_multiple: int = 8
     allow_slower: bool = False
     file_bytes: Any = None
@@ -131,6 +135,8 @@ class SearchConfig:
         check_bool(self.latency, "latency")
         check_bool(self.allow_slower, "allow_slower")
         check_int(self.latency_threads, "latency_threads", minimum=1)
+        if self.latency_int8 is not None:
+            check_choice(self.latency_int8, "latency_int8", ("static", "dynamic"))
         check_int(self.rank_multiple, "rank_multiple", minimum=1)
         if isinstance(self.batches, int) or not isinstance(self.batches, (tuple, list)) or not self.batches:
             raise ConfigError(f"batches must be a non-empty list of batch sizes, got {self.batches!r}.")

@@ -7,7 +7,7 @@ so every mode ends by measuring whole plans against the original, interleaved
 
 * **tolerance mode** (any ``minimize``): the plans within the tolerance are measured cheapest
   first (with ``minimize='latency'``, the few predicted fastest together, and the measured
-  fastest wins); the first faster than the original at every batch size is returned. If none
+  fastest wins); the first faster than the original at every batch size (:data:`FASTER`) is returned. If none
   is, the original is kept and a note says so.
 * **MAC / parameter / byte budgets**: the answer is measured; if it is slower, each of its
   factorized layers is measured alone inside the model, those slower there are never picked
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnreachableLatencyError
 from .allocate import Allocation, budget_allocation, minimum_cost, plan_of, polish_budget
-from .latency import UNITS, PlanTiming, SearchLatency
+from .latency import FASTER, UNITS, PlanTiming, SearchLatency
 
 __all__ = ["finish_tolerance", "finish_budget", "latency_budget", "MAX_STEPS", "latency_target"]
 
@@ -92,7 +92,8 @@ def finish_tolerance(session, spaces, allocation: Allocation, *, kind: str, base
         slower += list(zip(group, timings))
         group, rest = rest[:_GROUP], rest[_GROUP:]
     shown = slower[0][1].describe()
-    latency.notes.append(f"no plan within the tolerance measured faster than the original at batch size(s) "
+    latency.notes.append(f"no plan within the tolerance measured faster (at most {FASTER:g}x the time) than "
+                         f"{latency.versus()} at batch size(s) "
                          f"{_batches_text(latency)} ({len(slower)} measured; the cheapest ran {shown} the "
                          "original's time); kept the original model")
     _record(latency, spaces, {}, None)
@@ -154,7 +155,8 @@ def finish_budget(session, spaces, cost_model, allocation: Allocation, *, kind: 
                              max_evaluations=max_evaluations, note=f"the plan using the whole budget measured "
                              f"{first[1].describe()} the original's time; returned one at {fraction:.0%} of the "
                              "budget, which measured faster")
-    raise ConfigError(f"no plan within the {kind} budget measured faster than the original at batch size(s) "
+    raise ConfigError(f"no plan within the {kind} budget measured faster (at most {FASTER:g}x the time) than "
+                      f"{latency.versus()} at batch size(s) "
                       f"{_batches_text(latency)}: the best allocation ran {first[1].describe()} the original's time "
                       f"({len(tried)} plans measured, lower targets and layers left out included). Raise the budget, "
                       "use a latency budget (--max-latency 0.8), or pass --allow-slower to ship it anyway.")
@@ -221,11 +223,11 @@ def latency_budget(session, spaces, cost_model, *, budget, max_evaluations: int,
             fastest = points[-1]
         if fastest[1] > ratio:
             b = constrained[0]
-            raise ConfigError(
+            raise UnreachableLatencyError(
                 f"the latency budget ({_budget_text(budget, ratio, latency)}) is below what any plan reaches: the "
                 f"fastest plan found measured {fastest[3].describe()} the original's time "
                 f"({fastest[3].plan_ms[b]:.4g} ms vs {fastest[3].original_ms[b]:.4g} ms at batch {b}). Raise "
-                f"--max-latency to at least {fastest[1] * 1.02:.2f}.")
+                f"--max-latency to at least {fastest[1] * 1.02:.2f}.", fastest[3].ratios)
         within = [fastest]
     units, _, allocation, timing = max(within, key=lambda p: (p[1], p[0]))
     polished = polish_budget(session, spaces, allocation, cost_model, target=units if units >= lowest else lowest,
