@@ -82,6 +82,11 @@ def test_bad_requests_are_refused_in_one_line(tmp_path, digits_mlp) -> None:
     timed = measure_onnx_files({"fp32": source}, example_input=torch.zeros(1, 1, 8, 8), batches=(2,), runs=2,
                                min_ms=0.0)
     assert timed["fp32"].metric is None and timed["fp32"].latency[2].runs == 2
+    again = measure_onnx_files({"fp32": source}, example_input=torch.zeros(1, 1, 8, 8), batches=(2,), runs=2,
+                               min_ms=0.0, rounds=3)  # three runs: the median of their medians, every run counted
+    assert again["fp32"].latency[2].runs == 6 and again["fp32"].latency[2].median_ms > 0
+    with pytest.raises(ConfigError, match="rounds"):
+        measure_onnx_files({"fp32": source}, example_input=torch.zeros(1, 1, 8, 8), rounds=0)
 
 
 def _float_weight_convs(path) -> set[str]:

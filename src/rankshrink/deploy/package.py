@@ -30,6 +30,7 @@ __all__ = ["ExportConfig", "export_verified", "shipped_bytes", "write_deployment
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+MEASURE_ROUNDS = 3  # the rows are medians of 3 interleaved runs, as the search measures plans
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,10 +149,12 @@ def write_deployment(stage: str | Path, original: nn.Module, compressed: nn.Modu
                     files[row] = quantize_onnx(fp32, target, calibration=calibration, config=quantization)
         try:
             measured = measure_onnx_files(files, data, example_input=example_input, batches=config.batches,
-                                          threads=config.threads, runs=config.runs, min_ms=config.min_ms)
+                                          threads=config.threads, runs=config.runs, min_ms=config.min_ms,
+                                          rounds=MEASURE_ROUNDS)
         except DataError:  # no labels: latency and size only
             measured = measure_onnx_files(files, None, example_input=example_input, batches=config.batches,
-                                          threads=config.threads, runs=config.runs, min_ms=config.min_ms)
+                                          threads=config.threads, runs=config.runs, min_ms=config.min_ms,
+                                          rounds=MEASURE_ROUNDS)
     latency_ms = {side: {str(b): {"median": m.latency[b].median_ms, "p90": m.latency[b].p90_ms,
                                   "runs": m.latency[b].runs, "threads": config.threads} for b in config.batches}
                   for side, m in (("original", measured["original"]), ("compressed", measured["low-rank"]))}

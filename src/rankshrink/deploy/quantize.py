@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import statistics
 import tempfile
 import time
 import warnings
@@ -468,18 +469,20 @@ def measure_onnx_files(files: Mapping[str, str | os.PathLike], data: Dataset | N
                        example_input: Any = None, batches: tuple[int, ...] = (1, 32),
                        threads: int = 1, runs: int = 30, warmup: int = 5, min_ms: float = 50.0,
                        metric: Callable[[Any, Dataset], float] | None = None,
-                       metric_name: str = "accuracy") -> dict[str, OnnxMeasurement]:
+                       metric_name: str = "accuracy", rounds: int = 1) -> dict[str, OnnxMeasurement]:
     """Bytes, metric and latency of each ONNX file (``name -> path``), measured side by side.
 
     ``metric(session, data) -> float`` defaults to :func:`onnx_accuracy`; without ``data``
     no metric is computed. Latency inputs repeat ``example_input``'s first sample (default:
-    the data's first input) to each batch size; all files are timed interleaved.
+    the data's first input) to each batch size; all files are timed interleaved, in ``rounds``
+    separate runs whose medians' median is kept (runs: all of them).
     """
     if not files:
         raise ConfigError("measure_onnx_files needs at least one ONNX file.")
     for batch in batches:
         check_int(batch, "batch size", minimum=1)
     check_int(threads, "threads", minimum=1)
+    check_int(rounds, "rounds", minimum=1)
     if example_input is None:
         if data is None:
             raise ConfigError("pass data= or example_input= so the models can be timed.")
@@ -494,11 +497,16 @@ def measure_onnx_files(files: Mapping[str, str | os.PathLike], data: Dataset | N
     sessions = [ort_session(ort, paths[name].read_bytes(), threads) for name in names]
     metric_fn = metric or (lambda session, dataset: onnx_accuracy(session, dataset))
     metrics = {name: (metric_fn(session, data) if data is not None else None) for name, session in zip(names, sessions)}
-    latency: dict[str, dict[int, Latency]] = {name: {} for name in names}
-    for batch in batches:
-        feeds = [graph_feed([i.name for i in session.get_inputs()], repeat_to_batch(sample, batch))
-                 for session in sessions]
-        for name, measured in zip(names, time_sessions(sessions, feeds, runs=runs, warmup=warmup, min_ms=min_ms)):
-            latency[name][batch] = measured
+    timed: dict[str, dict[int, list[Latency]]] = {name: {b: [] for b in batches} for name in names}
+    for _ in range(rounds):
+        for batch in batches:
+            feeds = [graph_feed([i.name for i in session.get_inputs()], repeat_to_batch(sample, batch))
+                     for session in sessions]
+            for name, measured in zip(names, time_sessions(sessions, feeds, runs=runs, warmup=warmup,
+                                                           min_ms=min_ms)):
+                timed[name][batch].append(measured)
+    latency = {name: {b: Latency(statistics.median(t.median_ms for t in per),
+                                 statistics.median(t.p90_ms for t in per), sum(t.runs for t in per))
+                      for b, per in by_batch.items()} for name, by_batch in timed.items()}
     return {name: OnnxMeasurement(name, str(paths[name]), paths[name].stat().st_size, metrics[name],
                                   metric_name if data is not None else "", latency[name]) for name in names}

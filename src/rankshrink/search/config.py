@@ -70,9 +70,9 @@ class SearchConfig:
     the tolerance that is faster, possibly the original) unless ``allow_slower``.
     ``minimize='latency'`` and ``{"latency": 0.6}`` / ``{"latency_ms": 2.0}`` budgets imply
     it. ``latency_threads``: ONNX Runtime intra-op threads for every measurement.
-    ``latency_int8`` ('static' or 'dynamic'; None: float32): candidates, their dense layers and
-    whole plans are quantized before they are timed, for a model that ships as int8
-    (``compress --int8``): the int8 file is what must be faster.
+    ``latency_int8`` ('static' or 'dynamic'; None: float32): whole plans are measured as the int8
+    files that ship (``compress --int8``) against the original's, so the int8 file is what must be
+    faster; candidates are still filtered and costed in float32.
     ``file_bytes``: a callable ``model -> int`` (the size of the file that will be shipped,
     e.g. :func:`rankshrink.deploy.shipped_bytes`); a bytes budget then counts it instead of
     the parameter bytes.
