@@ -595,7 +595,8 @@ def print_report(result, file=None) -> None:
     latency = result.latency or {}
     for batch, check in (latency.get("prediction") or {}).items():
         predicted = check.get("predicted_ratio")
-        print(f"latency at batch {batch}: measured {check['measured_ratio']:.2f}x the original"
+        as_int8 = f", both as int8 ({latency['plans_int8']})" if latency.get("plans_int8") else ""
+        print(f"latency at batch {batch}{as_int8}: measured {check['measured_ratio']:.2f}x the original"
               + (f" (predicted from layers timed alone: {predicted:.2f}x, error {check['error']:+.0%})"
                  if predicted is not None else ""), file=file)
     for note in result.notes:

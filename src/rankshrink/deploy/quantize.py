@@ -198,11 +198,29 @@ def _prepared(quantization, source: Path, work: str, config: QuantizeConfig) -> 
         return source
 
 
+class _DropWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING
+
+
+@contextlib.contextmanager
+def _quantizer_warnings_hidden():
+    """ONNX Runtime's quantizer logs warnings on the root logger (one per 1-D weight of a BatchNorm, say),
+    about nothing the user can act on; a search quantizing plan after plan would print them all."""
+    drop = _DropWarnings()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _quantized(quantization, prepared: Path, target: Path, source: Path, input_names: list[str],
                calibration, config: QuantizeConfig) -> Path:
     """Quantize the pre-processed graph into ``target`` (atomically)."""
     excluded = list(config.exclude_nodes)
-    with atomic_path(target) as tmp:
+    with _quantizer_warnings_hidden(), atomic_path(target) as tmp:
         try:
             if config.mode == "dynamic":
                 quantization.quantize_dynamic(str(prepared), str(tmp), per_channel=config.per_channel,
@@ -250,24 +268,6 @@ def quantize_onnx(model: str | os.PathLike, output: str | os.PathLike, *, mode: 
         return _quantized(quantization, prepared, target, source, input_names, calibration, config)
 
 
-class _DropWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.WARNING
-
-
-@contextlib.contextmanager
-def _quantizer_warnings_hidden():
-    """ONNX Runtime's quantizer logs warnings on the root logger (one per 1-D weight, say); timing many
-    quantized graphs (a search, an int8 latency model) would print them all."""
-    drop = _DropWarnings()
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
 def timing_graph(module: torch.nn.Module, example: Any, *, int8: str | None = None,
                  calibration: Any = None, where_faster: tuple[int, ...] | None = None, threads: int = 1) -> bytes:
     """``module`` as an ONNX graph to time: exported (traced branches allowed: they change what a graph
@@ -284,7 +284,7 @@ def timing_graph(module: torch.nn.Module, example: Any, *, int8: str | None = No
     if int8 is None:
         return graph
     config = QuantizeConfig(mode=int8, calibration_samples=8, calibration_batch=8)
-    with _quantizer_warnings_hidden(), tempfile.TemporaryDirectory(prefix="rankshrink-timing-") as work:
+    with tempfile.TemporaryDirectory(prefix="rankshrink-timing-") as work:
         source = Path(work) / "float.onnx"
         source.write_bytes(graph)
         calibration = example if calibration is None else calibration

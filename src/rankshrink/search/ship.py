@@ -46,7 +46,8 @@ def _build(session, choices: dict[str, Any]):
 
 def _record(latency: SearchLatency, spaces, choices: dict[str, Any], timing: PlanTiming | None) -> None:
     latency.final = timing
-    latency.predicted = latency.predicted_ratios(spaces, choices) if timing is not None else {}
+    # The prediction is of float32 times: no int8 measurement checks it.
+    latency.predicted = latency.predicted_ratios(spaces, choices) if timing is not None and not latency.int8 else {}
 
 
 def finish_tolerance(session, spaces, allocation: Allocation, *, kind: str, baseline: float,
@@ -223,11 +224,13 @@ def latency_budget(session, spaces, cost_model, *, budget, max_evaluations: int,
             fastest = points[-1]
         if fastest[1] > ratio:
             b = constrained[0]
+            reachable = (f"{fastest[3].plan_ms[b] * 1.02:.4g}ms" if budget.unit == "ms"
+                         else f"{fastest[1] * 1.02:.2f}")
             raise UnreachableLatencyError(
                 f"the latency budget ({_budget_text(budget, ratio, latency)}) is below what any plan reaches: the "
-                f"fastest plan found measured {fastest[3].describe()} the original's time "
+                f"fastest plan found measured {fastest[3].describe()} the time of {latency.versus()} "
                 f"({fastest[3].plan_ms[b]:.4g} ms vs {fastest[3].original_ms[b]:.4g} ms at batch {b}). Raise "
-                f"--max-latency to at least {fastest[1] * 1.02:.2f}.", fastest[3].ratios)
+                f"--max-latency to at least {reachable}.", fastest[3].ratios)
         within = [fastest]
     units, _, allocation, timing = max(within, key=lambda p: (p[1], p[0]))
     polished = polish_budget(session, spaces, allocation, cost_model, target=units if units >= lowest else lowest,
