@@ -254,7 +254,7 @@ def register(subparsers) -> None:
     deploy.add_argument("--int8", choices=("dynamic", "static"),
                         help="also write model.int8.onnx: dynamic (Linear-heavy models) or static QDQ calibrated on "
                              "the training data (convolutional ones; nodes whose int8 kernel measures slower on "
-                             "ONNX Runtime stay float32); the search then times candidates and plans as int8")
+                             "ONNX Runtime stay float32); the search then judges whole plans as int8 files")
     deploy.add_argument("--int8-everywhere", action="store_true",
                         help="with --int8 static: quantize every node, even where int8 measures slower (always so "
                              "with --max-bytes, which sizes the every-node int8 file)")
@@ -478,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
                       calibration_samples=args.calibration_samples, layers=include, exclude=exclude,
                       fold_bn=args.fold_bn, min_baseline=args.min_baseline, confidence=confidence,
                       latency=latency, batches=batches, latency_threads=args.threads,
-                      # What ships with --int8 is model.int8.onnx: the search times candidates and plans as int8.
+                      # What ships with --int8 is model.int8.onnx: the search judges whole plans as int8 files.
                       latency_int8=args.int8 if latency and export is not None else None,
                       rank_multiple=args.rank_multiple, allow_slower=args.allow_slower, file_bytes=file_bytes,
                       workers=args.workers, ray_address=args.ray_address, device=args.device, **target)

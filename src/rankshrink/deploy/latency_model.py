@@ -581,7 +581,8 @@ class LatencyModel:
             rows = [row for row in rows if row.name in wanted]
         modules = [model] + [model.get_submodule(row.name) for row in rows]
         examples = [sample] + [layer_input(row.geometry, row.input_size, 1) for row in rows]
-        calibrations = [repeat_to_batch(sample, 8)] + [layer_input(row.geometry, row.input_size, 8) for row in rows]
+        calibrations = ([repeat_to_batch(sample, 8)] + [layer_input(row.geometry, row.input_size, 8) for row in rows]
+                        if settings.int8 else [None] * len(modules))  # float32 graphs calibrate nothing
         sessions = [_session(ort, m, x, settings, c) for m, x, c in zip(modules, examples, calibrations)]
         model_ms: dict[int, Latency] = {}
         layer_ms: dict[str, dict[int, float]] = {row.name: {} for row in rows}

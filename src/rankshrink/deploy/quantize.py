@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import statistics
 import tempfile
 import time
 import warnings
@@ -38,7 +37,7 @@ from ..data import iterate_batches
 from ..errors import ConfigError, DataError, FileFormatError
 from ..files import atomic_path
 from ..validation import check_bool, check_choice, check_int
-from .latency import Latency, first_sample, repeat_to_batch, time_sessions
+from .latency import Latency, first_sample, repeat_to_batch, time_rounds, time_sessions
 from .onnx import ExportError, ort_session, require_onnxruntime
 
 __all__ = ["INT8_MODES", "ACTIVATION_TYPES", "QuantizeConfig", "quantize_onnx", "quantize_where_faster", "Int8Choice",
@@ -497,16 +496,8 @@ def measure_onnx_files(files: Mapping[str, str | os.PathLike], data: Dataset | N
     sessions = [ort_session(ort, paths[name].read_bytes(), threads) for name in names]
     metric_fn = metric or (lambda session, dataset: onnx_accuracy(session, dataset))
     metrics = {name: (metric_fn(session, data) if data is not None else None) for name, session in zip(names, sessions)}
-    timed: dict[str, dict[int, list[Latency]]] = {name: {b: [] for b in batches} for name in names}
-    for _ in range(rounds):
-        for batch in batches:
-            feeds = [graph_feed([i.name for i in session.get_inputs()], repeat_to_batch(sample, batch))
-                     for session in sessions]
-            for name, measured in zip(names, time_sessions(sessions, feeds, runs=runs, warmup=warmup,
-                                                           min_ms=min_ms)):
-                timed[name][batch].append(measured)
-    latency = {name: {b: Latency(statistics.median(t.median_ms for t in per),
-                                 statistics.median(t.p90_ms for t in per), sum(t.runs for t in per))
-                      for b, per in by_batch.items()} for name, by_batch in timed.items()}
+    feeds = {batch: [graph_feed([i.name for i in session.get_inputs()], repeat_to_batch(sample, batch))
+                     for session in sessions] for batch in batches}
+    latency = dict(zip(names, time_rounds(sessions, feeds, rounds=rounds, runs=runs, warmup=warmup, min_ms=min_ms)))
     return {name: OnnxMeasurement(name, str(paths[name]), paths[name].stat().st_size, metrics[name],
                                   metric_name if data is not None else "", latency[name]) for name in names}

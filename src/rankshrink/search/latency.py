@@ -237,16 +237,13 @@ class SearchLatency:
     def measure(self, models: list[nn.Module]) -> list[PlanTiming]:
         """Each model timed against the original (both quantized with ``int8``), interleaved, at every batch
         size: the median of :data:`PLAN_ROUNDS` runs."""
-        import statistics
-
-        from ..deploy.latency import repeat_to_batch, time_sessions
+        from ..deploy.latency import repeat_to_batch, time_rounds
         from ..deploy.onnx import onnx_feed, ort_session, require_onnxruntime
         from ..deploy.quantize import timing_graph
 
         ort = require_onnxruntime()
         settings = self.lm.settings
-        graphs = [self.model, *models]
-        calibration = self._calibration()
+        calibration = repeat_to_batch(self.sample, 8) if self.int8 else None
 
         def graph(m: nn.Module) -> bytes:
             # As compress ships int8: static leaves float32 the nodes profiled slower in int8.
@@ -258,34 +255,19 @@ class SearchLatency:
             self._original_graph = graph(self.model)
         sessions = [ort_session(ort, self._original_graph, settings.threads)]
         sessions += [ort_session(ort, graph(m), settings.threads) for m in models]
-        rounds: list[dict[int, list]] = []
-        for _ in range(PLAN_ROUNDS):
-            per_batch = {}
-            for batch in self.batches:
-                feed = onnx_feed(repeat_to_batch(self.sample, batch))
-                per_batch[batch] = time_sessions(sessions, [feed] * len(sessions), runs=max(30, settings.runs),
-                                                 warmup=settings.warmup, min_ms=max(60.0, settings.min_ms),
-                                                 max_runs=max(1000, settings.max_runs))
-            rounds.append(per_batch)
+        feeds = {batch: [onnx_feed(repeat_to_batch(self.sample, batch))] * len(sessions) for batch in self.batches}
+        original, *plans = time_rounds(sessions, feeds, rounds=PLAN_ROUNDS, runs=max(30, settings.runs),
+                                       warmup=settings.warmup, min_ms=max(60.0, settings.min_ms),
+                                       max_runs=max(1000, settings.max_runs))
         self.measured_plans += len(models)
-
-        def median(index: int, batch: int, what: str) -> float:
-            return statistics.median(getattr(r[batch][index], what) for r in rounds)
-
         if self.int8:
             for batch in self.batches:
-                self._int8_original_ms.setdefault(batch, median(0, batch, "median_ms"))
-        return [PlanTiming({b: median(0, b, "median_ms") for b in self.batches},
-                           {b: median(i, b, "median_ms") for b in self.batches},
-                           {b: median(i, b, "p90_ms") for b in self.batches},
-                           {b: median(0, b, "p90_ms") for b in self.batches},
-                           {b: sum(r[b][i].runs for r in rounds) for b in self.batches})
-                for i in range(1, len(graphs))]
-
-    def _calibration(self) -> Any:
-        from ..deploy.latency import repeat_to_batch
-
-        return repeat_to_batch(self.sample, 8) if self.int8 else None
+                self._int8_original_ms.setdefault(batch, original[batch].median_ms)
+        return [PlanTiming({b: original[b].median_ms for b in self.batches},
+                           {b: plan[b].median_ms for b in self.batches},
+                           {b: plan[b].p90_ms for b in self.batches},
+                           {b: original[b].p90_ms for b in self.batches},
+                           {b: plan[b].runs for b in self.batches}) for plan in plans]
 
     def in_context(self, layer: str, method: str, rank: Any) -> dict[int, float]:
         """``layer`` alone factorized inside the whole model (both quantized with ``int8``): the model's time
