@@ -248,6 +248,11 @@ def test_a_latency_budget_holds_as_measured_and_an_impossible_one_names_the_fast
     result = compress(model, splits, budget={"latency": 0.7}, batches=(32,), progress=False, max_global_evaluations=3)
     assert result.budget["kind"] == "latency" and result.budget["target_ratio"] == 0.7
     assert result.budget["measured_ratio"] <= 0.7
+    from rankshrink.search.config import budget_text
+
+    # Said as a ratio, not in the search's internal units (millionths of the original's time).
+    assert budget_text(result.budget) == (f"latency <= 0.70x the original's time (measured "
+                                          f"{result.budget['measured_ratio']:.2f}x)")
     # Measured again, independently (noise allowed for).
     again = model_latencies({"original": model, "compressed": result.model}, splits.val.tensors[0][:1], batches=(32,),
                             runs=40, min_ms=100)
@@ -256,6 +261,10 @@ def test_a_latency_budget_holds_as_measured_and_an_impossible_one_names_the_fast
     absolute = compress(model, splits, budget={"latency_ms": 0.8 * original_ms}, batches=(32,), progress=False,
                         max_global_evaluations=2)
     assert absolute.budget["unit"] == "ms" and absolute.budget["measured_ratio"] <= absolute.budget["target_ratio"]
+    # The ratio is to the original as this search measured it, not the first search.
+    assert budget_text(absolute.budget) == (f"latency <= {0.8 * original_ms:g} ms, "
+                                            f"{absolute.budget['target_ratio']:.2f}x the original's time (measured "
+                                            f"{absolute.budget['measured_ratio']:.2f}x)")
     with pytest.raises(ConfigError, match=r"below what any plan reaches: the fastest plan found measured .*Raise "
                                           r"--max-latency to at least") as raised:
         compress(model, splits, budget={"latency": 0.05}, batches=(32,), progress=False)
@@ -381,7 +390,7 @@ def test_missing_packages_give_an_install_hint(monkeypatch, tmp_path, capsys):
     from rankshrink.models.onnx_in import require_onnx2torch
 
     monkeypatch.setitem(sys.modules, "onnx2torch", None)  # import onnx2torch now raises ImportError
-    with pytest.raises(ConfigError, match=r"needs onnx2torch .*pip install 'rankshrink\[onnx-in\]'"):
+    with pytest.raises(ConfigError, match=r"needs onnx2torch .*pip install --no-deps 'onnx2torch>=1.5'"):
         require_onnx2torch()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ExportError, match=r"need the 'onnx' and 'onnxruntime' packages: pip install "
@@ -452,7 +461,7 @@ def test_an_onnx_model_with_constant_weights_is_compressed_and_written_back_as_o
     try:
         require_onnx2torch()
     except ConfigError:
-        pytest.skip("needs onnx2torch (pip install 'rankshrink[onnx-in]')")
+        pytest.skip("needs onnx2torch (pip install --no-deps 'onnx2torch>=1.5')")
     import onnx
 
     from onnx_files import weights_as_constants

@@ -475,8 +475,9 @@ def _target_text(summary: Mapping[str, Any], kind: str) -> str:
         smallest = {"macs": "MACs", "params": "parameters"}.get(str(summary.get("minimize")), summary.get("minimize"))
         return (f"tolerance {_fmt(summary.get('tolerance'), 'pct')} of {summary.get('metric')} "
                 f"(validation), smallest {smallest}")
-    budget = summary.get("budget") or {}
-    return f"{budget.get('kind')} budget {_fmt(budget.get('target'))}"
+    from .search.config import budget_text
+
+    return budget_text(summary.get("budget") or {})
 
 
 def _interval_text(summary: Mapping[str, Any]) -> str:

@@ -571,10 +571,12 @@ def print_report(result, file=None) -> None:
                      format_count(layer["macs"]), f"{layer['macs'] / max(layer['dense_macs'], 1):.2f}x",
                      f"kept dense: {layer['reason']}" if layer.get("reason") else ""])
     print_table(["layer", "type", "method", "rank", "params", "MACs", "of dense", "note"], rows, file=file)
+    from ..search.config import budget_text
+
     s = result.summary()
     o, c = s["original"], s["compressed"]
     target = (f"tolerance {result.tolerance:g} ({result.metric})" if result.mode == "tolerance"
-              else f"{result.budget['kind']} <= {result.budget['target']:,}")
+              else budget_text(result.budget))
     print(f"\n{target}: {result.metric} {result.baseline:.4f} -> {result.value:.4f} (drop {result.drop:+.4f})",
           file=file)
     if any(v is not None for v in (o["accuracy"], c["accuracy"], o["test_accuracy"], c["test_accuracy"])):

@@ -26,7 +26,11 @@ from ._scoped import scoped_items
 
 __all__ = ["load_onnx_model", "constants_to_initializers", "unsupported_ops", "require_onnx2torch"]
 
-_INSTALL_HINT = "pip install 'rankshrink[onnx-in]' (onnx2torch)"
+# Not the ``onnx-in`` extra: onnx2torch requires torchvision, and pip, resolving it, replaced a CPU torch
+# 2.13 with a CUDA torch 2.14 and torchvision 0.29 here (``pip install --dry-run``). Its other
+# requirements (numpy, onnx, torch) are rankshrink's own.
+_INSTALL_HINT = "pip install --no-deps 'onnx2torch>=1.5' (--no-deps: with its dependencies pip also installs " \
+    "torchvision and, with it, another torch build)"
 
 
 @contextlib.contextmanager

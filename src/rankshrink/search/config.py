@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..validation import check_bool, check_choice, check_int, check_number, check_optional_int
 
 __all__ = ["SearchConfig", "Budget", "COST_KINDS", "SENSITIVITIES", "FIT_CHOICES", "MAX_GLOBAL_EVALUATIONS",
-           "DISTORTIONS", "DEVICES", "BUDGET_OF", "check_tolerance"]
+           "DISTORTIONS", "DEVICES", "BUDGET_OF", "check_tolerance", "budget_text"]
 
 COST_KINDS = ("macs", "params", "bytes", "latency")
 SENSITIVITIES = ("auto", "probe", "proxy")
@@ -252,6 +252,27 @@ class Budget:
         raise ConfigError(f"budget must be {{'macs'|'params'|'bytes'|'latency': value}} (optionally with 'of': "
                           f"'model' or 'factorizable'), {{'latency_ms': ms}}, a (kind, value) pair or a Budget; "
                           f"got {budget!r}.")
+
+
+def budget_text(record: Mapping[str, Any]) -> str:
+    """A budget as summary.json records it (``budget``), in words: what the CLI and the report print.
+
+    A latency budget reads as a ratio (its ``target`` is in the search's internal units, millionths of the
+    original's time, which mean nothing to a user); a bytes budget of the shipped file names the file's
+    bytes rather than the parameter bytes it was searched in."""
+    kind = record.get("kind")
+    if kind == "latency":
+        measured = record.get("measured_ratio")
+        shown = f" (measured {measured:.2f}x)" if isinstance(measured, (int, float)) else ""
+        if record.get("unit") == "ms":
+            ratio = record.get("target_ratio")
+            of = f", {ratio:.2f}x the original's time" if isinstance(ratio, (int, float)) else ""
+            return f"latency <= {record.get('value'):g} ms{of}{shown}"
+        return f"latency <= {float(record.get('value') or 0):.2f}x the original's time{shown}"
+    if record.get("file_target") is not None:
+        return f"bytes <= {record['file_target']:,} (the shipped file)"
+    target = record.get("target")
+    return f"{kind} <= {target:,}" if isinstance(target, int) else f"{kind} <= {target}"
 
 
 def check_tolerance(tolerance: Any) -> float:

@@ -34,6 +34,7 @@ MAX_STEPS = 6           # whole-plan measurements a latency budget's correction 
 _TOLERANCE_PLANS = 6    # plans within the tolerance measured at most, in groups of _GROUP
 _GROUP = 3
 _AIM = 0.97             # a latency budget aims this far under its target, for the measurement noise
+_LANDED = 0.95          # ... and stops correcting once a plan measures between this fraction of it and the target
 
 
 def _batches_text(latency: SearchLatency) -> str:
@@ -209,7 +210,7 @@ def latency_budget(session, spaces, cost_model, *, budget, max_evaluations: int,
     for _ in range(MAX_STEPS):
         _, timing = measure_at(units)
         within = [p for p in points if p[1] <= ratio]
-        if within and max(p[1] for p in within) >= ratio * 0.93:
+        if within and max(p[1] for p in within) >= ratio * _LANDED:
             break
         if units <= lowest and points[-1][1] > ratio:
             break  # the fastest plan the candidates allow is over the budget
