@@ -15,9 +15,10 @@ so every mode ends by measuring whole plans against the original, interleaved
   If nothing within the budget measures faster, the search stops with the numbers (a budget is
   never exceeded), unless ``allow_slower``.
 * **latency budgets**: the allocation's target (in predicted latency cost) is corrected from
-  whole-model measurements until the measured latency is within the budget (a secant step on
-  measured ratios, at most :data:`MAX_STEPS` plans), then the metric polishes it and the
-  polished plan is measured again.
+  whole-model measurements until the measured latency is within the budget and no more than 5%
+  under it (:data:`_LANDED`; a secant step on measured ratios, at most :data:`MAX_STEPS` plans;
+  otherwise the slowest plan within it), then the metric polishes it and the polished plan is
+  measured again.
 """
 
 from __future__ import annotations
@@ -198,7 +199,9 @@ def latency_budget(session, spaces, cost_model, *, budget, max_evaluations: int,
 
     def measure_at(units: int) -> tuple[Allocation, PlanTiming]:
         allocation = budget_allocation(session, spaces, cost_model, target=max(units, lowest), kind="latency")
-        timing = latency.measure([_build(session, allocation.choices)])[0]
+        # A target that moved too little to change the allocation gives the plan already measured: not timed again.
+        same = next((p for p in points if p[2].choices == allocation.choices), None)
+        timing = same[3] if same is not None else latency.measure([_build(session, allocation.choices)])[0]
         points.append((units, timing.worst(constrained), allocation, timing))
         return allocation, timing
 
@@ -247,7 +250,7 @@ def latency_budget(session, spaces, cost_model, *, budget, max_evaluations: int,
     if allocation.value is None:
         allocation.value = session.evaluator(plan_of(allocation.choices), "final")
     latency.notes.append(f"latency budget {_budget_text(budget, ratio, latency)}: measured "
-                         f"{timing.describe()} ({len(points)} allocation(s) measured)")
+                         f"{timing.describe()} ({len({id(p[3]) for p in points})} allocation(s) measured)")
     _record(latency, spaces, allocation.choices, timing)
     return allocation
 
