@@ -326,6 +326,45 @@ def test_a_tolerance_plan_measured_slower_is_not_returned(digits):
     evaluator.close()
 
 
+@pytest.mark.slow
+def test_a_budget_plan_faster_once_but_slower_when_measured_again_is_not_returned(digits, monkeypatch):
+    """Budget mode's replacement plan is returned only if faster on its last measurement. The timings are
+    scripted (the machine's noise cannot be ordered up); the polish, evaluations and plans are real."""
+    from rankshrink.search.allocate import Allocation, plan_of
+    from rankshrink.search.config import SearchConfig
+    from rankshrink.search.latency import PlanTiming, SearchLatency
+    from rankshrink.search.session import Session
+    from rankshrink.search.ship import _polished
+    from rankshrink.search.space import CostModel, build_spaces, make_candidate
+
+    model, splits = digits
+    session = Session(model, splits, SearchConfig(progress=False, fit="weights"))
+    cost_model = CostModel(model, session.example_input)
+    spaces = build_spaces(session, cost_model, kind="macs")
+    by_name = {s.name: s for s in spaces}
+    session.latency = SearchLatency.create(model, session.example_input, batches=(1,), threads=1, multiple=8)
+    evaluator = session.start()
+    evaluator(plan_of({}), "baseline")
+    choices = {s.name: s.dense for s in spaces}
+    choices["classifier.1"] = make_candidate(session, by_name["classifier.1"], "svd", 32)
+    target = cost_model.total(choices, by_name)["macs"]
+    ratio = {"now": 1.05}
+
+    def scripted(models):
+        return [PlanTiming({1: 1.0}, {1: ratio["now"]}, {1: 1.0}, {1: 1.0}, {1: 30}) for _ in models]
+
+    monkeypatch.setattr(session.latency, "measure", scripted)
+    slower = _polished(session, spaces, cost_model, Allocation(dict(choices), None), kind="macs", target=target,
+                       max_evaluations=2, note="replacement")
+    assert slower is None and session.latency.final is None and "replacement" not in session.latency.notes
+    ratio["now"] = 0.9
+    faster = _polished(session, spaces, cost_model, Allocation(dict(choices), None), kind="macs", target=target,
+                       max_evaluations=2, note="replacement")
+    assert faster is not None and session.latency.final.ratios == {1: 0.9}
+    assert cost_model.total(faster.choices, by_name)["macs"] <= target
+    evaluator.close()
+
+
 # --------------------------------------------------------------------------- compress ships ONNX and int8
 
 @pytest.mark.slow

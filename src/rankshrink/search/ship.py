@@ -113,6 +113,7 @@ def finish_budget(session, spaces, cost_model, allocation: Allocation, *, kind: 
         _record(latency, spaces, {}, None)
         return allocation
     by_name = {s.name: s for s in spaces}
+    measured_before = latency.measured_plans
     timing = latency.measure([_build(session, allocation.choices)])[0]
     first = (allocation, timing)
     if timing.faster() or allow_slower:
@@ -120,7 +121,6 @@ def finish_budget(session, spaces, cost_model, allocation: Allocation, *, kind: 
         if not timing.faster():
             latency.notes.append(f"the plan measured {timing.describe()} the original's time; kept (allow_slower)")
         return allocation
-    tried = [timing]
     # 1. Layers slower inside the model than dense (though faster alone) are never picked again.
     for _ in range(2):
         slow = []
@@ -139,11 +139,12 @@ def finish_budget(session, spaces, cost_model, allocation: Allocation, *, kind: 
         except ConfigError:
             break  # the budget needs the candidates just dropped
         timing = latency.measure([_build(session, allocation.choices)])[0]
-        tried.append(timing)
         if timing.faster():
-            return _polished(session, spaces, cost_model, allocation, kind=kind, target=target,
-                             max_evaluations=max_evaluations, note=f"{len(slow)} layer(s) measured slower inside "
-                             f"the model than dense were left out ({', '.join(n for n, _ in slow)})")
+            shipped = _polished(session, spaces, cost_model, allocation, kind=kind, target=target,
+                                max_evaluations=max_evaluations, note=f"{len(slow)} layer(s) measured slower inside "
+                                f"the model than dense were left out ({', '.join(n for n, _ in slow)})")
+            if shipped is not None:
+                return shipped
     # 2. Lower targets within the budget: fewer MACs are usually faster too.
     lowest = minimum_cost(spaces, cost_model, kind)
     for fraction in (0.85, 0.7, 0.55):
@@ -152,29 +153,37 @@ def finish_budget(session, spaces, cost_model, allocation: Allocation, *, kind: 
             break
         allocation = budget_allocation(session, spaces, cost_model, target=lower, kind=kind)
         timing = latency.measure([_build(session, allocation.choices)])[0]
-        tried.append(timing)
         if timing.faster():
-            return _polished(session, spaces, cost_model, allocation, kind=kind, target=lower,
-                             max_evaluations=max_evaluations, note=f"the plan using the whole budget measured "
-                             f"{first[1].describe()} the original's time; returned one at {fraction:.0%} of the "
-                             "budget, which measured faster")
+            shipped = _polished(session, spaces, cost_model, allocation, kind=kind, target=lower,
+                                max_evaluations=max_evaluations, note=f"the plan using the whole budget measured "
+                                f"{first[1].describe()} the original's time; returned one at {fraction:.0%} of the "
+                                "budget, which measured faster")
+            if shipped is not None:
+                return shipped
+    measured = latency.measured_plans - measured_before
     raise ConfigError(f"no plan within the {kind} budget measured faster (at most {FASTER:g}x the time) than "
                       f"{latency.versus()} at batch size(s) "
                       f"{_batches_text(latency)}: the best allocation ran {first[1].describe()} the original's time "
-                      f"({len(tried)} plans measured, lower targets and layers left out included). Raise the budget, "
+                      f"({measured} plans measured, lower targets and layers left out included). Raise the budget, "
                       "use a latency budget (--max-latency 0.8), or pass --allow-slower to ship it anyway.")
 
 
 def _polished(session, spaces, cost_model, allocation: Allocation, *, kind: str, target: int, max_evaluations: int,
-              note: str) -> Allocation:
-    """Budget mode's polish of a replacement plan, kept only if it still measures faster."""
+              note: str) -> Allocation | None:
+    """Budget mode's polish of a replacement plan (which measured faster), or the plan unpolished; None when
+    neither measures faster now: what is returned is faster on its last measurement, never only on an earlier
+    one (a MobileNet int8 plan measured faster once, then 1.09x, and had been returned)."""
     latency: SearchLatency = session.latency
     polished = polish_budget(session, spaces, allocation, cost_model, target=target, kind=kind,
                              max_evaluations=max(2, max_evaluations // 2))
     chosen, timing = polished, latency.measure([_build(session, polished.choices)])[0]
     if not timing.faster():
+        if polished.choices == allocation.choices:
+            return None  # the same plan, measured again: faster once, not now
         chosen = allocation
         timing = latency.measure([_build(session, allocation.choices)])[0]
+        if not timing.faster():
+            return None
         if chosen.value is None:
             chosen.value = session.evaluator(plan_of(chosen.choices), "final")
     latency.notes.append(note)
