@@ -41,7 +41,9 @@ def provenance() -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # The results folder is left out: benchmarks rewrite their own results as they go (after each model), which
+    # made every run after the first model say "with uncommitted changes" of its own output.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
             "versions": versions, "python": platform.python_version(), "cpu": cpu_model(),
             "cores": os.cpu_count(), "platform": platform.platform(),
