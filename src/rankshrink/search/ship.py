@@ -138,13 +138,11 @@ def finish_budget(session, spaces, cost_model, allocation: Allocation, *, kind: 
             allocation = budget_allocation(session, spaces, cost_model, target=target, kind=kind)
         except ConfigError:
             break  # the budget needs the candidates just dropped
-        timing = latency.measure([_build(session, allocation.choices)])[0]
-        if timing.faster():
-            shipped = _polished(session, spaces, cost_model, allocation, kind=kind, target=target,
-                                max_evaluations=max_evaluations, note=f"{len(slow)} layer(s) measured slower inside "
-                                f"the model than dense were left out ({', '.join(n for n, _ in slow)})")
-            if shipped is not None:
-                return shipped
+        shipped = _replacement(session, spaces, cost_model, allocation, kind=kind, target=target,
+                               max_evaluations=max_evaluations, note=f"{len(slow)} layer(s) measured slower inside "
+                               f"the model than dense were left out ({', '.join(n for n, _ in slow)})")
+        if shipped is not None:
+            return shipped
     # 2. Lower targets within the budget: fewer MACs are usually faster too.
     lowest = minimum_cost(spaces, cost_model, kind)
     for fraction in (0.85, 0.7, 0.55):
@@ -152,20 +150,27 @@ def finish_budget(session, spaces, cost_model, allocation: Allocation, *, kind: 
         if lower < lowest:
             break
         allocation = budget_allocation(session, spaces, cost_model, target=lower, kind=kind)
-        timing = latency.measure([_build(session, allocation.choices)])[0]
-        if timing.faster():
-            shipped = _polished(session, spaces, cost_model, allocation, kind=kind, target=lower,
-                                max_evaluations=max_evaluations, note=f"the plan using the whole budget measured "
-                                f"{first[1].describe()} the original's time; returned one at {fraction:.0%} of the "
-                                "budget, which measured faster")
-            if shipped is not None:
-                return shipped
+        shipped = _replacement(session, spaces, cost_model, allocation, kind=kind, target=lower,
+                               max_evaluations=max_evaluations, note=f"the plan using the whole budget measured "
+                               f"{first[1].describe()} the original's time; returned one at {fraction:.0%} of the "
+                               "budget, which measured faster")
+        if shipped is not None:
+            return shipped
     measured = latency.measured_plans - measured_before
     raise ConfigError(f"no plan within the {kind} budget measured faster (at most {FASTER:g}x the time) than "
                       f"{latency.versus()} at batch size(s) "
                       f"{_batches_text(latency)}: the best allocation ran {first[1].describe()} the original's time "
                       f"({measured} plans measured, lower targets and layers left out included). Raise the budget, "
                       "use a latency budget (--max-latency 0.8), or pass --allow-slower to ship it anyway.")
+
+
+def _replacement(session, spaces, cost_model, allocation: Allocation, *, kind: str, target: int,
+                 max_evaluations: int, note: str) -> Allocation | None:
+    """Budget mode's replacement plan, measured: if faster, polished (:func:`_polished`); None when slower."""
+    if not session.latency.measure([_build(session, allocation.choices)])[0].faster():
+        return None
+    return _polished(session, spaces, cost_model, allocation, kind=kind, target=target,
+                     max_evaluations=max_evaluations, note=note)
 
 
 def _polished(session, spaces, cost_model, allocation: Allocation, *, kind: str, target: int, max_evaluations: int,
