@@ -22,6 +22,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_int8_decisions():
+    """Each test decides its own float32 nodes: the process-wide memo of quantize_where_faster starts empty."""
+    from rankshrink.deploy import quantize
+
+    quantize._FLOAT_NODE_DECISIONS.clear()
+    yield
+    quantize._FLOAT_NODE_DECISIONS.clear()
+
+
 @pytest.fixture(scope="session")
 def _session_models(tmp_path_factory):
     return tmp_path_factory.mktemp("rankshrink-models")

@@ -42,6 +42,33 @@ def test_latency_and_layer_speeds_are_measured():
     assert [s.name for s in speeds] == ["3"] and speeds[0].dense_ms > 0 and speeds[0].factorized_ms > 0
 
 
+def test_sessions_are_timed_in_bursts_each_burst_starting_with_an_untimed_call():
+    from rankshrink.deploy.latency import time_sessions
+    from rankshrink.deploy.onnx import onnx_bytes, ort_session
+
+    calls: list[str] = []
+
+    class Recording:  # a real ONNX Runtime session that notes who ran when
+        def __init__(self, name, session):
+            self.name, self.session = name, session
+
+        def run(self, outputs, feed):
+            calls.append(self.name)
+            return self.session.run(outputs, feed)
+
+    model, x = _cnn(), torch.randn(1, 3, 8, 8)
+    graph = onnx_bytes(model, x)
+    sessions = [Recording(name, ort_session(ort, graph, 1)) for name in "ab"]
+    feed = {"input": x.numpy()}
+    a, b = time_sessions(sessions, [feed, feed], runs=7, warmup=1, burst=4)
+    assert a.runs == b.runs == 7 and a.median_ms > 0
+    # warmup ab, then rounds of 4 calls of one session (1 untimed + 3 timed), the order rotating;
+    # the last round times only the 1 sample still missing.
+    assert "".join(calls) == "ab" + "aaaa" + "bbbb" + "bbbb" + "aaaa" + "aa" + "bb"
+    calls.clear()
+    once = time_sessions(sessions, [feed, feed], runs=3, warmup=0, burst=1)
+    assert [t.runs for t in once] == [3, 3] and "".join(calls) == "ab" + "ba" + "ab"
+
 def test_drop_slower_keeps_only_layers_at_or_above_the_threshold():
     model = _cnn()
     x = torch.randn(1, 3, 8, 8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -122,7 +124,21 @@ def test_int8_where_faster_profiles_every_conv_and_can_leave_nodes_in_float(tmp_
     measured = measure_onnx_files({"fp32": source, "int8": choice.path}, splits.test, batches=(1,), runs=3,
                                   min_ms=0.0)
     assert measured["int8"].metric > measured["fp32"].metric - 0.05
-    assert choice.to_dict()["float_nodes"] == choice.float_nodes
+    assert choice.to_dict()["float_nodes"] == choice.float_nodes and not choice.reused
+    # The same structure with other weights (the file a search measured, then the one compress ships) gets the
+    # same decision without profiling again; other batch sizes are decided anew.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    again = quantize_where_faster(export_onnx(other, example, tmp_path / "other.onnx"), tmp_path / "other.int8.onnx",
+                                  example_input=example, calibration=splits.train,
+                                  config=QuantizeConfig(calibration_samples=64), batches=(1, 4))
+    assert again.reused and again.float_nodes == choice.float_nodes and again.node_us == {}
+    assert _float_weight_convs(again.path) == set(choice.float_nodes) & set(convs)
+    anew = quantize_where_faster(source, tmp_path / "b2.int8.onnx", example_input=example, calibration=splits.train,
+                                 config=QuantizeConfig(calibration_samples=64), batches=(2,))
+    assert not anew.reused and set(convs) <= set(anew.node_us)
 
 
 def test_profile_events_map_back_to_their_compute_nodes() -> None:
