@@ -33,12 +33,13 @@ class Latency:
     runs: int
 
 
-# Calls in a row per session per round, the first untimed. Measured on the wide MLP (4.2 MB of
-# weights, over the 2-core machine's L2): with one call per session per round, each session's weights
-# were evicted by the others', and the original took 0.060 ms beside one plan but 0.171 ms beside
-# seven files, moving the plan's ratio 0.53 -> 0.47; bursts of 4 kept the original at 0.063 ms (0.50).
-# A device runs one model over and over, warm, which bursts reproduce.
-BURST = 4
+# Calls in a row per session per round, the first untimed, so a model's weights are warm as on a device
+# that runs one model over and over. With one call per session per round the ratio of a plan to its
+# original depended on how many files were interleaved: measured on the wide MLP (4.2 MB of weights) at
+# batch 1, rank-24/48/56 plans ran 0.32/0.45/0.57x the original timed among 8 files but 0.43/0.56/0.63x
+# timed in pairs with bursts of 4; with bursts of 16 both ways agreed within noise (0.39/0.52/0.60x among
+# 8, 0.36-0.43/0.52-0.57/0.60-0.64x in pairs), as they did at batch 32 throughout.
+BURST = 16
 
 
 def first_sample(example_input: Any) -> Any:

@@ -61,7 +61,7 @@ __all__ = ["LatencySettings", "LatencyCache", "Timing", "RankAdvice", "LayerBase
            "layer_input", "rounded_ranks"]
 
 _FORMAT = "rankshrink-latency"
-_VERSION = 2  # 2: timings in bursts (deploy.latency.BURST)
+_VERSION = 3  # 3: timings in bursts of deploy.latency.BURST calls
 _GROUP = 3  # candidates timed with one dense layer in one interleaved group
 
 

@@ -174,7 +174,7 @@ def finish_budget(session, spaces, cost_model, allocation: Allocation, *, kind: 
     raise ConfigError(f"no plan within the {kind} budget measured faster (at most {FASTER:g}x the time) than "
                       f"{latency.versus()} at batch size(s) "
                       f"{_batches_text(latency)}: the best allocation ran {first[1].describe()} the original's time "
-                      f"({measured} plans measured, lower targets and layers left out included){too_lossy}. Raise "
+                      f"({measured} plan(s) measured, lower targets and layers left out included){too_lossy}. Raise "
                       "the budget, use a latency budget (--max-latency 0.8), or pass --allow-slower to ship it "
                       "anyway.")
 
