@@ -626,9 +626,9 @@ def test_an_embedding_is_measured_and_factorized_under_a_latency_aware_budget():
     assert all(p["measured_ratio"] < 1 for p in result.latency["prediction"].values())
 
 
-def test_int8_advice_says_when_the_int8_file_is_slower_or_bigger():
+def test_advice_says_when_the_int8_file_is_slower_or_bigger_or_model_onnx_measured_not_faster():
     from rankshrink.deploy.latency import Latency
-    from rankshrink.deploy.package import int8_advice
+    from rankshrink.deploy.package import int8_advice, remeasured_advice
     from rankshrink.deploy.quantize import OnnxMeasurement
 
     def file(size, b1, b32):
@@ -640,3 +640,8 @@ def test_int8_advice_says_when_the_int8_file_is_slower_or_bigger():
     text = int8_advice(file(1000, 0.2, 3.0), file(1200, 0.25, 3.5), (1, 32))
     assert "at batch 1 (0.25 vs 0.2 ms), 32 (3.5 vs 3 ms) and bigger (1,200 vs 1,000 bytes)" in text
     assert text.endswith("or try --int8-everywhere.")
+    # model.onnx timed again for summary.json and not faster than the original: said, with the ratios.
+    assert remeasured_advice(file(1000, 0.2, 3.0), file(400, 0.19, 2.0), (1, 32)) is None
+    text = remeasured_advice(file(1000, 0.2, 3.0), file(400, 0.21, 3.0), (1, 32))
+    assert text.startswith("model.onnx, timed again for summary.json, was not faster than the original at batch "
+                           "1 (1.05x), 32 (1.00x), though the search measured it faster")

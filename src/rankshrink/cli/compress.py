@@ -522,9 +522,9 @@ def run(args: argparse.Namespace) -> int:
     if export is not None:
         deployment = {k: summary[k] for k in ("latency_ms", "deployment") if k in summary}
         print_deployment(deployment)
-        advice = (summary.get("export") or {}).get("int8_advice")
-        if advice:
-            print(f"note: {advice}")
+        for advice in ((summary.get("export") or {}).get(k) for k in ("remeasured_advice", "int8_advice")):
+            if advice:
+                print(f"note: {advice}")
     report = write_run_report(args, args.out)
     files = ["plan.json", "model.safetensors"] + (["model.onnx"] if export is not None else []) + \
         (["model.int8.onnx"] if export is not None and export.int8 else []) + ["summary.json"]
