@@ -326,16 +326,14 @@ def test_a_tolerance_plan_measured_slower_is_not_returned(digits):
     evaluator.close()
 
 
-@pytest.mark.slow
-def test_a_budget_plan_faster_once_but_slower_when_measured_again_is_not_returned(digits, monkeypatch):
-    """Budget mode's replacement plan is returned only if faster on its last measurement. The timings are
-    scripted (the machine's noise cannot be ordered up); the polish, evaluations and plans are real."""
-    from rankshrink.search.allocate import Allocation, plan_of
+def _budget_search_parts(digits):
+    """What a MAC-budget search on the digits CNN works with (weights fit, latency at batch 1), its baseline
+    evaluated: (session, cost model, layer spaces, spaces by name, evaluator)."""
+    from rankshrink.search.allocate import plan_of
     from rankshrink.search.config import SearchConfig
-    from rankshrink.search.latency import PlanTiming, SearchLatency
+    from rankshrink.search.latency import SearchLatency
     from rankshrink.search.session import Session
-    from rankshrink.search.ship import _polished
-    from rankshrink.search.space import CostModel, build_spaces, make_candidate
+    from rankshrink.search.space import CostModel, build_spaces
 
     model, splits = digits
     session = Session(model, splits, SearchConfig(progress=False, fit="weights"))
@@ -345,6 +343,19 @@ def test_a_budget_plan_faster_once_but_slower_when_measured_again_is_not_returne
     session.latency = SearchLatency.create(model, session.example_input, batches=(1,), threads=1, multiple=8)
     evaluator = session.start()
     evaluator(plan_of({}), "baseline")
+    return session, cost_model, spaces, by_name, evaluator
+
+
+@pytest.mark.slow
+def test_a_budget_plan_faster_once_but_slower_when_measured_again_is_not_returned(digits, monkeypatch):
+    """Budget mode's replacement plan is returned only if faster on its last measurement. The timings are
+    scripted (the machine's noise cannot be ordered up); the polish, evaluations and plans are real."""
+    from rankshrink.search.allocate import Allocation
+    from rankshrink.search.latency import PlanTiming
+    from rankshrink.search.ship import _polished
+    from rankshrink.search.space import make_candidate
+
+    session, cost_model, spaces, by_name, evaluator = _budget_search_parts(digits)
     choices = {s.name: s.dense for s in spaces}
     choices["classifier.1"] = make_candidate(session, by_name["classifier.1"], "svd", 32)
     target = cost_model.total(choices, by_name)["macs"]
@@ -373,21 +384,11 @@ def test_a_lower_budget_target_that_loses_accuracy_is_refused_with_the_numbers(d
     from rankshrink.cost import count
     from rankshrink.errors import ConfigError
     from rankshrink.search import ship
-    from rankshrink.search.allocate import budget_allocation, plan_of, polish_budget
-    from rankshrink.search.config import SearchConfig
-    from rankshrink.search.latency import PlanTiming, SearchLatency
-    from rankshrink.search.session import Session
-    from rankshrink.search.space import CostModel, build_spaces
+    from rankshrink.search.allocate import budget_allocation, polish_budget
+    from rankshrink.search.latency import PlanTiming
 
-    model, splits = digits
-    session = Session(model, splits, SearchConfig(progress=False, fit="weights"))
-    cost_model = CostModel(model, session.example_input)
-    spaces = build_spaces(session, cost_model, kind="macs")
-    by_name = {s.name: s for s in spaces}
-    session.latency = SearchLatency.create(model, session.example_input, batches=(1,), threads=1, multiple=8)
+    session, cost_model, spaces, by_name, evaluator = _budget_search_parts(digits)
     monkeypatch.setattr(session.latency, "in_context", lambda *a: {1: 0.9})  # no layer is left out
-    evaluator = session.start()
-    evaluator(plan_of({}), "baseline")
     original = cost_model.total({s.name: s.dense for s in spaces}, by_name)["macs"]
     target = int(original * 0.5)
     measured: list[int] = []
