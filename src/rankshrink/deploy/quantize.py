@@ -331,9 +331,9 @@ class Int8Choice:
 
 
 # The float32 nodes decided per graph structure (weights aside) and settings, in this process. Profiling is
-# noisy, so deciding again for the file that ships can give another graph than the one a search measured:
-# measured, a CIFAR CNN plan the int8-aware search timed at 0.80x its int8 original was re-profiled when
-# exported, left 6 nodes float32, and ran 1.29x. The file that ships is the graph that was measured.
+# noisy, so deciding again for the file that ships can give another graph than the one a search measured. A
+# CIFAR CNN plan the int8-aware search timed at 0.80x its int8 original was profiled again when shipped,
+# left 6 nodes float32 and ran 1.29x. With the choice kept, the file that ships is the graph that was measured.
 _FLOAT_NODE_DECISIONS: OrderedDict[str, list[str]] = OrderedDict()
 _DECISIONS_KEPT = 512
 
