@@ -432,60 +432,71 @@ def quantize_where_faster(model: str | os.PathLike, output: str | os.PathLike, *
     12 µs in float32, and the depthwise convolutions of CP factors 2-3x longer. The 'dynamic' mode quantizes
     every node (:func:`quantize_onnx`).
     """
-    import onnx
-
     config = _with_mode(config, "static")
     source, target = _checked_paths(model, output, config, calibration)
     quantization = _require_quantization()
-    ort = require_onnxruntime()
     input_names = onnx_input_names(source)
-    sample = first_sample(example_input)
     with tempfile.TemporaryDirectory(prefix="rankshrink-int8-") as work:
         prepared = _prepared(quantization, source, work, config)
         key = _decision_key(prepared, config, batches, threads)
-        if key in _FLOAT_NODE_DECISIONS:
+        reused = key in _FLOAT_NODE_DECISIONS
+        if reused:
             float_nodes = _FLOAT_NODE_DECISIONS[key]
             _FLOAT_NODE_DECISIONS.move_to_end(key)
-            decided = QuantizeConfig(**{**asdict(config), "exclude_nodes": tuple(
-                sorted(set(config.exclude_nodes) | set(float_nodes)))})
             chosen = _quantized(quantization, prepared, Path(work) / "int8.onnx", source, input_names, calibration,
-                                decided)
-            with atomic_path(target) as tmp:
-                tmp.write_bytes(chosen.read_bytes())
-            return Int8Choice(target, list(float_nodes), None, {}, reused=True)
-        everything = _quantized(quantization, prepared, Path(work) / "all.int8.onnx", source, input_names,
-                                calibration, config)
-        graph = onnx.load(str(prepared), load_external_data=False).graph
-        nodes = {node.name: node for node in graph.node if node.name}
-        producers = {out: node for node in graph.node for out in node.output}
-        node_us: dict[str, dict[str, dict[int, float]]] = {}
-        for batch in batches:
-            feed = graph_feed(input_names, repeat_to_batch(sample, batch))
-            for kind, path in (("float32", prepared), ("int8", everything)):
-                for node, us in _node_microseconds(ort, path, feed, threads, work, nodes, producers).items():
-                    node_us.setdefault(node, {}).setdefault(kind, {})[batch] = us
-        compared = {n: d for n, d in node_us.items()
-                    if all(b in d.get("float32", {}) and b in d.get("int8", {}) for b in batches)}
-        slower = sorted(n for n, d in compared.items()
-                        if sum(d["int8"][b] / max(d["float32"][b], 1e-3) for b in batches) / len(batches)
-                        > SLOWER_MARGIN)
-        chosen, ratio, float_nodes = everything, None, []
-        if slower:
-            selective = _quantized(quantization, prepared, Path(work) / "selective.int8.onnx", source, input_names,
-                                   calibration, QuantizeConfig(**{**asdict(config), "exclude_nodes": tuple(
-                                       sorted(set(config.exclude_nodes) | set(slower)))}))
-            sessions = [ort_session(ort, p.read_bytes(), threads) for p in (everything, selective)]
-            ratio = {}
-            for batch in batches:
-                feed = graph_feed(input_names, repeat_to_batch(sample, batch))
-                both = time_sessions(sessions, [feed, feed], runs=30, min_ms=100.0)
-                ratio[batch] = both[1].median_ms / both[0].median_ms
-            if sum(ratio.values()) < len(ratio):
-                chosen, float_nodes = selective, slower
-        _remember_decision(key, float_nodes)
+                                _excluding(config, float_nodes))
+            ratio, compared = None, {}
+        else:
+            chosen, float_nodes, ratio, compared = _profiled_choice(
+                quantization, prepared, source, input_names, calibration, config, work,
+                sample=first_sample(example_input), batches=batches, threads=threads)
+            _remember_decision(key, float_nodes)
         with atomic_path(target) as tmp:
             tmp.write_bytes(chosen.read_bytes())
-    return Int8Choice(target, float_nodes, ratio, compared)
+    return Int8Choice(target, list(float_nodes), ratio, compared, reused=reused)
+
+
+def _excluding(config: QuantizeConfig, nodes: list[str]) -> QuantizeConfig:
+    """``config`` that also leaves ``nodes`` in float32."""
+    return QuantizeConfig(**{**asdict(config), "exclude_nodes": tuple(sorted(set(config.exclude_nodes) | set(nodes)))})
+
+
+def _profiled_choice(quantization, prepared: Path, source: Path, input_names: list[str], calibration: Any,
+                     config: QuantizeConfig, work: str, *, sample: Any, batches: tuple[int, ...], threads: int):
+    """:func:`quantize_where_faster`'s profiling and decision: (the chosen int8 file in ``work``, the nodes it
+    leaves float32, its latency ratio to every-node int8 or None, the per-node microseconds compared)."""
+    import onnx
+
+    ort = require_onnxruntime()
+    everything = _quantized(quantization, prepared, Path(work) / "all.int8.onnx", source, input_names,
+                            calibration, config)
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    nodes = {node.name: node for node in graph.node if node.name}
+    producers = {out: node for node in graph.node for out in node.output}
+    node_us: dict[str, dict[str, dict[int, float]]] = {}
+    for batch in batches:
+        feed = graph_feed(input_names, repeat_to_batch(sample, batch))
+        for kind, path in (("float32", prepared), ("int8", everything)):
+            for node, us in _node_microseconds(ort, path, feed, threads, work, nodes, producers).items():
+                node_us.setdefault(node, {}).setdefault(kind, {})[batch] = us
+    compared = {n: d for n, d in node_us.items()
+                if all(b in d.get("float32", {}) and b in d.get("int8", {}) for b in batches)}
+    slower = sorted(n for n, d in compared.items()
+                    if sum(d["int8"][b] / max(d["float32"][b], 1e-3) for b in batches) / len(batches)
+                    > SLOWER_MARGIN)
+    if not slower:
+        return everything, [], None, compared
+    selective = _quantized(quantization, prepared, Path(work) / "selective.int8.onnx", source, input_names,
+                           calibration, _excluding(config, slower))
+    sessions = [ort_session(ort, p.read_bytes(), threads) for p in (everything, selective)]
+    ratio = {}
+    for batch in batches:
+        feed = graph_feed(input_names, repeat_to_batch(sample, batch))
+        both = time_sessions(sessions, [feed, feed], runs=30, min_ms=100.0)
+        ratio[batch] = both[1].median_ms / both[0].median_ms
+    if sum(ratio.values()) < len(ratio):
+        return selective, slower, ratio, compared
+    return everything, [], ratio, compared
 
 
 # --------------------------------------------------------------------------- measuring files
