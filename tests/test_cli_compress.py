@@ -117,7 +117,7 @@ def test_compress_tolerance_end_to_end(tmp_path, capsys, digits):
     assert set(summary["latency_ms"]) == {"original", "compressed"}
     for side in summary["latency_ms"].values():
         assert set(side) == {"1", "32"}
-        assert all(v["median"] > 0 and v["p90"] >= v["median"] and v["runs"] >= 30 and v["threads"] == 1
+        assert all(0 < v["fastest"] <= v["median"] <= v["p90"] and v["runs"] >= 30 and v["threads"] == 1
                    for v in side.values())
     assert summary["deployment"][1]["file_bytes"] == (out / "model.onnx").stat().st_size
     assert all(r < 1 for r in (p["measured_ratio"] for p in summary["latency_search"]["prediction"].values()))

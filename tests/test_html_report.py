@@ -286,7 +286,7 @@ ISSUE_14_ROWS = {  # what the deployment work records: latency per batch size, a
     "latency_ms": {"original": {"1": {"median": 0.0412, "p90": 0.0456, "runs": 50, "threads": 1},
                                 "32": {"median": 0.733, "p90": 0.801, "runs": 50, "threads": 1}},
                    "compressed": {"1": {"median": 0.0309, "p90": 0.0351, "runs": 50, "threads": 1},
-                                  "32": {"median": 0.412, "p90": 0.455, "runs": 50, "threads": 1}}},
+                                  "32": {"median": 0.412, "p90": 0.455, "fastest": 0.398, "runs": 50, "threads": 1}}},
     "deployment": [
         {"name": "original", "file_bytes": 288123, "accuracy": 0.9778, "latency_ms": {"1": 0.0412, "32": 0.733}},
         {"name": "low-rank", "file_bytes": 35012, "accuracy": 0.9722, "latency_ms": {"1": 0.0309, "32": 0.412}},
@@ -316,6 +316,7 @@ def test_latency_and_int8_rows_appear_when_the_run_has_them(digits_run, tmp_path
     for name in ("original", "low-rank", "int8", "low-rank+int8"):
         assert f"<th>{name}</th>" in page
     assert "0.750×" in page  # compressed / original latency at batch 1
+    assert "median (p90; fastest call)" in page and "0.398" in page  # the fastest call beside the p90
     check_numbers(parsed.items, summary)
 
 

@@ -394,7 +394,9 @@ def _latency_section(summary: Mapping[str, Any]) -> str:
     batches = sorted({str(b) for _, per_batch in found.values() for b in per_batch},
                      key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0, b))
     sides = list(found)
-    headers = ["batch"] + [f"{side} median (p90)" for side in sides]
+    with_fastest = any(isinstance(v, Mapping) and "fastest" in v for _, per_batch in found.values()
+                       for v in per_batch.values())
+    headers = ["batch"] + [f"{side} median ({'p90; fastest call' if with_fastest else 'p90'})" for side in sides]
     if {"original", "compressed"} <= set(sides):
         headers.append("compressed / original")
     rows = []
@@ -404,9 +406,10 @@ def _latency_section(summary: Mapping[str, Any]) -> str:
             base, per_batch = found[side]
             value = per_batch.get(batch)
             if isinstance(value, Mapping):
-                median, p90 = value.get("median"), value.get("p90")
+                median, p90, fastest = value.get("median"), value.get("p90"), value.get("fastest")
                 key = pointer(*base.split("/")[1:], batch, "median")
-                extra = f' <span class="muted">({_fmt(p90, "ms")})</span>' if _is_number(p90) else ""
+                shown = [_fmt(v, "ms") for v in (p90, fastest) if _is_number(v)]
+                extra = f' <span class="muted">({"; ".join(shown)})</span>' if shown else ""
                 cell = _num(key, median, "ms")
                 cells.append(cell[:-5] + extra + "</td>" if extra else cell)
                 medians[side] = median

@@ -544,7 +544,10 @@ def print_deployment(deployment: dict, file=None) -> None:
     for row in rows:
         cells = [row["name"], format_bytes(row["file_bytes"]),
                  "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"]
-        cells += [f"{row['latency_ms'][b]:.4g} ms ({row['latency_ms'][b] / original[b]:.2f}x)" for b in batches]
+        fastest, first = row.get("fastest_ms") or {}, rows[0].get("fastest_ms") or {}
+        cells += [f"{row['latency_ms'][b]:.4g} ms ({row['latency_ms'][b] / original[b]:.2f}x"
+                  + (f", fastest call {fastest[b] / first[b]:.2f}x)" if b in fastest and first.get(b) else ")")
+                  for b in batches]
         table.append(cells)
     print("", file=file or sys.stdout)
     print_table(["ONNX Runtime", "file", "accuracy (test)"] + [f"batch {b}" for b in batches], table,
