@@ -263,7 +263,7 @@ def markdown(data: dict) -> str:
              "the runs' medians is shown (`rounds_ms` in the JSON has each). Plans from "
              "`rankshrink.search.compress(..., latency=True)` (what `rankshrink compress` does by default). "
              "Ratios are compressed / original, below 1 faster (**bold**: not faster); *latency ratio* compares "
-             "medians, *fastest call* the fastest calls (the median over the runs of each run's fastest), which is "
+             "medians, *fastest call* the fastest calls (the fastest call of the runs), which is "
              "what the search compares (it hardly moves with the shared machine's load; medians do). *Search* is "
              "the search's own measurement of its final plan (fastest calls); *predicted* the latency model's "
              "prediction from layers timed alone. "

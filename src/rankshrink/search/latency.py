@@ -20,7 +20,7 @@ With ``SearchConfig.latency`` (the CLI's default), :class:`SearchLatency`:
   on conv nets at batch 32), and acts on it (:mod:`rankshrink.search.ship`): nothing measured
   slower than the original is returned, and a latency budget is met as measured. A plan counts
   as faster only at :data:`FASTER` or less of the original's time, comparing fastest calls
-  (the median over :data:`PLAN_ROUNDS` interleaved runs of each run's fastest call): by medians
+  (the fastest call of :data:`PLAN_ROUNDS` interleaved runs): by medians
   one ds-cnn plan measured 0.88, 0.99 and 1.04 in three consecutive runs at batch 1, because the
   median moves with the neighbours' load on this shared machine and the fastest call hardly does
   (:class:`rankshrink.deploy.latency.Latency`);
