@@ -264,7 +264,7 @@ def markdown(data: dict) -> str:
              "`rankshrink.search.compress(..., latency=True)` (what `rankshrink compress` does by default). "
              "Ratios are compressed / original, below 1 faster (**bold**: not faster); *latency ratio* compares "
              "medians, *fastest call* the fastest calls (the fastest call of the runs), which is "
-             "what the search compares (it hardly moves with the shared machine's load; medians do). *Search* is "
+             "what the search compares (it moves much less with the shared machine's load than medians). *Search* is "
              "the search's own measurement of its final plan (fastest calls); *predicted* the latency model's "
              "prediction from layers timed alone. "
              f"Command: `{data['command']}`.", "",

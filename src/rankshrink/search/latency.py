@@ -22,7 +22,7 @@ With ``SearchConfig.latency`` (the CLI's default), :class:`SearchLatency`:
   as faster only at :data:`FASTER` or less of the original's time, comparing fastest calls
   (the fastest call of :data:`PLAN_ROUNDS` interleaved runs): by medians
   one ds-cnn plan measured 0.88, 0.99 and 1.04 in three consecutive runs at batch 1, because the
-  median moves with the neighbours' load on this shared machine and the fastest call hardly does
+  median moves with the neighbours' load on this shared machine and the fastest call much less
   (:class:`rankshrink.deploy.latency.Latency`);
 * with ``int8`` (``compress --int8``), **whole plans are timed as int8**, quantized as they ship
   (static: with the nodes profiled slower in int8 left float32), against the original quantized
