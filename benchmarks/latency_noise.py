@@ -31,10 +31,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from provenance import provenance, provenance_line  # noqa: E402
+from provenance import provenance, provenance_line, write_results  # noqa: E402
 from rankshrink.deploy.latency import first_sample, repeat_to_batch, time_sessions  # noqa: E402
 from rankshrink.deploy.onnx import onnx_bytes, onnx_feed, ort_session, require_onnxruntime  # noqa: E402
-from rankshrink.files import atomic_write_json, atomic_write_text  # noqa: E402
 from rankshrink.models import load_builtin  # noqa: E402
 from rankshrink.search import compress  # noqa: E402
 from rankshrink.search.evaluate import single_threaded  # noqa: E402
@@ -126,10 +125,7 @@ def main() -> None:
         print(f"{name} ...", flush=True)
         data["models"].append(bench_model(name, macs, args.seconds))
     data["provenance"] = provenance()
-    out = Path(args.out)
-    atomic_write_json(out / "latency_noise.json", data)
-    atomic_write_text(out / "latency_noise.md", markdown(data))
-    print(markdown(data))
+    write_results(args.out, "latency_noise", data, markdown)
 
 
 if __name__ == "__main__":

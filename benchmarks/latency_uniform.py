@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
+from provenance import write_results
 from rankshrink import Plan, apply, calibrate
 from rankshrink.cost import count, dense_cost
 from rankshrink.deploy.latency import time_sessions
 from rankshrink.deploy.latency_model import LatencyModel, LatencySettings, cpu_model
 from rankshrink.deploy.onnx import onnx_bytes, ort_session, require_onnxruntime
-from rankshrink.files import atomic_write_json, atomic_write_text
 from rankshrink.methods import get_method, make_config
 from rankshrink.metrics import accuracy
 from rankshrink.models import BUILTIN_MODELS, load_builtin
@@ -265,10 +265,7 @@ def main() -> None:
                 print(f"  {key}: MACs {entry['mac_ratio']:.2f}, latency {entry['latency_ratio']}, "
                       f"predicted {entry['predicted_ratio']}", flush=True)
     data["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    atomic_write_json(out / "latency_uniform.json", data)
-    atomic_write_text(out / "latency_uniform.md", markdown(data))
-    print(markdown(data))
+    write_results(args.out, "latency_uniform", data, markdown)
 
 
 if __name__ == "__main__":

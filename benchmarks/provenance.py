@@ -1,7 +1,7 @@
 """Where a benchmark's numbers come from: the commit, the package versions and the machine.
 
 Every benchmark stores ``provenance()`` in its JSON and ``provenance_line()`` in its Markdown,
-so a result can be traced to the code and versions that produced it.
+so a result can be traced to the code and versions that produced it; ``write_results`` writes both.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +56,16 @@ def provenance_line(data: dict) -> str:
     commit = (data["commit"] or "unknown")[:12] + (" (with uncommitted changes)" if data.get("dirty") else "")
     return (f"Commit `{commit}`; rankshrink {v.get('rankshrink')}, torch {v.get('torch')}, "
             f"onnxruntime {v.get('onnxruntime')}; {data['cpu']}, {data['cores']} cores (shared); {data['date']}.")
+
+
+def write_results(out: str | Path, stem: str, data: dict, markdown) -> None:
+    """``OUT/STEM.json`` (``data``) and ``OUT/STEM.md`` (``markdown(data)``), each written atomically; the
+    Markdown is printed too."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from rankshrink.files import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    atomic_write_json(out / f"{stem}.json", data)
+    text = markdown(data)
+    atomic_write_text(out / f"{stem}.md", text)
+    print(text)
