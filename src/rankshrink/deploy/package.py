@@ -115,8 +115,8 @@ def remeasured_advice(original, low_rank, batches: tuple[int, ...]) -> str | Non
     """One line when ``model.onnx``, timed again for summary.json, is not faster than the original at some batch
     size (else None), comparing fastest calls as the search does. The search only returns plans it measured
     faster; this is a later measurement, and at batch 1 a small model's ratio can move between the two (by
-    medians, DS-CNN's 0.25x-MAC plan measured 0.86x in the search and 1.02x later; its fastest calls stay
-    steadier, see :class:`rankshrink.deploy.latency.Latency`): the user should know before shipping."""
+    medians, DS-CNN's 0.25x-MAC plan measured 0.86x in the search and 1.02x later; at batch 1 its fastest
+    calls are steadier, see :class:`rankshrink.deploy.latency.Latency`): the user should know before shipping."""
     slower = [b for b in batches if low_rank.latency[b].fastest_ms >= original.latency[b].fastest_ms]
     if not slower:
         return None

@@ -247,7 +247,7 @@ class SearchLatency:
     # -- whole plans
     def measure(self, models: list[nn.Module]) -> list[PlanTiming]:
         """Each model timed against the original (both quantized with ``int8``), interleaved, at every batch
-        size: fastest calls, medians and p90s, each the median of :data:`PLAN_ROUNDS` runs."""
+        size over :data:`PLAN_ROUNDS` runs: the fastest call of them all, the median of their medians and p90s."""
         from ..deploy.latency import repeat_to_batch, time_rounds
         from ..deploy.onnx import onnx_feed, ort_session, require_onnxruntime
         from ..deploy.quantize import timing_graph
