@@ -326,6 +326,14 @@ def test_a_tolerance_plan_measured_slower_is_not_returned(digits):
     evaluator.close()
 
 
+def _scripted_timing(ratio: float):
+    """A plan 'measured' at ``ratio`` of a 1 ms original at batch 1 (every statistic alike)."""
+    from rankshrink.deploy.latency import Latency
+    from rankshrink.search.latency import PlanTiming
+
+    return PlanTiming({1: Latency(1.0, 1.0, 30, 1.0)}, {1: Latency(ratio, ratio, 30, ratio)})
+
+
 def _budget_search_parts(digits):
     """What a MAC-budget search on the digits CNN works with (weights fit, latency at batch 1), its baseline
     evaluated: (session, cost model, layer spaces, spaces by name, evaluator)."""
@@ -351,7 +359,6 @@ def test_a_budget_plan_faster_once_but_slower_when_measured_again_is_not_returne
     """Budget mode's replacement plan is returned only if faster on its last measurement. The timings are
     scripted (the machine's noise cannot be ordered up); the polish, evaluations and plans are real."""
     from rankshrink.search.allocate import Allocation
-    from rankshrink.search.latency import PlanTiming
     from rankshrink.search.ship import _polished
     from rankshrink.search.space import make_candidate
 
@@ -362,7 +369,7 @@ def test_a_budget_plan_faster_once_but_slower_when_measured_again_is_not_returne
     ratio = {"now": 1.05}
 
     def scripted(models):
-        return [PlanTiming({1: 1.0}, {1: ratio["now"]}, {1: 1.0}, {1: 1.0}, {1: 30}) for _ in models]
+        return [_scripted_timing(ratio["now"]) for _ in models]
 
     monkeypatch.setattr(session.latency, "measure", scripted)
     slower = _polished(session, spaces, cost_model, Allocation(dict(choices), None), kind="macs", target=target,
@@ -385,7 +392,6 @@ def test_a_lower_budget_target_that_loses_accuracy_is_refused_with_the_numbers(d
     from rankshrink.errors import ConfigError
     from rankshrink.search import ship
     from rankshrink.search.allocate import budget_allocation, polish_budget
-    from rankshrink.search.latency import PlanTiming
 
     session, cost_model, spaces, by_name, evaluator = _budget_search_parts(digits)
     monkeypatch.setattr(session.latency, "in_context", lambda *a: {1: 0.9})  # no layer is left out
@@ -396,8 +402,7 @@ def test_a_lower_budget_target_that_loses_accuracy_is_refused_with_the_numbers(d
     def scripted(models):
         macs = [count(m, session.example_input).macs for m in models]
         measured.extend(macs)
-        return [PlanTiming({1: 1.0}, {1: 1.05 if m > 0.9 * target else 0.9}, {1: 1.0}, {1: 1.0}, {1: 30})
-                for m in macs]
+        return [_scripted_timing(1.05 if m > 0.9 * target else 0.9) for m in macs]
 
     monkeypatch.setattr(session.latency, "measure", scripted)
     whole = polish_budget(session, spaces, budget_allocation(session, spaces, cost_model, target=target, kind="macs"),

@@ -442,7 +442,6 @@ def quantize_where_faster(model: str | os.PathLike, output: str | os.PathLike, *
         reused = key in _FLOAT_NODE_DECISIONS
         if reused:
             float_nodes = _FLOAT_NODE_DECISIONS[key]
-            _FLOAT_NODE_DECISIONS.move_to_end(key)
             chosen = _quantized(quantization, prepared, Path(work) / "int8.onnx", source, input_names, calibration,
                                 _excluding(config, float_nodes))
             ratio, compared = None, {}
@@ -450,7 +449,7 @@ def quantize_where_faster(model: str | os.PathLike, output: str | os.PathLike, *
             chosen, float_nodes, ratio, compared = _profiled_choice(
                 quantization, prepared, source, input_names, calibration, config, work,
                 sample=first_sample(example_input), batches=batches, threads=threads)
-            _remember_decision(key, float_nodes)
+        _remember_decision(key, float_nodes)  # and, when reused, kept as the most recently used
         with atomic_path(target) as tmp:
             tmp.write_bytes(chosen.read_bytes())
     return Int8Choice(target, list(float_nodes), ratio, compared, reused=reused)

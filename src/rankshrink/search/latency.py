@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from torch import nn
 
 from ..errors import LayerError
 from ..methods import get_method
+
+if TYPE_CHECKING:
+    from ..deploy.latency import Latency
 
 __all__ = ["UNITS", "SearchLatency", "PlanTiming", "FASTER", "PLAN_ROUNDS"]
 
@@ -55,26 +58,29 @@ _MAX_SMALL = 4     # ranks below the multiple kept per (layer, method), spread o
 
 @dataclass
 class PlanTiming:
-    """One plan measured against the original in the same interleaved run, per batch size: the fastest calls
-    (``original_ms``, ``plan_ms``: what decisions compare, see :class:`rankshrink.deploy.latency.Latency`),
-    the medians and p90s, and the plan's timed calls."""
+    """One plan measured against the original in the same interleaved run: each one's timing per batch size.
+    Decisions compare fastest calls (``original_ms``, ``plan_ms``, ``ratios``; see
+    :class:`rankshrink.deploy.latency.Latency`); ``median_ratios`` is reported beside them."""
 
-    original_ms: dict[int, float]
-    plan_ms: dict[int, float]
-    p90_ms: dict[int, float]
-    original_p90_ms: dict[int, float]
-    runs: dict[int, int]
-    median_ms: dict[int, float] = field(default_factory=dict)
-    original_median_ms: dict[int, float] = field(default_factory=dict)
+    original: dict[int, Latency]
+    plan: dict[int, Latency]
+
+    @property
+    def original_ms(self) -> dict[int, float]:
+        return {b: t.fastest_ms for b, t in self.original.items()}
+
+    @property
+    def plan_ms(self) -> dict[int, float]:
+        return {b: t.fastest_ms for b, t in self.plan.items()}
 
     @property
     def ratios(self) -> dict[int, float]:
         """Plan over original, fastest calls."""
-        return {b: self.plan_ms[b] / self.original_ms[b] for b in self.plan_ms}
+        return {b: t.fastest_ms / self.original[b].fastest_ms for b, t in self.plan.items()}
 
     @property
     def median_ratios(self) -> dict[int, float]:
-        return {b: self.median_ms[b] / self.original_median_ms[b] for b in self.median_ms}
+        return {b: t.median_ms / self.original[b].median_ms for b, t in self.plan.items()}
 
     def faster(self) -> bool:
         """Faster than the original at every batch size measured, by more than the noise (:data:`FASTER`)."""
@@ -274,13 +280,7 @@ class SearchLatency:
         if self.int8:
             for batch in self.batches:
                 self._int8_original_ms.setdefault(batch, original[batch].fastest_ms)
-        return [PlanTiming({b: original[b].fastest_ms for b in self.batches},
-                           {b: plan[b].fastest_ms for b in self.batches},
-                           {b: plan[b].p90_ms for b in self.batches},
-                           {b: original[b].p90_ms for b in self.batches},
-                           {b: plan[b].runs for b in self.batches},
-                           {b: plan[b].median_ms for b in self.batches},
-                           {b: original[b].median_ms for b in self.batches}) for plan in plans]
+        return [PlanTiming(original, plan) for plan in plans]
 
     def in_context(self, layer: str, method: str, rank: Any) -> dict[int, float]:
         """``layer`` alone factorized inside the whole model (both quantized with ``int8``): the model's time
